@@ -1,0 +1,197 @@
+"""The `translate` command. Thin: parses arguments, calls the package, prints errors as one line.
+
+    translate demo                                  build the demo data, train, export, apply, score
+    translate train RECIPE [--set k=v ...]          train any method from a TOML recipe
+    translate export RUN_DIR [--onnx]               write generators as safetensors (+ ONNX)
+    translate apply MODEL INPUT OUTPUT              translate a file, folder or glob of images
+    translate sample RUN_OR_CHECKPOINT              sample grid / interpolation of a latent GAN
+    translate eval ...                              scores (PSNR/SSIM, FID/KID, toy modes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+# Flags that are shorthands for recipe keys: (flag, dest, recipe key).
+TRAIN_FLAGS = [
+    ("--data", "data", "data.root", str, "dataset root (trainA/trainB) or image folder"),
+    ("--steps", "steps", "train.steps", int, "total generator steps"),
+    ("--run-dir", "run_dir", "run_dir", str, "run folder (default runs/<name>)"),
+    ("--batch-size", "batch_size", "train.batch_size", int, "images per process per step"),
+    ("--seed", "seed", "seed", int, "random seed (CPU runs repeat exactly)"),
+    ("--mixed-precision", "mixed_precision", "train.mixed_precision", str, "no | bf16 | fp16"),
+    ("--save-every", "save_every", "train.save_every", int, "steps between checkpoints"),
+    ("--sample-every", "sample_every", "train.sample_every", int, "steps between sample grids"),
+    ("--log-every", "log_every", "train.log_every", int, "steps between log lines"),
+]
+
+
+def _quote(value: object) -> str:
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from translate import config
+    from translate.core.loop import train
+
+    overrides = list(args.set or [])
+    for _flag, dest, key, _type, _help in TRAIN_FLAGS:
+        value = getattr(args, dest)
+        if value is not None:
+            overrides.append(f"{key}={_quote(value)}")
+    cfg = config.load(args.recipe, overrides)
+    if args.dry_run:
+        print(json.dumps(config.to_dict(cfg), indent=2))
+        return 0
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"done: {result.step} steps in {result.run_dir}; checkpoint {result.checkpoint}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from translate.sample import sample_command
+
+    path = sample_command(args.run, n=args.n, out=args.out, interpolate=args.interpolate,
+                          seed=args.seed, step=args.step, ema=args.ema)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from translate.export import export_run
+
+    for line in export_run(args.run, step=args.step, ema=args.ema, out=args.out, onnx=args.onnx):
+        print(line)
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from translate.export import load_generator
+    from translate.infer import translate_folder
+
+    gen = load_generator(args.model, backend=args.backend, precision=args.precision)
+    report = translate_folder(
+        gen, gen.info, args.input, args.output, batch_size=args.batch_size, tile=args.tile,
+        overlap=args.overlap, resize=args.resize, format=args.format, overwrite=args.overwrite,
+        side_by_side=args.side_by_side, workers=args.workers, max_pixels=args.max_pixels,
+        progress=not args.no_progress,
+    )
+    for path, reason in report.failed:
+        print(f"failed: {path}: {reason}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from translate.demo import run_demo
+
+    run_demo(root=args.root, run_dir=args.run_dir, steps=args.steps, size=args.size,
+             mixed_precision=args.mixed_precision, progress=not args.no_progress)
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a method from a TOML recipe")
+    p.add_argument("recipe", help="recipes/<name>.toml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.lr_g=1e-4 (repeatable)")
+    for flag, dest, _key, typ, help_ in TRAIN_FLAGS:
+        p.add_argument(flag, dest=dest, type=typ, help=help_)
+    p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest checkpoint "
+                   "of the run folder (auto) or from a checkpoint folder")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines, no live bar")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_inference(sub) -> None:
+    p = sub.add_parser("export", help="export a run's generators (safetensors, optional ONNX)")
+    p.add_argument("run", help="run folder (runs/<name>)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument("--out", help="output folder (default RUN/export)")
+    p.add_argument("--onnx", action="store_true", help="also write <name>.onnx, checked vs torch")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("apply", help="translate a file, folder or glob of images")
+    p.add_argument("model", help="exported generator (.safetensors or .onnx)")
+    p.add_argument("input", help="image file, folder (recursive) or glob")
+    p.add_argument("output", help="output folder (mirrors the input's relative paths)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--tile", type=int, help="translate large images in NxN tiles")
+    p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
+    p.add_argument("--resize", type=int, help="resize so the longer side is N pixels")
+    p.add_argument("--format", help="output format, e.g. png (default: keep)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--side-by-side", action="store_true", help="also write input|output pairs")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto",
+                   help="torch backend compute precision (auto: bf16 where the CPU/GPU has it)")
+    p.add_argument("--workers", type=int, default=2, help="decode/encode threads")
+    p.add_argument("--max-pixels", type=int, default=128_000_000, help="refuse larger images")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_apply)
+
+
+def _add_other(sub) -> None:
+    p = sub.add_parser("sample", help="draw samples from a latent GAN run")
+    p.add_argument("run", help="run folder or checkpoint folder")
+    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--out", default="samples.png", help="output PNG")
+    p.add_argument("--interpolate", action="store_true",
+                   help="a latent interpolation strip between random codes instead")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    p.add_argument("--ema", action="store_true", help="use the EMA generator")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("demo", help="the main job: train a small CycleGAN on the embedded demo "
+                       "data, export it, translate the test folder and print scores")
+    p.add_argument("--root", default="datasets/demo", help="where the demo data is built")
+    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    p.add_argument("--size", type=int, default=64, help="demo image size")
+    p.add_argument("--mixed-precision", choices=("no", "bf16"), help="default: recipe's")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="translate", description=__doc__.split("\n")[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_inference(sub)
+    _add_other(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    args = parser().parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
+    from translate.errors import UserError
+
+    try:
+        return args.func(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: still one line unless --debug
+        if args.debug:
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"internal error: {type(e).__name__}: {first} (rerun with --debug for the "
+              "traceback and please report it)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""DiffAugment: shapes, gradients, per-sample randomness, seeding, policy names, bf16 autocast."""
+
+import pytest
+import torch
+
+from translate.augment import POLICIES, diff_augment, parse_policy
+from translate.errors import ConfigError
+
+
+def images(n: int = 4, c: int = 3, h: int = 16, w: int = 24, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, c, h, w, generator=g) * 1.6 - 0.8  # inside [-1, 1], never exactly 0
+
+
+def seeded(seed: int = 1) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("policy", ["color", "translation", "cutout", "color,translation,cutout"])
+def test_shape_dtype_and_gradient(policy):
+    x = images().requires_grad_(True)
+    y = diff_augment(x, policy, generator=seeded())
+    assert y.shape == x.shape and y.dtype == x.dtype
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_each_policy_changes_images(policy):
+    x = images()
+    y = diff_augment(x, policy, generator=seeded())
+    changed = (y != x).flatten(1).any(dim=1)
+    assert changed.sum() >= 3  # a zero shift for one sample is possible, for most it is not
+
+
+def test_translation_shifts_whole_pixels_with_zero_fill():
+    x = images(n=8)
+    y = diff_augment(x, "translation", generator=seeded())
+    for xi, yi in zip(x, y):
+        # Every output pixel is either zero fill or an input pixel moved by one common shift.
+        nonzero = yi != 0
+        assert nonzero.any()
+        found = False
+        for dy in range(-2, 3):
+            for dx in range(-3, 4):
+                moved = torch.roll(xi, shifts=(dy, dx), dims=(1, 2))
+                if torch.equal(yi[nonzero], moved[nonzero]):
+                    found = True
+        assert found
+        assert (yi == 0).sum() <= xi.numel() * (1 - (1 - 2 / 16) * (1 - 3 / 24)) + 1e-6
+
+
+def test_cutout_zeroes_a_half_size_square():
+    x = images(n=6, h=16, w=16)
+    y = diff_augment(x, "cutout", generator=seeded())
+    for xi, yi in zip(x, y):
+        zeroed = (yi == 0).all(dim=0)
+        kept = ~zeroed
+        assert torch.equal(yi[:, kept], xi[:, kept])
+        rows = zeroed.any(dim=1).sum().item()
+        cols = zeroed.any(dim=0).sum().item()
+        assert 1 <= rows <= 8 and 1 <= cols <= 8
+        assert zeroed.sum().item() == rows * cols  # one axis-aligned rectangle
+
+
+def test_color_is_not_clamped():
+    x = torch.full((8, 3, 4, 4), 0.95)
+    x[:, 0] = -0.95
+    y = diff_augment(x, "color", generator=seeded())
+    assert y.abs().max() > 1  # clamping to [-1, 1] would kill gradients at the edges
+
+
+def test_parameters_differ_per_sample():
+    x = images(n=1).expand(8, -1, -1, -1).contiguous()
+    for policy in POLICIES:
+        y = diff_augment(x, policy, generator=seeded())
+        distinct = {tuple(yi.flatten().tolist()) for yi in y}
+        assert len(distinct) > 1, policy
+
+
+def test_seeded_generator_is_deterministic():
+    x = images()
+    a = diff_augment(x, generator=seeded(5))
+    b = diff_augment(x, generator=seeded(5))
+    c = diff_augment(x, generator=seeded(6))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_parse_policy():
+    assert parse_policy("color, translation,cutout") == ["color", "translation", "cutout"]
+    assert parse_policy("") == [] and parse_policy("none") == []
+    assert torch.equal(diff_augment(images(), "none"), images())
+
+
+def test_unknown_policy_is_a_config_error():
+    with pytest.raises(ConfigError, match="'colour'") as info:
+        parse_policy("colour,cutout")
+    assert all(name in str(info.value) for name in POLICIES)
+    with pytest.raises(ConfigError):
+        diff_augment(images(), "translation,flip")
+
+
+def test_bf16_autocast_on_cpu():
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+    x = images().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fake = conv(x)
+        assert fake.dtype == torch.bfloat16
+        y = diff_augment(fake, generator=seeded())
+        assert y.dtype == torch.bfloat16 and y.shape == fake.shape
+        loss = y.float().square().mean()
+    loss.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0

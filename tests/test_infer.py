@@ -1,0 +1,341 @@
+"""translate.infer on real folders: odd sizes, odd files, padding, tiling, batching, resuming."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from translate.errors import ModelError, UserError
+from translate.images import load_image_rgba, to_tensor
+from translate.infer import ModelInfo, translate_folder, translate_tensor
+
+RGB = ModelInfo(in_channels=3, out_channels=3, size_multiple=4)
+
+
+def _net(c_in: int = 3, c_out: int = 3) -> nn.Module:
+    """Two 3x3 convs: receptive radius 2, far below overlap / 4 = 8."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(c_in, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, c_out, 3, padding=1), nn.Tanh()).eval()
+
+
+def _noise(h: int, w: int, c: int = 3, seed: int = 0) -> np.ndarray:
+    shape = (h, w, c) if c > 1 else (h, w)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def _snapshot(root: Path) -> list[tuple[str, int, int]]:
+    return sorted((p.relative_to(root).as_posix(), p.stat().st_mtime_ns, p.stat().st_size)
+                  for p in root.rglob("*"))
+
+
+def _size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return im.size
+
+
+@pytest.fixture
+def mixed(tmp_path) -> Path:
+    """A nested folder holding every kind of input the engine must survive."""
+    src = tmp_path / "in"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    Image.fromarray(_noise(50, 70)).save(src / "wide.png")
+    Image.fromarray(_noise(1, 1)).save(src / "sub" / "dot.png")
+    Image.fromarray(_noise(17, 3000)).save(src / "sub" / "strip.jpg")
+    Image.fromarray(_noise(65, 33)).save(src / "sub" / "deeper" / "tall.png")
+    Image.fromarray(_noise(20, 30, c=1)).save(src / "gray.png")
+    Image.fromarray(_noise(24, 24, c=4)).save(src / "rgba.png")
+    Image.fromarray(_noise(12, 10, c=1).astype(np.uint16) * 250).save(src / "deep16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(_noise(10, 30)).save(src / "rotated.jpg", exif=exif)
+    Image.fromarray(_noise(40, 40)).save(src / "corrupt.png")
+    data = (src / "corrupt.png").read_bytes()
+    (src / "corrupt.png").write_bytes(data[: len(data) // 2])
+    (src / "fake.png").write_text("not an image")
+    (src / "notes.txt").write_text("not an image either, and not named like one")
+    return src
+
+
+def test_folder_with_every_kind_of_file(tmp_path, mixed):
+    before = _snapshot(mixed)
+    out = tmp_path / "out"
+    report = translate_folder(_net(), RGB, mixed, out, batch_size=2, progress=False)
+    assert _snapshot(mixed) == before  # nothing in INPUT modified or created
+    assert report.translated == 8 and report.skipped == 0
+    assert sorted(p.name for p, _ in report.failed) == ["corrupt.png", "fake.png"]
+    assert all(reason.startswith(str(p)) for p, reason in report.failed)
+    expected = {"wide.png": (70, 50), "sub/dot.png": (1, 1), "sub/strip.jpg": (3000, 17),
+                "sub/deeper/tall.png": (33, 65), "gray.png": (30, 20), "rgba.png": (24, 24),
+                "deep16.png": (10, 12), "rotated.jpg": (10, 30)}  # (W, H); EXIF applied
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == sorted(expected)
+    for rel, size in expected.items():
+        assert _size(out / rel) == size, rel
+    colour, alpha, _ = load_image_rgba(out / "rgba.png")
+    np.testing.assert_array_equal(alpha, _noise(24, 24, c=4)[..., 3])
+    assert colour.shape[2] == 3
+    assert load_image_rgba(out / "gray.png")[0].shape == (20, 30, 3)  # 3-channel model output
+    assert load_image_rgba(out / "deep16.png")[2].bit_depth == 8  # colour output: 8-bit
+
+
+def test_exact_values_with_pointwise_model(tmp_path):
+    """-x maps uint8 v to 255 - v exactly, so any padding/cropping slip shows."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, (h, w) in {"a.png": (13, 7), "b.png": (1, 1), "c.png": (3, 41)}.items():
+        Image.fromarray(_noise(h, w, seed=h)).save(src / name)
+    translate_folder(lambda x: -x, RGB, src, tmp_path / "out", progress=False)
+    for name in ["a.png", "b.png", "c.png"]:
+        got = np.asarray(Image.open(tmp_path / "out" / name))
+        np.testing.assert_array_equal(got, 255 - np.asarray(Image.open(src / name)))
+
+
+def test_grayscale_model_and_16_bit_output(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    wide = (np.arange(40, dtype=np.uint16).reshape(5, 8) * 1600)
+    Image.fromarray(wide).save(src / "d.png")
+    rgb = _noise(6, 9)
+    Image.fromarray(rgb).save(src / "c.png")
+    gray = ModelInfo(in_channels=1, out_channels=1, size_multiple=4)
+    translate_folder(lambda x: x, gray, src, tmp_path / "out", progress=False)
+    with Image.open(tmp_path / "out" / "d.png") as im:
+        assert im.mode.startswith("I")  # 16-bit in, 1-channel model: 16-bit out
+        back = np.asarray(im).astype(int)
+    # the input was decoded at 8 bits, so values come back on the 257-step grid
+    np.testing.assert_array_equal(back, np.rint(wide / 65535 * 255).astype(int) * 257)
+    luma = np.asarray(Image.fromarray(rgb).convert("L")).astype(int)
+    with Image.open(tmp_path / "out" / "c.png") as im:
+        assert im.mode == "L"
+        assert np.abs(np.asarray(im).astype(int) - luma).max() <= 1
+
+
+def test_skip_existing_then_overwrite(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(_noise(8, 8, seed=i)).save(src / f"{i}.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "1.png").write_bytes(b"keep me")
+    report = translate_folder(lambda x: -x, RGB, src, out, progress=False)
+    assert (report.translated, report.skipped) == (2, 1)
+    assert (out / "1.png").read_bytes() == b"keep me"
+    report = translate_folder(lambda x: -x, RGB, src, out, overwrite=True, progress=False)
+    assert (report.translated, report.skipped) == (3, 0)
+    assert _size(out / "1.png") == (8, 8)
+
+
+def test_bad_arguments_fail_before_any_work(tmp_path):
+    src = tmp_path / "in"
+    (src / "inner").mkdir(parents=True)
+    Image.fromarray(_noise(8, 8)).save(src / "a.png")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    before = _snapshot(tmp_path)
+    cases = [(src, src / "out", "inside the input"), (src, src, "inside the input"),
+             (src / "inner" / "..", src / "inner", "inside the input"),
+             (tmp_path / "missing", tmp_path / "o", "no such file"),
+             (tmp_path / "empty", tmp_path / "o", "no images found"),
+             (src, tmp_path / "file.txt", "is a file"),
+             (src / "a.png", src / "a.png", "is the input file")]
+    (tmp_path / "link").symlink_to(src)
+    cases.append((src, tmp_path / "link" / "out", "inside the input"))
+    for input_, output, words in cases:
+        with pytest.raises(UserError, match=words):
+            translate_folder(lambda x: x, RGB, input_, output, progress=False)
+    for kwargs, words in [({"format": "gif"}, "unknown image format"),
+                          ({"batch_size": 0}, "--batch-size"), ({"tile": 0}, "--tile")]:
+        with pytest.raises(UserError, match=words):
+            translate_folder(lambda x: x, RGB, src, tmp_path / "o", progress=False, **kwargs)
+    assert _snapshot(tmp_path) == before + [("link", (tmp_path / "link").stat().st_mtime_ns,
+                                             (tmp_path / "link").stat().st_size)]
+
+
+def test_glob_input_and_format(tmp_path):
+    src = tmp_path / "in"
+    (src / "a" / "b").mkdir(parents=True)
+    Image.fromarray(_noise(8, 8)).save(src / "a" / "one.jpg")
+    Image.fromarray(_noise(8, 8)).save(src / "a" / "b" / "two.jpg")
+    Image.fromarray(_noise(8, 8)).save(src / "a" / "skip.png")
+    out = tmp_path / "out"
+    report = translate_folder(lambda x: -x, RGB, f"{src}/a/**/*.jpg", out, format="png",
+                              progress=False)
+    assert report.translated == 2
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.*"))
+    assert written == ["b/two.png", "one.png"]  # relative to the glob's base: in/a
+    assert Image.open(out / "one.png").format == "PNG"
+
+
+def test_format_collision_is_an_error(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_noise(8, 8)).save(src / "x.jpg")
+    Image.fromarray(_noise(8, 8)).save(src / "x.png")
+    with pytest.raises(UserError, match="would be written to"):
+        translate_folder(lambda x: x, RGB, src, tmp_path / "out", format="png", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_single_file_to_file_and_to_folder(tmp_path):
+    Image.fromarray(_noise(9, 11)).save(tmp_path / "p.jpg")
+    translate_folder(lambda x: -x, RGB, tmp_path / "p.jpg", tmp_path / "r.png", progress=False)
+    assert _size(tmp_path / "r.png") == (11, 9)
+    translate_folder(lambda x: -x, RGB, tmp_path / "p.jpg", tmp_path / "o", progress=False)
+    assert _size(tmp_path / "o" / "p.jpg") == (11, 9)
+
+
+# ---------------------------------------------------------------------------- tiling
+
+
+def test_tiled_equals_untiled_with_small_receptive_field():
+    net = _net()
+    x = to_tensor(_noise(200, 168))  # multiples of 4: no padding either way
+    whole = translate_tensor(net, RGB, x)
+    tiled = translate_tensor(net, RGB, x, tile=64, overlap=32, batch_size=3)
+    assert tiled.shape == whole.shape == (1, 3, 200, 168)
+    assert (tiled - whole).abs().max() < 1e-5
+    x = to_tensor(_noise(203, 171))  # padded whole vs unpadded tiles differ at bottom/right
+    whole = translate_tensor(net, RGB, x)
+    tiled = translate_tensor(net, RGB, x, tile=62, overlap=32)  # 62 rounds up to 64
+    assert tiled.shape == (1, 3, 203, 171)
+    assert (tiled - whole)[..., :-4, :-4].abs().max() < 1e-5
+    # no seam: neighbouring-column steps are no larger than in the untiled result
+    assert (tiled.diff(dim=3).abs().max() - whole.diff(dim=3).abs().max()).abs() < 1e-4
+
+
+def test_tiles_are_blended_without_seams():
+    """Each tile outputs its own mean: a hard cut would jump by the difference of means."""
+    def tile_mean(x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(1, 2, 3), keepdim=True).expand_as(x).clone()
+    y, x = np.mgrid[0:128, 0:256]
+    ramp = np.repeat(((x + y) * 255 // 384).astype(np.uint8)[..., None], 3, axis=2)
+    out = translate_tensor(tile_mean, RGB, to_tensor(ramp), tile=64, overlap=32)
+    hard_jump = 32 / 384 * 2  # mean difference of horizontally adjacent tiles (stride 32)
+    assert out.diff(dim=3).abs().max() < 0.25 * hard_jump
+    assert out.diff(dim=2).abs().max() < 0.25 * hard_jump
+
+
+def test_pointwise_model_tiled_equals_untiled_exactly():
+    x = to_tensor(_noise(150, 97))
+    whole = translate_tensor(lambda t: -t, RGB, x)
+    tiled = translate_tensor(lambda t: -t, RGB, x, tile=40, overlap=16)
+    assert torch.allclose(whole, -x) and torch.allclose(tiled, whole, atol=1e-6)
+    quantise = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round()  # noqa: E731
+    assert torch.equal(quantise(tiled), quantise(whole))
+
+
+def test_large_image_tiled_through_folder(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_noise(1024, 1024)).save(src / "big.png")
+    shapes = []
+
+    def net(x):
+        shapes.append(tuple(x.shape))
+        return _NET(x)
+    report = translate_folder(net, RGB, src, tmp_path / "out", tile=256, batch_size=4,
+                              progress=False)
+    assert report.translated == 1 and _size(tmp_path / "out" / "big.png") == (1024, 1024)
+    assert max(s[2] for s in shapes) == 256 and max(s[0] for s in shapes) <= 4
+
+
+_NET = _net()
+
+
+# ---------------------------------------------------------------------------- batching & output
+
+
+def test_same_size_images_are_batched(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    sizes = [(20, 20), (32, 32), (20, 20), (21, 19), (20, 20), (32, 32), (20, 20), (20, 20)]
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(_noise(h, w, seed=i)).save(src / f"{i}.png")
+    shapes = []
+
+    def record(x):
+        shapes.append(tuple(x.shape))
+        return -x
+    report = translate_folder(record, RGB, src, tmp_path / "out", batch_size=2, progress=False)
+    assert report.translated == 8
+    assert sorted(shapes) == sorted([(2, 3, 20, 20), (2, 3, 20, 20), (1, 3, 20, 20),
+                                     (2, 3, 32, 32), (1, 3, 24, 20)])
+    for i, (h, w) in enumerate(sizes):  # batching did not mix images up
+        got = np.asarray(Image.open(tmp_path / "out" / f"{i}.png"))
+        np.testing.assert_array_equal(got, 255 - _noise(h, w, seed=i))
+
+
+def test_side_by_side(tmp_path):
+    src = tmp_path / "in"
+    (src / "s").mkdir(parents=True)
+    Image.fromarray(_noise(10, 14)).save(src / "s" / "a.png")
+    translate_folder(lambda x: -x, RGB, src, tmp_path / "out", side_by_side=True,
+                     progress=False)
+    pair = np.asarray(Image.open(tmp_path / "out" / "_pairs" / "s" / "a.png"))
+    assert pair.shape == (10, 28, 3)
+    np.testing.assert_array_equal(pair[:, :14], _noise(10, 14))
+    np.testing.assert_array_equal(pair[:, 14:], 255 - _noise(10, 14))
+    assert _size(tmp_path / "out" / "s" / "a.png") == (14, 10)
+
+
+def test_model_failure_is_per_image(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_noise(8, 8)).save(src / "small.png")
+    Image.fromarray(_noise(8, 200)).save(src / "wide.png")
+
+    def picky(x):
+        if x.shape[3] > 100:
+            raise RuntimeError("CPU allocator: cannot allocate memory")
+        return x
+    report = translate_folder(picky, RGB, src, tmp_path / "out", progress=False)
+    assert report.translated == 1
+    assert [(p.name, "--tile" in r) for p, r in report.failed] == [("wide.png", True)]
+
+
+def test_wrong_model_shape_is_a_model_error(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_noise(8, 8)).save(src / "a.png")
+    with pytest.raises(ModelError):
+        translate_folder(lambda x: x[..., ::2, ::2], RGB, src, tmp_path / "o", progress=False)
+
+
+def test_interrupted_run_resumes(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        Image.fromarray(_noise(8, 8 + 4 * i, seed=i)).save(src / f"{i}.png")
+    calls = []
+
+    def dies_third(x):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return -x
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        translate_folder(dies_third, RGB, src, out, batch_size=1, progress=False)
+    done = sorted(p.name for p in out.iterdir())
+    assert done == ["0.png", "1.png"]  # no partial or temp files under any name
+    report = translate_folder(lambda x: -x, RGB, src, out, progress=False)
+    assert (report.translated, report.skipped) == (3, 2)
+
+
+def test_progress_output_under_capture(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_noise(8, 8)).save(src / "a.png")
+    (src / "b.png").write_bytes(b"")
+    report = translate_folder(lambda x: x, RGB, src, tmp_path / "out", workers=0)
+    err = capsys.readouterr().err
+    assert "translated 1, skipped 0, failed 1 in" in err and "img/s" in err
+    assert f"{src / 'b.png'}: empty file" in err
+    assert report.images_per_s > 0
+    assert os.path.exists(tmp_path / "out" / "a.png")

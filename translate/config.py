@@ -1,0 +1,260 @@
+"""Run configuration: frozen dataclasses, TOML recipes, `--set section.key=value` overrides.
+
+A recipe is a TOML file with top-level keys (`name`, `method`, `seed`, `run_dir`) and the tables
+`[model]` (the method's own dataclass), `[data]` and `[train]`. Unknown keys and wrong types are
+errors that name the key. The resolved config is saved as `runs/<name>/config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from translate.errors import ConfigError
+
+
+def choice(default: Any, *choices: Any) -> Any:
+    """A field whose value must be one of `choices` (checked by `validate`)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def positive(default: Any) -> Any:
+    """A numeric field that must be > 0."""
+    return field(default=default, metadata={"min": 0, "strict": True})
+
+
+def non_negative(default: Any) -> Any:
+    """A numeric field that must be >= 0."""
+    return field(default=default, metadata={"min": 0, "strict": False})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    kind: str = choice("unpaired", "unpaired", "folder", "toy")  # unpaired: ROOT/trainA+trainB; folder: one image folder; toy: 2-D mixture
+    root: str = ""                        # dataset root (unpaired) or image folder; "" = the demo data
+    preprocess: str = choice("resize_and_crop", "resize_and_crop", "scale_width_and_crop", "crop", "resize", "none")
+    load_size: int = positive(286)        # pixels: images are resized to this before cropping
+    crop_size: int = positive(256)        # pixels: training crop (the nets' input size)
+    flip: bool = True                     # random horizontal flip
+    channels_a: int = choice(3, 1, 3)     # channels of domain A (or of the single folder)
+    channels_b: int = choice(3, 1, 3)     # channels of domain B
+    serial_b: bool = False                # draw B in order instead of at random (reference: serial_batches)
+    toy: str = choice("ring", "ring", "grid")  # 2-D mixture for kind "toy"
+    toy_epoch: int = positive(25_600)     # samples per toy "epoch" (only sets the epoch length)
+    num_workers: int = non_negative(0)    # DataLoader worker processes per training process
+    max_pixels: int = positive(128_000_000)  # refuse larger images (decompression bombs)
+    strict: bool = False                  # fail on the first unreadable image instead of skipping it
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = positive(1000)           # total generator steps (ignored when epochs > 0)
+    epochs: int = non_negative(0)         # constant-LR epochs; > 0 overrides steps (CycleGAN style)
+    epochs_decay: int = non_negative(0)   # epochs of linear LR decay to zero after `epochs`
+    batch_size: int = positive(1)         # images per process per step
+    grad_accum: int = positive(1)         # micro-batches accumulated per optimizer step
+    optimizer: str = choice("adam", "adam", "rmsprop")
+    lr_g: float = positive(2e-4)          # generator learning rate
+    lr_d: float = positive(2e-4)          # discriminator learning rate (TTUR: may differ from lr_g)
+    betas_g: tuple[float, float] = (0.5, 0.999)  # Adam betas of the generator phase
+    betas_d: tuple[float, float] = (0.5, 0.999)  # Adam betas of the discriminator phase
+    lr_schedule: str = choice("constant", "constant", "linear")  # linear: decay to 0 from decay_start
+    decay_start: int = non_negative(0)    # step where linear decay starts (0 = half of the steps)
+    ema: float = non_negative(0.0)        # EMA decay of generator weights per step (0 = off), e.g. 0.999
+    grad_clip: float = non_negative(0.0)  # max gradient norm per phase (0 = off)
+    mixed_precision: str = choice("no", "no", "bf16", "fp16")  # autocast dtype
+    channels_last: bool = False           # NHWC memory format for conv nets
+    compile: bool = False                 # torch.compile the nets (slow warm-up)
+    log_every: int = positive(50)         # steps between log lines (loss values fetched only then)
+    sample_every: int = positive(500)     # steps between sample grids
+    save_every: int = positive(1000)      # steps between checkpoints
+    keep_checkpoints: int = positive(3)   # newest checkpoints kept
+    n_samples: int = positive(8)          # images (or rows) in a sample grid
+    on_nan: str = choice("stop", "stop", "rollback")  # rollback: reload last checkpoint, halve LRs
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"                     # run name; the run folder defaults to runs/<name>
+    method: str = "cyclegan"              # cyclegan | dcgan | wgan_gp | gan_toy ... (translate.methods)
+    seed: int = 0                         # makes a CPU run repeatable
+    run_dir: str = ""                     # "" = runs/<name>
+    model: Any = None                     # the method's own config dataclass
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building and checking dataclasses from plain dicts.
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_check_type(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} has the wrong type")
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _check_field(key: str, value: Any, f: dataclasses.Field) -> None:
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+    if "min" in f.metadata:
+        low, strict = f.metadata["min"], f.metadata["strict"]
+        if value < low or (strict and value == low):
+            raise ConfigError(f"{key}: must be {'>' if strict else '>='} {low}, got {value!r}")
+
+
+def build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Instantiate dataclass `cls` from `values`, naming `prefix.key` in every error."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix}: expected a table, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}.{unknown[0]}: unknown key (valid: {', '.join(sorted(fields))})"
+        )
+    checked = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}"
+        checked[name] = _check_type(key, value, hints[name])
+        _check_field(key, checked[name], fields[name])
+    return cls(**checked)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes, overrides, cross-field checks.
+
+
+def _parse_value(text: str) -> Any:
+    """A --set value is read as TOML (numbers, booleans, lists, quoted strings), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.steps=100")
+        parts = key.strip().split(".")
+        if len(parts) == 1:
+            raw[parts[0]] = _parse_value(text)
+        elif len(parts) == 2:
+            section = raw.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"--set {key}: {parts[0]} is not a section")
+            section[parts[1]] = _parse_value(text)
+        else:
+            raise ConfigError(f"--set {key}: use section.key, e.g. train.steps")
+    return raw
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    from translate.methods import METHODS  # the method decides its model dataclass
+
+    top_keys = {"name", "method", "seed", "run_dir", "model", "data", "train"}
+    unknown = sorted(set(raw) - top_keys)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key (valid: {', '.join(sorted(top_keys))})")
+    method = raw.get("method", "cyclegan")
+    if method not in METHODS:
+        raise ConfigError(f"method: {method!r} is not one of {', '.join(sorted(METHODS))}")
+    cfg = RunConfig(
+        name=_check_type("name", raw.get("name", "run"), str),
+        method=method,
+        seed=_check_type("seed", raw.get("seed", 0), int),
+        run_dir=_check_type("run_dir", raw.get("run_dir", ""), str),
+        model=build(METHODS[method].config, raw.get("model", {}), "model"),
+        data=build(DataConfig, raw.get("data", {}), "data"),
+        train=build(TrainConfig, raw.get("train", {}), "train"),
+    )
+    check(cfg)
+    return cfg
+
+
+def check(cfg: RunConfig) -> None:
+    """Cross-field rules, so impossible runs fail before any work starts."""
+    d = cfg.data
+    if d.preprocess in ("resize_and_crop", "scale_width_and_crop") and d.crop_size > d.load_size:
+        raise ConfigError(
+            f"data.crop_size: {d.crop_size} is larger than data.load_size {d.load_size}; "
+            "lower crop_size or raise load_size"
+        )
+    from translate.methods import METHODS
+
+    METHODS[cfg.method].check(cfg)
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML recipe (or start from defaults when `path` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: recipe not found; list the recipes with `ls recipes/`")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: not valid TOML ({e}); fix the recipe's syntax") from None
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+def save(cfg: RunConfig, path: Path) -> None:
+    path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+
+
+def load_json(path: Path) -> RunConfig:
+    """The resolved config of an existing run (runs/<name>/config.json)."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the run's config ({e})") from None
+    return from_dict(raw)

@@ -1,0 +1,1 @@
+"""The adversarial core: objectives, penalties, the training loop. Knows nothing about images."""

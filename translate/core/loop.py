@@ -1,0 +1,285 @@
+"""train(): the one training loop. Any GAN described as nets + phases runs on it, on one CPU or
+under `accelerate launch` on many processes, with no code change."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+
+from translate import config as config_mod
+from translate import data as data_mod
+from translate.config import RunConfig
+from translate.core import checkpoint
+from translate.core.ema import ema_update, make_ema
+from translate.core.runlog import RunLog
+from translate.core.schedules import lr_factor
+from translate.errors import ConfigError, UserError
+from translate.methods import METHODS
+from translate.methods.base import Phase
+
+
+class Diverged(UserError):
+    """A loss or a weight became NaN/Inf."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu and cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision: fp16 is not available on CPU (accelerate would "
+                          "silently train in fp32); use bf16 or no")
+    # cpu=True on a CPU machine is what makes `accelerate launch --multi_gpu` processes form one
+    # gloo group instead of training independently.
+    return Accelerator(cpu=on_cpu, mixed_precision=cfg.train.mixed_precision)
+
+
+def total_steps(cfg: RunConfig, dataset, world: int) -> tuple[int, int]:
+    """(total generator steps, step where linear LR decay starts)."""
+    t = cfg.train
+    if t.epochs > 0:
+        per_epoch = data_mod.steps_per_epoch(dataset, t.batch_size * t.grad_accum, world)
+        return (t.epochs + t.epochs_decay) * per_epoch, t.epochs * per_epoch
+    return t.steps, t.decay_start
+
+
+def make_optimizer(cfg: RunConfig, phase: Phase, nets: dict[str, nn.Module]):
+    params = [p for name in phase.nets for p in nets[name].parameters()]
+    if cfg.train.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=phase.lr)
+    # foreach is the fused multi-tensor path available on every device.
+    return torch.optim.Adam(params, lr=phase.lr, betas=phase.betas, foreach=True)
+
+
+def set_trainable(nets: dict[str, nn.Module], trained: tuple[str, ...]) -> None:
+    # Frozen nets get no gradients, so under DDP they are neither computed nor synced and do not
+    # leak into their own next step under gradient accumulation.
+    for name, net in nets.items():
+        net.requires_grad_(name in trained)
+
+
+def split(batch: dict[str, Tensor], parts: int) -> list[dict[str, Tensor]]:
+    if parts == 1:
+        return [batch]
+    chunks = {k: v.chunk(parts) for k, v in batch.items()}
+    return [{k: v[i] for k, v in chunks.items()} for i in range(parts)]
+
+
+class Batches:
+    """Loader batches of batch_size * grad_accum samples, each tagged with the global sample
+    numbers `k` so methods can draw per-sample noise that does not depend on the process count."""
+
+    def __init__(self, cfg: RunConfig, dataset, accelerator: Accelerator, start: int):
+        self.per_step = cfg.train.batch_size * cfg.train.grad_accum
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.device = accelerator.device
+        self.channels_last = cfg.train.channels_last
+        self.drawn = start
+        self.it = data_mod.batches(dataset, self.per_step, start, self.rank, self.world,
+                                   cfg.data.num_workers)
+
+    def next(self) -> dict[str, Tensor]:
+        n = self.drawn
+        batch = next(self.it)
+        self.drawn += 1
+        first = (n * self.world + self.rank) * self.per_step
+        out = {"k": torch.arange(first, first + self.per_step, device=self.device)}
+        for key, v in batch.items():
+            v = v.to(self.device, non_blocking=True)
+            if self.channels_last and v.dim() == 4:
+                v = v.contiguous(memory_format=torch.channels_last)
+            out[key] = v
+        return out
+
+
+def run_phase(accelerator, cfg, phase, opt, nets, batch, prev) -> tuple[dict, list[dict]]:
+    """One optimizer step of one phase, over grad_accum micro-batches. Returns the logged values
+    (detached, still on device) and what each micro-batch hands to the next phase."""
+    accum = cfg.train.grad_accum
+    logs: dict[str, Tensor] = {}
+    handed: list[dict[str, Tensor]] = []
+    frozen = [n for n in nets if n not in phase.nets]
+    for i, (chunk, p) in enumerate(zip(split(batch, accum), prev)):
+        with contextlib.ExitStack() as stack:
+            # Micro-batches before the last skip the gradient all-reduce; frozen nets never sync.
+            for name in frozen + (list(phase.nets) if i < accum - 1 else []):
+                stack.enter_context(accelerator.no_sync(nets[name]))
+            with accelerator.autocast():
+                out = phase.loss(nets, chunk, p)
+            accelerator.backward(out["loss"] / accum)
+        for k, v in out.items():
+            if v.dim() == 0:
+                v = v.detach().float() / accum
+                logs[f"{phase.name}/{k}"] = logs.get(f"{phase.name}/{k}", 0.0) + v
+        handed.append({k: v for k, v in out.items() if v.dim() > 0})
+    if cfg.train.grad_clip > 0:
+        params = [q for name in phase.nets for q in nets[name].parameters()]
+        logs[f"{phase.name}/grad_norm"] = accelerator.clip_grad_norm_(params, cfg.train.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if phase.after_step is not None:
+        phase.after_step(nets)
+    return logs, handed
+
+
+def _check_finite(logs: dict[str, Tensor], step: int) -> None:
+    for key, v in logs.items():
+        if not torch.isfinite(v):
+            phase = key.split("/")[0]
+            raise Diverged(
+                f"step {step}, phase {phase}: {key} is {float(v)}; lower the learning rate "
+                f"(train.lr_{phase.lower()}) or set train.grad_clip, then --resume auto "
+                "(or set train.on_nan = \"rollback\")"
+            )
+
+
+@dataclass
+class Session:
+    """Everything the loop holds for one run (one place instead of a dozen locals)."""
+
+    cfg: RunConfig
+    accelerator: Accelerator
+    method: object
+    nets: dict[str, nn.Module]
+    opts: list
+    ema: dict[str, nn.Module]
+    dataset: object
+    total: int
+    decay_start: int
+    run_dir: Path
+
+
+def setup(cfg: RunConfig) -> Session:
+    accelerator = make_accelerator(cfg)
+    run_dir = cfg.out_dir
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_mod.save(cfg, run_dir / "config.json")
+    set_seed(cfg.seed)  # identical initial weights on every rank
+    spec = METHODS[cfg.method]
+    method = spec.build(cfg)
+    dataset = data_mod.build_dataset(cfg)
+    names = list(method.nets)
+    raw = [method.nets[n] for n in names]
+    if cfg.train.channels_last:
+        raw = [n.to(memory_format=torch.channels_last) for n in raw]
+    opts = [make_optimizer(cfg, ph, method.nets) for ph in method.phases]
+    prepared = accelerator.prepare(*raw, *opts)
+    nets = dict(zip(names, prepared[: len(names)]))
+    if cfg.train.compile:
+        nets = {n: torch.compile(m) for n, m in nets.items()}
+    ema = {g: make_ema(method.nets[g]) for g in method.generators} if cfg.train.ema > 0 else {}
+    total, decay = total_steps(cfg, dataset, accelerator.num_processes)
+    return Session(cfg, accelerator, method, nets, list(prepared[len(names):]), ema, dataset,
+                   total, decay, run_dir)
+
+
+def _save(s: Session, state: checkpoint.TrainState) -> Path:
+    if not checkpoint.all_finite(s.nets):
+        raise Diverged(f"step {state.step}: weights contain NaN/Inf; not writing a checkpoint "
+                       "over the last good one; resume with --resume auto and a lower LR")
+    return checkpoint.save(s.accelerator, s.run_dir, state, s.ema, s.method.state(),
+                           s.cfg.train.keep_checkpoints)
+
+
+def _sample(s: Session, log: RunLog, step: int, fixed) -> None:
+    if not s.accelerator.is_main_process:
+        return
+    nets = {n: s.accelerator.unwrap_model(m) for n, m in s.nets.items()}
+    nets.update(s.ema)
+    modes = {n: m.training for n, m in nets.items()}
+    for m in nets.values():
+        m.eval()  # eval: sampling must not move BatchNorm statistics (exact resume)
+    with torch.no_grad(), s.accelerator.autocast():
+        image = s.method.sample(nets, fixed)
+    for n, m in nets.items():
+        m.train(modes[n])
+    log.sample(step, image)
+
+
+def train(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> RunResult:
+    s = setup(cfg)
+    acc, t = s.accelerator, cfg.train
+    fp = checkpoint.fingerprint(cfg.method, cfg.model)
+    state = checkpoint.TrainState(fingerprint=fp)
+    path = checkpoint.resolve(s.run_dir, resume) if resume else None
+    if path is not None:
+        state, method_state = checkpoint.load(acc, path, fp, s.ema)
+        s.method.load_state(method_state)
+    else:
+        # Per-rank stream for what is not drawn per sample (dropout, pool, DiffAugment).
+        torch.manual_seed(cfg.seed + 1000 * acc.process_index)
+    log = RunLog(s.run_dir, acc.is_main_process, s.total, state.step, progress)
+    log.print(f"{cfg.method} '{cfg.name}': {data_mod.describe(s.dataset)}; global batch "
+              f"{t.batch_size} x {acc.num_processes} processes x {t.grad_accum} accumulation = "
+              f"{t.batch_size * acc.num_processes * t.grad_accum}; {s.total} steps"
+              + (f"; resumed from {path}" if path else ""))
+    fixed = s.method.fixed_batch(s.dataset, t.n_samples, cfg.seed) if acc.is_main_process else None
+    batches = Batches(cfg, s.dataset, acc, state.batches)
+    last_ckpt, logs = path, {}
+    try:
+        while state.step < s.total:
+            logs = train_step(s, state, batches)
+            state.step += 1
+            state.batches = batches.drawn
+            if acc.device.type == "cpu" or state.step % t.log_every == 0:
+                _check_finite(logs, state.step)  # free on CPU; a sync on GPU, so only at log steps
+            log.advance(state.step)
+            if state.step % t.log_every == 0 or state.step == s.total:
+                log.log(state.step, {k: float(v) for k, v in logs.items()})
+            if state.step % t.sample_every == 0 or state.step == s.total:
+                _sample(s, log, state.step, fixed)
+            if state.step % t.save_every == 0 or state.step == s.total:
+                last_ckpt = _save(s, state)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C exits at once
+        log.close()
+        if state.step > 0 and (last_ckpt is None or not last_ckpt.name.endswith(f"{state.step:07d}")):
+            last_ckpt = _save(s, state)
+        raise UserError(f"interrupted at step {state.step}; checkpoint {last_ckpt}; "
+                        "continue with --resume auto") from None
+    finally:
+        log.close()
+    acc.wait_for_everyone()  # before end_training, else gloo aborts now and then
+    acc.end_training()
+    return RunResult(s.run_dir, state.step, last_ckpt, {k: float(v) for k, v in logs.items()})
+
+
+def train_step(s: Session, state: checkpoint.TrainState, batches: Batches) -> dict[str, Tensor]:
+    """One generator step: every phase in order, each repeated (n_critic) as it asks."""
+    t = s.cfg.train
+    scale = lr_factor(state.step, s.total, t.lr_schedule, s.decay_start) * state.lr_scale
+    logs: dict[str, Tensor] = {}
+    batch, handed = None, [{}] * t.grad_accum
+    for phase, opt in zip(s.method.phases, s.opts):
+        for group in opt.param_groups:
+            group["lr"] = phase.lr * scale
+        set_trainable(s.nets, phase.nets)
+        for _ in range(phase.repeats):
+            if phase.new_batch or batch is None:
+                batch = batches.next()
+            phase_logs, out = run_phase(s.accelerator, s.cfg, phase, opt, s.nets, batch, handed)
+            logs.update(phase_logs)
+        handed = out
+        if phase.is_generator and s.ema:
+            for name, ema_net in s.ema.items():
+                ema_update(ema_net, s.accelerator.unwrap_model(s.nets[name]), t.ema)
+    set_trainable(s.nets, tuple(s.nets))
+    logs["lr_scale"] = torch.tensor(scale)
+    if math.isnan(scale):
+        raise Diverged("learning-rate schedule produced NaN")
+    return logs

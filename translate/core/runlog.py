@@ -1,0 +1,99 @@
+"""What a run writes besides checkpoints: log.jsonl, sample PNGs, and the live terminal view."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+def format_logs(values: dict[str, float], limit: int = 6) -> str:
+    keys = [k for k in values if k.endswith("/loss")] + [k for k in values if not k.endswith("/loss")]
+    return "  ".join(f"{k} {values[k]:.3g}" for k in keys[:limit])
+
+
+class RunLog:
+    """Main-process only (the loop creates it with enabled=False elsewhere)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, total: int, start: int, progress: bool):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "log.jsonl"
+        self.samples = Path(run_dir) / "samples"
+        self.console = Console(stderr=True, soft_wrap=True)
+        self.live = progress and enabled and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self.last = (start, self.t0)
+        self.bar: Progress | None = None
+        if not enabled:
+            return
+        self._truncate_after(start)
+        if self.live:
+            self.bar = Progress(
+                TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
+                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
+                TimeRemainingColumn(), TextColumn("{task.fields[logs]}"),
+                console=self.console, transient=False,
+            )
+            self.task = self.bar.add_task("train", total=total, completed=start, rate="", logs="")
+            self.bar.start()
+
+    def _truncate_after(self, step: int) -> None:
+        # A resumed run rewrites history from its checkpoint on; drop lines logged after it.
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text, highlight=False)
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        rate = (step - self.last[0]) / max(now - self.last[1], 1e-9)
+        self.last = (step, now)
+        record = {"step": step, "time": round(now - self.t0, 3), "it_s": round(rate, 4)}
+        record.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, rate=f"{rate:.2f} it/s",
+                            logs=format_logs(values, 4))
+        else:
+            self.print(f"step {step}  {rate:.2f} it/s  {format_logs(values)}")
+
+    def sample(self, step: int, image: np.ndarray) -> Path | None:
+        if not self.enabled:
+            return None
+        self.samples.mkdir(parents=True, exist_ok=True)
+        path = self.samples / f"step_{step:07d}.png"
+        tmp = path.with_name("." + path.name)
+        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(tmp, "PNG")
+        tmp.replace(path)
+        return path
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None

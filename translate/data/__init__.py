@@ -1,0 +1,178 @@
+"""Training data: datasets indexed by a global sample number, and the batch stream over them.
+
+Item k of every dataset is a pure function of (seed, k). `batches` gives batch n on rank r the
+samples k = (n * world_size + r) * batch_size + j, so resuming is "start at batch n", and
+2 ranks with batch b together see exactly what 1 rank with batch 2b sees.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from translate.config import RunConfig
+from translate.data.folders import DataError, DataWarning, FolderImages, UnpairedImages
+from translate.data.toy import ToyMixture, sample_toy, toy_modes, toy_std
+from translate.errors import UserError
+
+__all__ = [
+    "DataError", "DataWarning", "batches", "build_dataset", "describe", "sample_toy",
+    "steps_per_epoch", "toy_modes", "toy_std",
+]
+
+SPLITS = ("train", "test")
+
+
+def _root(cfg: RunConfig) -> Path:
+    if not cfg.data.root:
+        raise DataError("data.root is empty: set data.root in the recipe or pass --data PATH")
+    root = Path(cfg.data.root).expanduser()
+    if not root.exists():
+        raise DataError(f"{root}: dataset folder not found — check data.root (or --data PATH)")
+    if not root.is_dir():
+        raise DataError(f"{root}: is a file, not a folder — data.root must be a folder of images")
+    return root
+
+
+def _unpaired(cfg: RunConfig, split: str) -> Dataset:
+    return UnpairedImages(_root(cfg), split, cfg.data, cfg.seed)
+
+
+def _folder(cfg: RunConfig, split: str) -> Dataset:
+    return FolderImages(_root(cfg), split, cfg.data, cfg.seed)
+
+
+def _toy(cfg: RunConfig, split: str) -> Dataset:
+    return ToyMixture(cfg.data.toy, cfg.seed, cfg.data.toy_epoch, split)
+
+
+BUILDERS: dict[str, Callable[[RunConfig, str], Dataset]] = {
+    "unpaired": _unpaired,
+    "folder": _folder,
+    "toy": _toy,
+}
+
+
+def build_dataset(cfg: RunConfig, split: str = "train") -> Dataset:
+    """The dataset of `cfg.data.kind`; every problem with the data is raised here, up front."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return BUILDERS[cfg.data.kind](cfg, split)
+
+
+def describe(dataset: Dataset) -> str:
+    """One line for the log, e.g. "unpaired data/h2z (train): 1067 A + 1334 B images (...)"."""
+    return dataset.describe()
+
+
+def steps_per_epoch(dataset: Dataset, batch_size: int, world_size: int = 1) -> int:
+    return math.ceil(len(dataset) / (batch_size * world_size))
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+def batch_samples(n: int, batch_size: int, rank: int, world_size: int) -> list[int]:
+    """The global sample numbers in batch `n` of process `rank`."""
+    first = (n * world_size + rank) * batch_size
+    return list(range(first, first + batch_size))
+
+
+@dataclass(frozen=True)
+class _BatchPlan:
+    """An endless sampler of batches for the DataLoader: each index it yields is a whole batch."""
+
+    batch_size: int
+    start_batch: int
+    rank: int
+    world_size: int
+
+    def __iter__(self) -> Iterator[list[int]]:
+        n = self.start_batch
+        while True:
+            yield batch_samples(n, self.batch_size, self.rank, self.world_size)
+            n += 1
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    batch = {}
+    for key in items[0]:
+        tensors = [item[key] for item in items]
+        shapes = sorted({tuple(t.shape) for t in tensors})
+        if len(shapes) > 1:
+            raise DataError(
+                f"one batch mixes image sizes {shapes[0]} and {shapes[1]}: data.preprocess "
+                "'none' keeps each image's size — use train.batch_size=1 or a cropping mode")
+        batch[key] = torch.stack(tensors)
+    return batch
+
+
+def fetch(dataset: Dataset, samples: list[int]) -> dict[str, torch.Tensor]:
+    """The collated batch of `samples`. A dataset with a `batch(samples)` method makes the
+    whole batch at once (the toy data: per-item calls would cost more than its tiny nets)."""
+    whole = getattr(dataset, "batch", None)
+    return whole(samples) if whole else collate([dataset[k] for k in samples])
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A user-facing error raised in a worker, carried back as a value: re-raised by the
+    DataLoader it would arrive wrapped in a multi-line worker traceback."""
+
+    kind: type
+    message: str
+
+
+class _BatchFetcher(Dataset):
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, samples: list[int]) -> dict[str, torch.Tensor] | _Failure:
+        try:
+            return fetch(self.dataset, samples)
+        except UserError as e:
+            return _Failure(type(e), str(e))
+
+
+def _keep(batch: object) -> object:
+    return batch
+
+
+def _init_worker(worker_id: int) -> None:
+    import cv2
+
+    # Workers each get a core's worth of work already; nested thread pools only oversubscribe.
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def batches(dataset: Dataset, batch_size: int, start_batch: int = 0, rank: int = 0,
+            world_size: int = 1, num_workers: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless collated batches n = start_batch, start_batch + 1, ... of process `rank`.
+
+    num_workers > 0 loads in DataLoader worker processes; the batches are identical.
+    """
+    if batch_size < 1 or start_batch < 0 or num_workers < 0:
+        raise ValueError("batch_size must be >= 1, start_batch and num_workers >= 0")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    plan = _BatchPlan(batch_size, start_batch, rank, world_size)
+    if num_workers == 0:
+        return (fetch(dataset, samples) for samples in plan)
+    loader = DataLoader(
+        _BatchFetcher(dataset), batch_size=None, sampler=plan, collate_fn=_keep,
+        num_workers=num_workers, persistent_workers=True, prefetch_factor=2,
+        worker_init_fn=_init_worker, pin_memory=torch.cuda.is_available())
+    return _raise_failures(loader)
+
+
+def _raise_failures(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    for batch in loader:
+        if isinstance(batch, _Failure):
+            raise batch.kind(batch.message)
+        yield batch

@@ -1,0 +1,232 @@
+"""Export trained generators and load them back, with no training setup and no pickle.
+
+An exported generator is `<name>.safetensors` whose metadata (strings) carries everything needed
+to rebuild and use the net: architecture kind + config, I/O conventions, domains, provenance.
+`--onnx` also writes `<name>.onnx` (dynamic batch, height, width) with the same metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from translate import __version__
+from translate import config as config_mod
+from translate.core import checkpoint
+from translate.errors import ModelError, UserError
+from translate.infer import ModelInfo, translate_tensor
+from translate.methods import METHODS
+from translate.nets import NETS, build_net
+
+FORMAT = "translate-generator/1"
+
+
+def _strip(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def run_generators(run_dir: Path, step: int | None = None, ema: bool = False
+                   ) -> tuple[Any, dict[str, nn.Module], Path]:
+    """(config, {name: generator with trained weights}, checkpoint folder) of a run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir}: not a run folder (no config.json); pass runs/<name>")
+    cfg = config_mod.load_json(run_dir / "config.json")
+    found = checkpoint.list_checkpoints(run_dir)
+    if step is not None:
+        found = [p for p in found if p == checkpoint.step_dir(run_dir, step)]
+    if not found:
+        what = f"no checkpoint for step {step}" if step is not None else "no complete checkpoint"
+        raise UserError(f"{run_dir}: {what}; train first or pick a step from "
+                        f"{run_dir / 'checkpoints'}")
+    ckpt = found[-1]
+    method = METHODS[cfg.method].build(cfg)
+    names = list(method.nets)
+    nets = {}
+    for name in method.generators:
+        net = method.nets[name]
+        if ema:
+            path = ckpt / "ema.safetensors"
+            if not path.is_file():
+                raise UserError(f"{ckpt}: the run has no EMA weights; drop --ema or train with "
+                                "train.ema > 0")
+            tensors = {k[len(name) + 1:]: v for k, v in load_file(str(path)).items()
+                       if k.startswith(name + "/")}
+        else:
+            i = names.index(name)
+            path = ckpt / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            tensors = {_strip(k): v for k, v in load_file(str(path)).items()}
+        net.load_state_dict(tensors)
+        nets[name] = net.eval()
+    return cfg, nets, ckpt
+
+
+def metadata(net: nn.Module, cfg: Any, name: str, info: dict[str, Any], step: int, ema: bool
+             ) -> dict[str, str]:
+    meta = {
+        "format": FORMAT,
+        "name": name,
+        "kind": net.kind,
+        "config": json.dumps(net.config, sort_keys=True),
+        "value_range": "[-1, 1]",
+        "layout": "NCHW RGB (or 1 channel)",
+        "method": cfg.method,
+        "recipe": cfg.name,
+        "step": str(step),
+        "ema": str(ema).lower(),
+        "translate_version": __version__,
+    }
+    if hasattr(net, "size_multiple"):
+        meta.update(in_channels=str(net.in_channels), out_channels=str(net.out_channels),
+                    size_multiple=str(net.size_multiple),
+                    from_domain=info.get("from", ""), to_domain=info.get("to", ""))
+    else:
+        meta.update(latent="true", z_dim=str(getattr(net, "z_dim", "")))
+    return meta
+
+
+def export_run(run: str | Path, step: int | None = None, ema: bool = False,
+               out: str | Path | None = None, onnx: bool = False) -> list[str]:
+    """Write each generator of a run; returns printable lines describing what was written."""
+    cfg, nets, ckpt = run_generators(Path(run), step, ema)
+    out_dir = Path(out) if out else Path(run) / "export"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = json.loads((ckpt / "state.json").read_text())
+    method = METHODS[cfg.method].build(cfg)
+    lines = []
+    for name, net in nets.items():
+        meta = metadata(net, cfg, name, method.generators[name], state["step"], ema)
+        path = out_dir / f"{name}.safetensors"
+        tmp = path.with_name("." + path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), meta)
+        tmp.replace(path)
+        n = sum(p.numel() for p in net.parameters())
+        lines.append(f"wrote {path} ({n / 1e6:.3f} M parameters, step {state['step']})")
+        if onnx and "size_multiple" in meta:
+            from translate.onnx_export import export_onnx
+
+            lines.append(export_onnx(net, meta, out_dir / f"{name}.onnx"))
+    return lines
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelError(f"{path}: not a readable safetensors file ({e}); re-export it with "
+                         "`translate export RUN`") from None
+    if meta.get("format") != FORMAT:
+        raise ModelError(f"{path}: not a generator exported by translate (no "
+                         f"'{FORMAT}' metadata); export one with `translate export RUN`")
+    return meta
+
+
+def build_from_metadata(path: Path, meta: dict[str, str]) -> nn.Module:
+    kind = meta.get("kind", "")
+    if kind not in NETS:
+        raise ModelError(f"{path}: unknown generator kind {kind!r}; this translate version "
+                         f"knows {', '.join(sorted(NETS))}")
+    try:
+        return build_net(kind, **json.loads(meta["config"]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise ModelError(f"{path}: broken architecture config in metadata ({e})") from None
+
+
+def load_torch_generator(path: Path) -> tuple[nn.Module, dict[str, str]]:
+    meta = read_metadata(path)
+    net = build_from_metadata(path, meta)
+    try:
+        tensors = load_file(str(path))
+        net.load_state_dict(tensors)
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{path}: truncated or corrupt weights ({e}); re-export it") from None
+    except RuntimeError as e:
+        raise ModelError(f"{path}: weights do not fit the {meta['kind']} architecture in its "
+                         f"metadata ({str(e).splitlines()[0]}); re-export it") from None
+    return net.eval(), meta
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+@dataclass
+class Generator:
+    """A loaded generator. `gen(images)` takes uint8 HxWxC / NxHxWxC arrays (returns the same
+    convention) or float NCHW tensors in [-1, 1] (returns float tensors); any size is padded to
+    the size multiple and cropped back. `gen.forward` is the raw batch function."""
+
+    info: ModelInfo
+    metadata: dict[str, str]
+    forward: Any
+    backend: str
+    precision: str
+
+    def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            return translate_tensor(self.forward, self.info, images.float())
+        arr = np.asarray(images)
+        if arr.dtype != np.uint8:
+            raise UserError("load_generator: pass uint8 HxWxC arrays or float NCHW tensors")
+        single = arr.ndim == 3
+        batch = arr[None] if single else arr
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        y = translate_tensor(self.forward, self.info, x)
+        out = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return out[0] if single else out
+
+
+def _torch_forward(net: nn.Module, precision: str, device: torch.device):
+    net = net.to(device).to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        if precision == "bf16":
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return net(x).float()
+        return net(x)
+
+    return forward
+
+
+def load_generator(path: str | Path, backend: str = "auto", precision: str = "auto",
+                   device: str | None = None) -> Generator:
+    """Load an exported generator (.safetensors or .onnx) for inference."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: model file not found; export one with `translate export RUN`")
+    if backend == "auto":
+        backend = "onnx" if path.suffix == ".onnx" else "torch"
+    if backend == "onnx" or path.suffix == ".onnx":
+        from translate.onnx_export import load_onnx
+
+        return load_onnx(path, Generator)
+    net, meta = load_torch_generator(path)
+    if meta.get("latent") == "true":
+        raise UserError(f"{path}: a latent generator (no input image); use `translate sample`")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if precision == "auto":
+        precision = "fp32"
+    info = ModelInfo(int(meta["in_channels"]), int(meta["out_channels"]),
+                     int(meta["size_multiple"]))
+    return Generator(info, meta, _torch_forward(net, precision, dev), "torch", precision)

@@ -1,0 +1,501 @@
+"""Translate a folder of images with a generator: batching, padding, tiling, progress, failures.
+
+The engine behind `translate apply MODEL INPUT OUTPUT`. It takes any generator callable
+`fn(x) -> y` on float32 NCHW tensors in [-1, 1] (CPU tensors in; the output may live on any
+device) plus a `ModelInfo`, so safetensors, ONNX and in-memory nets share one code path.
+
+Choices worth knowing (see `translate_folder`):
+- Output size always equals input size: H and W are mirror-padded to `size_multiple` and
+  cropped back. `resize=N` is the only resizing: the longer side becomes N (aspect kept).
+- Gray input to an RGB model is replicated; RGB input to a 1-channel model becomes luma.
+- Alpha is copied through unchanged (where the output format stores alpha).
+- A 16-bit input gives a 16-bit output only when the model output is 1-channel (PIL cannot
+  write 16-bit colour); otherwise the output is 8-bit.
+- `side_by_side` writes OUTPUT/_pairs/<same relative path>: input | output, as well as the
+  normal output, so OUTPUT still holds clean results.
+- An output that exists is skipped (unless `overwrite`). The output is written last, after its
+  pair, and atomically, so "output exists" means "this image is done" and reruns resume.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from translate.errors import ImageError, ModelError, UserError
+from translate.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    list_images,
+    load_image_rgba,
+    match_channels,
+    save_image,
+    to_tensor,
+    to_uint8,
+)
+
+Generator = Callable[[torch.Tensor], torch.Tensor]
+PAIRS_DIR = "_pairs"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the engine must know about a generator."""
+
+    in_channels: int  # channels the generator reads: 1 (gray) or 3 (RGB)
+    out_channels: int  # channels it writes: 1 or 3
+    size_multiple: int  # H and W fed to it must be multiples of this (2 ** downsamplings)
+
+
+@dataclass
+class ApplyReport:
+    """What a run did. `failed` holds (input file, one-line reason), in input order."""
+
+    translated: int
+    skipped: int  # outputs that already existed
+    failed: list[tuple[Path, str]]
+    seconds: float  # wall time of the whole run
+
+    @property
+    def images_per_s(self) -> float:
+        return self.translated / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------- the model run
+
+
+def translate_tensor(fn: Generator, info: ModelInfo, x: torch.Tensor, *, tile: int | None = None,
+                     overlap: int = 32, batch_size: int = 4) -> torch.Tensor:
+    """NCHW float in [-1, 1] -> float NCHW output of the same H and W (not clamped).
+
+    Images larger than `tile` (rounded up to size_multiple) in either dimension are translated
+    in overlapping tiles, `batch_size` tiles at a time, so memory is bounded by the tile size.
+    """
+    tile = None if tile is None else -(-tile // info.size_multiple) * info.size_multiple
+    with torch.inference_mode():
+        if tile is None or max(x.shape[2:]) <= tile:
+            return torch.cat(_run_padded(fn, info, list(x.split(1))))
+        return torch.cat([_run_tiled(fn, info, xi, tile, overlap, batch_size)
+                          for xi in x.split(1)])
+
+
+def _run_padded(fn: Generator, info: ModelInfo, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Run 1xCxhxw images whose sizes round up to the same multiple as one batch."""
+    m = info.size_multiple
+    hp, wp = (-(-max(x.shape[2] for x in xs) // m) * m, -(-max(x.shape[3] for x in xs) // m) * m)
+    batch = torch.cat([_mirror_pad(x, hp, wp) for x in xs])
+    y = fn(batch)
+    if y.shape[0] != batch.shape[0] or y.shape[2:] != batch.shape[2:]:
+        raise ModelError(f"the generator turned a {tuple(batch.shape)} batch into "
+                         f"{tuple(y.shape)} — it must keep N, H and W (an image-to-image model)")
+    if y.shape[1] != info.out_channels:
+        raise ModelError(f"the generator made {y.shape[1]} channels, its description says "
+                         f"{info.out_channels} — re-export the model")
+    y = y.detach().float().cpu()
+    return [y[i:i + 1, :, :x.shape[2], :x.shape[3]] for i, x in enumerate(xs)]
+
+
+def _mirror_pad(x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
+    """Reflect-pad bottom/right to hp x wp; reflects repeatedly when the pad exceeds the image
+    (1x1 or 3000x17 inputs), where torch's reflect mode would refuse."""
+    h, w = x.shape[2:]
+    if (h, w) == (hp, wp):
+        return x
+    return x.index_select(2, _mirror_index(h, hp)).index_select(3, _mirror_index(w, wp))
+
+
+def _mirror_index(n: int, size: int) -> torch.Tensor:
+    i = torch.arange(size)
+    if n == 1:
+        return torch.zeros(size, dtype=torch.long)
+    period = 2 * (n - 1)
+    j = i % period
+    return torch.where(j < n, j, period - j)
+
+
+def _run_tiled(fn: Generator, info: ModelInfo, x: torch.Tensor, tile: int, overlap: int,
+               batch_size: int) -> torch.Tensor:
+    """Translate one 1xCxHxW image tile by tile and blend the tiles into a float canvas."""
+    _, _, h, w = x.shape
+    overlap = max(0, min(overlap, tile // 2))
+    th, tw = min(tile, h), min(tile, w)
+    boxes = [(y0, x0) for y0 in _starts(h, th, overlap) for x0 in _starts(w, tw, overlap)]
+    out = weight_sum = None
+    for k in range(0, len(boxes), batch_size):
+        chunk = boxes[k:k + batch_size]
+        ys = _run_padded(fn, info, [x[..., y0:y0 + th, x0:x0 + tw] for y0, x0 in chunk])
+        if out is None:
+            out = torch.zeros(1, ys[0].shape[1], h, w)
+            weight_sum = torch.zeros(1, 1, h, w)
+        for (y0, x0), y in zip(chunk, ys):
+            wgt = _axis_weights(y0, th, h, overlap)[:, None] * _axis_weights(x0, tw, w, overlap)
+            out[..., y0:y0 + th, x0:x0 + tw] += y * wgt
+            weight_sum[..., y0:y0 + th, x0:x0 + tw] += wgt
+    return out.div_(weight_sum)
+
+
+def _starts(total: int, length: int, overlap: int) -> list[int]:
+    if total <= length:
+        return [0]
+    return list(range(0, total - length, length - overlap)) + [total - length]
+
+
+def _axis_weights(start: int, length: int, total: int, overlap: int) -> torch.Tensor:
+    """Blend weights along one axis of a tile. On a side shared with a neighbour, the outer
+    quarter of the overlap gets weight 0 (that is where zero padding inside the net corrupts
+    tile edges) and the middle half a cosine cross-fade, so seams are invisible and a net
+    whose receptive field is under overlap/4 gives exactly the untiled result."""
+    w = torch.ones(length)
+    if overlap == 0:
+        return w
+    margin = overlap // 4
+    ramp_len = max(1, overlap - 2 * margin)
+    rise = 0.5 - 0.5 * torch.cos(math.pi * (torch.arange(ramp_len) + 0.5) / ramp_len)
+    # A side has a neighbour only when the axis holds several tiles, and then length == tile
+    # >= 2 * overlap, so both ramps fit.
+    if start > 0:
+        w[:margin] = 0.0
+        w[margin:margin + ramp_len] *= rise
+    if start + length < total:
+        w[length - margin:] = 0.0
+        w[length - margin - ramp_len:length - margin] *= rise.flip(0)
+    return w
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class _Job:
+    index: int  # position in input order, to report failures deterministically
+    src: Path
+    dst: Path
+    pair: Path | None  # where the side-by-side image goes, if asked for
+
+
+def _find_inputs(spec: str | Path) -> tuple[Path, list[Path], bool]:
+    """(base folder the relative paths start from, images, the input is one file)."""
+    text = str(spec)
+    if any(c in text for c in "*?["):
+        base = Path(*[p for p in _leading_plain_parts(text)] or ["."])
+        found: dict[Path, None] = {}
+        for match in sorted(glob.glob(text, recursive=True)):
+            for image in list_images(match)[0]:
+                found.setdefault(image)
+        return base, list(found), False
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder — check the INPUT path")
+    if path.is_file():
+        return path.parent, [path], True
+    return path, list_images(path)[0], False
+
+
+def _leading_plain_parts(pattern: str) -> list[str]:
+    parts = []
+    for part in Path(pattern).parts:
+        if any(c in part for c in "*?["):
+            break
+        parts.append(part)
+    return parts
+
+
+def _plan(spec: str | Path, output: str | Path, fmt: str | None, side_by_side: bool
+          ) -> list[_Job]:
+    """Every (input, output) pair, after every check that can fail before any work is done."""
+    base, sources, single = _find_inputs(spec)
+    if not sources:
+        raise UserError(f"{spec}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}) — "
+                        "check the folder or pattern")
+    out = Path(output)
+    suffix = None if fmt is None else "." + fmt
+    if single and out.suffix.lower() in IMAGE_EXTENSIONS and not out.is_dir():
+        dst = out if suffix is None else out.with_suffix(suffix)
+        if dst.resolve() == sources[0].resolve():
+            raise UserError(f"{dst}: is the input file — choose another OUTPUT")
+        pair = dst.parent / PAIRS_DIR / dst.name if side_by_side else None
+        return [_Job(0, sources[0], dst, pair)]
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is a file — OUTPUT must be a folder for this INPUT")
+    if not single:
+        real_base, real_out = base.resolve(), out.resolve()
+        if real_out == real_base or real_base in real_out.parents:
+            raise UserError(f"{out}: is inside the input folder {base} — choose an OUTPUT folder "
+                            "outside it (the input is never written to)")
+    jobs, claimed = [], {}
+    for i, src in enumerate(sources):
+        rel = src.relative_to(base) if not single else Path(src.name)
+        rel = rel if suffix is None else rel.with_suffix(suffix)
+        if rel in claimed:
+            raise UserError(f"{src}: would be written to {out / rel}, as would {claimed[rel]} — "
+                            "rename one of them or drop --format")
+        claimed[rel] = src
+        jobs.append(_Job(i, src, out / rel, out / PAIRS_DIR / rel if side_by_side else None))
+    return jobs
+
+
+def _check_format(fmt: str | None) -> str | None:
+    if fmt is None:
+        return None
+    fmt = fmt.lower().lstrip(".")
+    if "." + fmt not in IMAGE_EXTENSIONS:
+        raise UserError(f"--format {fmt}: unknown image format — use one of "
+                        f"{', '.join(e[1:] for e in IMAGE_EXTENSIONS)}")
+    return fmt
+
+
+# ---------------------------------------------------------------------------- the folder run
+
+
+def translate_folder(
+    fn: Generator,
+    info: ModelInfo,
+    input: str | Path,  # a file, a folder (searched recursively) or a glob pattern
+    output: str | Path,  # a folder mirroring INPUT's relative paths (or a file, for one file)
+    *,
+    batch_size: int = 4,  # images (or tiles) per generator call
+    tile: int | None = None,  # tile side in pixels for images larger than it; None: whole
+    overlap: int = 32,  # pixels shared by neighbouring tiles, blended (at most tile / 2)
+    resize: int | None = None,  # make the longer side this many pixels first; None: keep size
+    format: str | None = None,  # output extension/format, e.g. "png"; None: same as input
+    overwrite: bool = False,  # re-translate images whose output exists (else: skipped)
+    side_by_side: bool = False,  # also write OUTPUT/_pairs/<path>: input | output
+    workers: int = 2,  # threads decoding and encoding while the generator runs
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,  # larger images fail (decompression bombs)
+    progress: bool = True,  # progress bar, failure lines and a summary line on stderr
+) -> ApplyReport:
+    """Translate every image under `input` into `output`; unreadable files are reported in
+    `ApplyReport.failed` and do not stop the run. Bad arguments raise UserError before any
+    file is written."""
+    start = time.perf_counter()
+    _check_settings(batch_size, tile, overlap, resize, workers)
+    jobs = _plan(input, output, _check_format(format), side_by_side)
+    todo = [job for job in jobs if overwrite or not job.dst.exists()]
+    settings = _Settings(fn, info, batch_size, tile, overlap, resize, max_pixels)
+    console = Console(stderr=True)
+    with _progress_bar(console, progress) as bar:
+        tally = _Tally(bar, bar.add_task("translating", total=len(todo)), quiet=not progress)
+        pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="translate-io")
+        try:
+            _run_jobs(todo, settings, pool, tally, lookahead=batch_size + max(1, workers))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    report = ApplyReport(tally.translated, len(jobs) - len(todo),
+                         [tally.failed[k] for k in sorted(tally.failed)],
+                         time.perf_counter() - start)
+    if progress:
+        console.print(f"translated {report.translated}, skipped {report.skipped}, failed "
+                      f"{len(report.failed)} in {report.seconds:.1f} s "
+                      f"({report.images_per_s:.1f} img/s)", markup=False, highlight=False,
+                      soft_wrap=True)
+    return report
+
+
+def _check_settings(batch_size: int, tile: int | None, overlap: int, resize: int | None,
+                    workers: int) -> None:
+    for flag, value, low in [("--batch-size", batch_size, 1), ("--tile", tile, 1),
+                             ("--overlap", overlap, 0), ("--resize", resize, 1),
+                             ("--workers", workers, 0)]:
+        if value is not None and value < low:
+            raise UserError(f"{flag} {value}: must be at least {low} — pass a larger value")
+
+
+@dataclass(frozen=True)
+class _Settings:
+    fn: Generator
+    info: ModelInfo
+    batch_size: int
+    tile: int | None
+    overlap: int
+    resize: int | None
+    max_pixels: int | None
+
+
+@dataclass
+class _Loaded:
+    job: _Job
+    x: torch.Tensor  # 1xCxHxW in [-1, 1] with the model's input channels
+    shown: np.ndarray | None  # the input pixels, kept only for side-by-side pairs
+    alpha: np.ndarray | None  # HxW uint8, copied to the output untouched
+    wide: bool  # write a 16-bit output
+
+
+@dataclass
+class _Tally:
+    """Outcomes, recorded by the main thread only (it is the one reading the futures)."""
+
+    bar: Progress
+    task: TaskID
+    quiet: bool
+    translated: int = 0
+    failed: dict[int, tuple[Path, str]] = field(default_factory=dict)
+
+    def done(self) -> None:
+        self.translated += 1
+        self.bar.advance(self.task)
+
+    def fail(self, job: _Job, reason: str) -> None:
+        self.failed[job.index] = (job.src, reason)
+        if not self.quiet:
+            self.bar.console.print(reason, markup=False, highlight=False, soft_wrap=True)
+        self.bar.advance(self.task)
+
+
+def _run_jobs(todo: list[_Job], s: _Settings, pool: ThreadPoolExecutor, tally: _Tally,
+              lookahead: int) -> None:
+    """Decode ahead and encode behind on the pool while the generator runs here."""
+    saves: deque[tuple[_Job, Future]] = deque()
+    items = _loaded(todo, s, pool, tally, lookahead)
+    try:
+        for batch in _batches(items, s):
+            try:
+                outputs = _translate_batch(s, batch)
+            except (RuntimeError, MemoryError) as e:  # e.g. out of memory on one huge image
+                reason = " ".join(str(e).split())[:300]
+                for item in batch:
+                    tally.fail(item.job, f"{item.job.src}: the generator failed ({reason}) — if "
+                               "it ran out of memory, use --tile 512 or a smaller --batch-size")
+                continue
+            for item, pixels in zip(batch, outputs):
+                saves.append((item.job, pool.submit(_save, item, pixels)))
+            _settle(saves, tally, keep=2 * s.batch_size)
+    finally:
+        items.close()  # cancels decodes not started yet
+        _settle(saves, tally, keep=0)  # even when interrupted: finished work is kept
+
+
+def _loaded(todo: list[_Job], s: _Settings, pool: ThreadPoolExecutor, tally: _Tally,
+            lookahead: int) -> Iterator[_Loaded]:
+    """Decoded images in input order, `lookahead` decodes in flight; failures go to tally."""
+    jobs = iter(todo)
+    loads: deque[tuple[_Job, Future]] = deque()
+    try:
+        while True:
+            while len(loads) < lookahead and (job := next(jobs, None)) is not None:
+                loads.append((job, pool.submit(_load, job, s)))
+            if not loads:
+                return
+            job, future = loads.popleft()
+            try:
+                item = future.result()
+            except ImageError as e:
+                tally.fail(job, str(e))
+                continue
+            except MemoryError:
+                tally.fail(job, f"{job.src}: out of memory while decoding — lower --max-pixels")
+                continue
+            yield item
+    finally:
+        for _, future in loads:  # interrupted: do not decode what will not be used
+            future.cancel()
+
+
+def _batches(items: Iterator[_Loaded], s: _Settings) -> Iterator[list[_Loaded]]:
+    """Group images whose padded sizes match into batches; images needing tiles go alone.
+    At most ~2 batches wait for company, so odd sizes do not pile up in memory."""
+    m = s.info.size_multiple
+    tile = None if s.tile is None else -(-s.tile // m) * m
+    waiting: dict[tuple[int, int], list[_Loaded]] = {}
+    for item in items:
+        h, w = item.x.shape[2:]
+        if tile is not None and max(h, w) > tile:
+            yield [item]
+            continue
+        key = (-(-h // m) * m, -(-w // m) * m)
+        waiting.setdefault(key, []).append(item)
+        if len(waiting[key]) == s.batch_size:
+            yield waiting.pop(key)
+        elif sum(map(len, waiting.values())) > 2 * s.batch_size:
+            yield waiting.pop(next(iter(waiting)))  # the longest-waiting size
+    yield from waiting.values()
+
+
+def _translate_batch(s: _Settings, batch: list[_Loaded]) -> list[np.ndarray]:
+    with torch.inference_mode():
+        if len(batch) == 1:
+            ys = [translate_tensor(s.fn, s.info, batch[0].x, tile=s.tile, overlap=s.overlap,
+                                   batch_size=s.batch_size)]
+        else:
+            ys = _run_padded(s.fn, s.info, [item.x for item in batch])
+        return [_to_pixels(y, item.wide) for y, item in zip(ys, batch)]
+
+
+def _to_pixels(y: torch.Tensor, wide: bool) -> np.ndarray:
+    if not wide:
+        return to_uint8(y)[0]
+    y16 = y[0].clamp(-1.0, 1.0).add(1.0).mul(65535 / 2).round().to(torch.int32)
+    return y16.permute(1, 2, 0).numpy().astype(np.uint16)
+
+
+def _load(job: _Job, s: _Settings) -> _Loaded:
+    colour, alpha, meta = load_image_rgba(job.src, s.max_pixels)
+    if s.resize is not None:
+        colour, alpha = _resize(colour, alpha, s.resize)
+    x = to_tensor(match_channels(colour, s.info.in_channels))
+    wide = meta.bit_depth == 16 and s.info.out_channels == 1
+    return _Loaded(job, x, colour if job.pair else None, alpha, wide)
+
+
+def _resize(colour: np.ndarray, alpha: np.ndarray | None, longer: int
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    h, w = colour.shape[:2]
+    scale = longer / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+
+    def one(a: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(a).resize(size, Image.Resampling.LANCZOS))
+    resized = one(colour[..., 0])[..., None] if colour.shape[2] == 1 else one(colour)
+    return resized, None if alpha is None else one(alpha)
+
+
+def _save(item: _Loaded, pixels: np.ndarray) -> None:
+    # The pair first: the output's existence is what marks an image as done for reruns.
+    if item.job.pair is not None and item.shown is not None:
+        right = pixels if pixels.dtype == np.uint8 else np.rint(pixels / 257).astype(np.uint8)
+        left = match_channels(item.shown, right.shape[2])
+        save_image(item.job.pair, np.concatenate([left, right], axis=1))
+    save_image(item.job.dst, pixels, item.alpha, bit_depth=16 if item.wide else 8)
+
+
+def _settle(saves: deque[tuple[_Job, Future]], tally: _Tally, keep: int) -> None:
+    """Record finished saves in order; block until at most `keep` are outstanding."""
+    while saves and (len(saves) > keep or saves[0][1].done()):
+        job, future = saves.popleft()
+        try:
+            future.result()
+        except ImageError as e:
+            tally.fail(job, str(e))
+        else:
+            tally.done()
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f} img/s" if speed else "-- img/s")
+
+
+def _progress_bar(console: Console, enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    _RateColumn(), TimeRemainingColumn(), console=console, disable=not enabled)

@@ -1,0 +1,11 @@
+"""Methods by name: one tiny explicit table (STYLE rule 4). A new GAN is one new file + one row."""
+
+from translate.methods import cyclegan, gan
+from translate.methods.base import MethodSpec
+
+METHODS: dict[str, MethodSpec] = {
+    "cyclegan": MethodSpec(cyclegan.CycleGANConfig, cyclegan.build, cyclegan.check),
+    "gan": MethodSpec(gan.GANConfig, gan.build, gan.check),
+    "dcgan": MethodSpec(gan.GANConfig, gan.build, gan.check),
+    "wgan_gp": MethodSpec(gan.WGANGPConfig, gan.build, gan.check),
+}

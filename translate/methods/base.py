@@ -1,0 +1,58 @@
+"""What a method is: named nets and a list of phases. The loop knows nothing else about it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from torch import Tensor, nn
+
+Nets = dict[str, nn.Module]
+Batch = dict[str, Tensor]
+LossFn = Callable[[Nets, Batch, dict[str, Tensor]], dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One player's update. `loss(nets, batch, prev)` returns a dict whose "loss" entry is
+    backpropagated; 0-dim entries are logged; other tensors are handed to the next phase as
+    `prev` (e.g. CycleGAN's G phase passes its fakes to the D phase)."""
+
+    name: str                      # "D" or "G": also the log prefix
+    nets: tuple[str, ...]          # nets this phase trains; all others are frozen during it
+    loss: LossFn
+    lr: float                      # base learning rate (the schedule multiplies it)
+    betas: tuple[float, float] = (0.5, 0.999)  # Adam betas (ignored by RMSprop)
+    repeats: int = 1               # e.g. n_critic for the D phase
+    new_batch: bool = True         # draw a fresh batch for each repeat (else reuse the last)
+    after_step: Callable[[Nets], None] | None = None  # e.g. WGAN weight clipping
+    is_generator: bool = False     # EMA is updated after this phase
+
+
+class Method(Protocol):
+    nets: Nets                     # all trainable nets by paper name (G_ab, D_b, G, D, ...)
+    phases: list[Phase]
+    generators: dict[str, dict[str, Any]]  # exported nets -> metadata (domains, kind, ...)
+
+    def sample(self, nets: Nets, fixed: Batch) -> Tensor:
+        """A grid of images (N, C, H, W) in [-1, 1] for the sample PNG (or a 2-D plot)."""
+        ...
+
+    def fixed_batch(self, dataset: Any, n: int, seed: int) -> Batch:
+        """Inputs kept fixed across the run so sample grids are comparable over time."""
+        ...
+
+    def state(self) -> dict[str, Tensor]:
+        """Per-process state to checkpoint (e.g. image pools); {} if none."""
+        ...
+
+    def load_state(self, state: dict[str, Tensor]) -> None: ...
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Registry entry: the method's config dataclass, its builder and its recipe checks."""
+
+    config: type
+    build: Callable[[Any], Method]
+    check: Callable[[Any], None] = field(default=lambda cfg: None)

@@ -1,0 +1,171 @@
+"""Unconditional GANs on the core: DCGAN (Radford et al. 2015), WGAN-GP (Gulrajani et al. 2017),
+WGAN with weight clipping (Arjovsky et al. 2017), and MLP variants for 2-D toy mixtures.
+
+One method with the objective, penalty and nets chosen by name; the registered names differ only
+in their defaults (see translate/methods/__init__.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from translate.config import RunConfig, choice, non_negative, positive
+from translate.core import noise, objectives
+from translate.core.penalties import clip_weights, gradient_penalty, r1_penalty
+from translate.errors import ConfigError
+from translate.methods.base import Batch, Nets, Phase
+from translate.nets import build_net, init_weights
+from translate import viz
+
+OBJECTIVE_NAMES = tuple(objectives.OBJECTIVES)
+
+
+@dataclass(frozen=True)
+class GANConfig:
+    net: str = choice("dcgan", "dcgan", "mlp")  # dcgan: conv nets on images; mlp: 2-D toy data
+    z_dim: int = positive(100)            # latent size
+    image_size: int = choice(64, 32, 64, 128)  # pixels (dcgan nets); must equal data.crop_size
+    ngf: int = positive(64)               # generator width (dcgan)
+    ndf: int = positive(64)               # discriminator width (dcgan)
+    d_norm: str = choice("batch", "batch", "layer", "instance", "none")  # D norm (dcgan)
+    hidden: int = positive(512)           # MLP width (toy)
+    depth: int = positive(3)              # MLP hidden layers (toy)
+    pack: int = positive(1)               # PacGAN: D judges `pack` samples jointly
+    spectral_norm: bool = False           # spectral normalisation on D's layers
+    objective: str = choice("nonsaturating", *OBJECTIVE_NAMES)
+    real_target: float = positive(1.0)    # one-sided label smoothing, e.g. 0.9 (D only)
+    penalty: str = choice("none", "none", "gp", "r1", "clip")
+    gp_weight: float = non_negative(10.0)  # WGAN-GP lambda
+    r1_gamma: float = non_negative(10.0)  # R1 gamma
+    clip_value: float = positive(0.01)    # WGAN weight clipping c
+    n_critic: int = positive(1)           # D steps per G step
+
+
+@dataclass(frozen=True)
+class WGANGPConfig(GANConfig):
+    d_norm: str = choice("layer", "batch", "layer", "instance", "none")  # no BatchNorm in a GP critic
+    objective: str = choice("wasserstein", *OBJECTIVE_NAMES)
+    penalty: str = choice("gp", "none", "gp", "r1", "clip")
+    n_critic: int = positive(5)
+
+
+def check(cfg: RunConfig) -> None:
+    m, d = cfg.model, cfg.data
+    if m.net == "mlp" and d.kind != "toy":
+        raise ConfigError(f"model.net: 'mlp' nets need data.kind = 'toy', got {d.kind!r}")
+    if m.net == "dcgan":
+        if d.kind != "folder":
+            raise ConfigError(f"data.kind: {cfg.method} trains on one image folder; set "
+                              "data.kind = 'folder'")
+        if d.crop_size != m.image_size:
+            raise ConfigError(f"data.crop_size: {d.crop_size} must equal model.image_size "
+                              f"{m.image_size} for {cfg.method}")
+    if cfg.train.batch_size % m.pack:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} must be a multiple of "
+                          f"model.pack {m.pack}")
+    if m.penalty == "gp" and m.d_norm == "batch" and m.net == "dcgan":
+        raise ConfigError("model.d_norm: BatchNorm makes the gradient penalty wrong (it mixes "
+                          "samples); use 'layer' or 'none' with penalty 'gp'")
+
+
+class GAN:
+    def __init__(self, cfg: RunConfig):
+        m = cfg.model
+        self.cfg, self.seed = m, cfg.seed
+        self.toy = m.net == "mlp"
+        self.toy_name = cfg.data.toy
+        channels = cfg.data.channels_a
+        if self.toy:
+            G = build_net("mlp_g", z_dim=m.z_dim, out_dim=2, hidden=m.hidden, depth=m.depth)
+            D = build_net("mlp_d", in_dim=2, hidden=m.hidden, depth=m.depth, pack=m.pack,
+                          spectral_norm=m.spectral_norm)
+        else:
+            G = build_net("dcgan_g", z_dim=m.z_dim, ngf=m.ngf, out_channels=channels,
+                          image_size=m.image_size)
+            D = build_net("dcgan_d", in_channels=channels, ndf=m.ndf, image_size=m.image_size,
+                          norm=m.d_norm, spectral_norm=m.spectral_norm)
+            init_weights(G)
+            init_weights(D)
+        self.nets: Nets = {"G": G, "D": D}
+        self.d_obj, self.g_obj = objectives.get(m.objective)
+        t = cfg.train
+        after = partial(_clip, c=m.clip_value) if m.penalty == "clip" else None
+        self.phases = [
+            Phase("D", ("D",), self.d_loss, t.lr_d, t.betas_d, m.n_critic, True, after),
+            Phase("G", ("G",), self.g_loss, t.lr_g, t.betas_g, 1, False, None, True),
+        ]
+        self.generators: dict[str, dict[str, Any]] = {"G": {"latent": True}}
+
+    def _pack(self, x: Tensor) -> Tensor:
+        # PacGAN for conv nets: stack `pack` samples along channels; MLP D packs internally.
+        p = self.cfg.pack
+        if p == 1 or self.toy:
+            return x
+        return x.reshape(x.shape[0] // p, p * x.shape[1], *x.shape[2:])
+
+    def z(self, batch: Batch, stream: int) -> Tensor:
+        return noise.normal(batch["k"], (self.cfg.z_dim,), self.seed, stream)
+
+    def d_loss(self, nets: Nets, batch: Batch, prev: dict) -> dict[str, Tensor]:
+        m, D = self.cfg, nets["D"]
+        real = batch["x"]
+        with torch.no_grad():
+            fake = nets["G"](self.z(batch, 0))
+        if m.penalty == "r1":
+            real = real.detach().requires_grad_(True)
+        real_out, fake_out = D(self._pack(real)), D(self._pack(fake))
+        adv = self.d_obj(real_out, fake_out, m.real_target)
+        out = {"real": objectives.real_probability(real_out, m.objective),
+               "fake": objectives.real_probability(fake_out, m.objective)}
+        loss = adv
+        if m.penalty in ("gp", "r1"):
+            out["adv"] = adv
+        if m.penalty == "gp":
+            eps = noise.uniform(batch["k"], (1,) * (real.dim() - 1), self.seed, 2)
+            out["gp"] = gradient_penalty(lambda x: D(self._pack(x)), real, fake, m.gp_weight,
+                                         eps=eps.to(real.dtype))
+            loss = loss + out["gp"]
+        elif m.penalty == "r1":
+            out["r1"] = r1_penalty(real, real_out, m.r1_gamma)
+            loss = loss + out["r1"]
+        if m.objective == "wasserstein":
+            out["w_dist"] = -adv.detach()  # the critic's Wasserstein estimate
+        out["loss"] = loss
+        return out
+
+    def g_loss(self, nets: Nets, batch: Batch, prev: dict) -> dict[str, Tensor]:
+        fake = nets["G"](self.z(batch, 1))
+        return {"loss": self.g_obj(nets["D"](self._pack(fake)))}
+
+    def fixed_batch(self, dataset, n: int, seed: int) -> Batch:
+        count = 2500 if self.toy else n * n
+        return {"k": torch.arange(count) + 10**12}  # far from any training sample number
+
+    def sample(self, nets: Nets, fixed: Batch) -> Any:
+        z = noise.normal(fixed["k"], (self.cfg.z_dim,), self.seed, 0)
+        dev = next(nets["G"].parameters()).device
+        out = nets["G"](z.to(dev)).float()
+        if self.toy:
+            from translate.data import toy_modes
+
+            return viz.scatter(out, toy_modes(self.toy_name))
+        return viz.square_grid(out, int(len(out) ** 0.5))
+
+    def state(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        pass
+
+
+def _clip(nets: Nets, c: float) -> None:
+    clip_weights([nets["D"]], c)
+
+
+def build(cfg: RunConfig) -> GAN:
+    return GAN(cfg)

@@ -1,0 +1,91 @@
+"""The CycleGAN ResNet generator (Zhu et al. 2017, after Johnson et al. 2016)."""
+
+from torch import Tensor, nn
+
+from translate.errors import ConfigError
+from translate.nets.layers import check_norm, conv_bias, make_norm, register
+
+_NORMS = ("instance", "batch", "none")
+
+
+class ResidualBlock(nn.Module):
+    """x + conv-norm-relu-(dropout)-conv-norm(x), with reflection padding to avoid edge seams."""
+
+    def __init__(self, channels: int, norm: str, dropout: float) -> None:
+        super().__init__()
+        bias = conv_bias(norm)
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, 3, bias=bias),
+            make_norm(norm, channels),
+            nn.ReLU(inplace=True),
+        ]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        layers += [
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, 3, bias=bias),
+            make_norm(norm, channels),
+        ]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+@register("resnet")
+class ResnetGenerator(nn.Module):
+    """Image-to-image generator: 7x7 stem, 2 stride-2 downsamplings, residual blocks, 2 upsamplings.
+
+    The 9-block net is the CycleGAN choice for 256x256 images, 6 blocks for 128x128.
+    Input H and W must be multiples of 4 (`size_multiple`) to come back at the same size.
+    """
+
+    kind: str
+    size_multiple = 4
+
+    def __init__(
+        self,
+        in_channels: int = 3,   # image channels in: 3 for RGB, 1 for grayscale
+        out_channels: int = 3,  # image channels out
+        ngf: int = 64,          # filters of the first conv; doubled at each downsampling
+        n_blocks: int = 9,      # residual blocks at 1/4 resolution
+        norm: str = "instance",  # "instance", "batch" or "none"
+        dropout: float = 0.0,   # dropout probability inside each residual block
+    ) -> None:
+        super().__init__()
+        check_norm(norm, _NORMS, "resnet")
+        if n_blocks < 0 or not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"resnet: need n_blocks >= 0 and 0 <= dropout < 1, got "
+                              f"n_blocks={n_blocks}, dropout={dropout}")
+        self.config = {"in_channels": in_channels, "out_channels": out_channels, "ngf": ngf,
+                       "n_blocks": n_blocks, "norm": norm, "dropout": dropout}
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        bias = conv_bias(norm)
+
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(in_channels, ngf, 7, bias=bias),
+            make_norm(norm, ngf),
+            nn.ReLU(inplace=True),
+        ]
+        for mult in (1, 2):
+            layers += [
+                nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=bias),
+                make_norm(norm, ngf * mult * 2),
+                nn.ReLU(inplace=True),
+            ]
+        layers += [ResidualBlock(ngf * 4, norm, dropout) for _ in range(n_blocks)]
+        for mult in (4, 2):
+            layers += [
+                nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1,
+                                   output_padding=1, bias=bias),
+                make_norm(norm, ngf * mult // 2),
+                nn.ReLU(inplace=True),
+            ]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, 7), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
