@@ -41,6 +41,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         value = getattr(args, dest)
         if value is not None:
             overrides.append(f"{key}={_quote(value)}")
+    if args.steps is not None:  # an explicit step count wins over the recipe's epochs
+        overrides += ["train.epochs=0", "train.epochs_decay=0"]
     cfg = config.load(args.recipe, overrides)
     if args.dry_run:
         print(json.dumps(config.to_dict(cfg), indent=2))
@@ -78,8 +80,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         side_by_side=args.side_by_side, workers=args.workers, max_pixels=args.max_pixels,
         progress=not args.no_progress,
     )
-    for path, reason in report.failed:
-        print(f"failed: {path}: {reason}", file=sys.stderr)
+    if args.no_progress:  # with progress on, translate_folder already listed them
+        for path, reason in report.failed:
+            print(f"failed: {path}: {reason}", file=sys.stderr)
     return 1 if report.failed else 0
 
 

@@ -13,8 +13,15 @@ from PIL import Image
 
 from translate.config import DataConfig, RunConfig
 from translate.data import (
-    DataError, DataWarning, batches, build_dataset, describe, sample_toy, steps_per_epoch,
-    toy_modes, toy_std,
+    DataError,
+    DataWarning,
+    batches,
+    build_dataset,
+    describe,
+    sample_toy,
+    steps_per_epoch,
+    toy_modes,
+    toy_std,
 )
 from translate.errors import ImageError, UserError
 
@@ -50,7 +57,7 @@ def make_unpaired(root: Path, n_a: int, n_b: int, split: str = "train") -> Path:
 
 def solid_values(t: torch.Tensor) -> int:
     """The 0..255 value of a solid-colour image tensor."""
-    return int(round((t.mean().item() + 1) * 127.5))
+    return round((t.mean().item() + 1) * 127.5)
 
 
 @pytest.fixture
@@ -98,8 +105,8 @@ def concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def assert_batches_equal(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> None:
     assert x.keys() == y.keys()
-    for key in x:
-        assert torch.equal(x[key], y[key]), key
+    for key, value in x.items():
+        assert torch.equal(value, y[key]), key
 
 
 def test_two_ranks_see_what_one_rank_sees(unpaired: Path) -> None:
@@ -188,12 +195,19 @@ def test_crop_positions_vary(tmp_path: Path) -> None:
     assert len(crops) > 10
 
 
-def test_test_split_is_not_random(tmp_path: Path) -> None:
-    make_unpaired(tmp_path, 1, 1, split="test")
+def test_test_split_is_in_order_and_not_random(tmp_path: Path) -> None:
+    for i in range(3):
+        write_png(tmp_path / "testA" / f"{i}.png", solid(10 * (i + 1)))
+        write_png(tmp_path / "testB" / f"{i}.png", solid(100 + i))
+    write_png(tmp_path / "testA" / "3.png", noise(np.random.default_rng(0), 30, 30))
     x = build_dataset(cfg_for(tmp_path, seed=0), "test")
     y = build_dataset(cfg_for(tmp_path, seed=9), "test")
-    for k in range(6):
-        assert torch.equal(x[k]["a"], y[0]["a"])
+    assert len(x) == 4
+    assert [solid_values(x[k]["a"]) for k in range(3)] == [10, 20, 30]
+    assert [solid_values(x[k]["b"]) for k in range(4)] == [100, 101, 102, 100]
+    for k in range(8):
+        assert torch.equal(x[k]["a"], y[k]["a"])  # no seeded crop or flip
+    assert torch.equal(x[3]["a"], x[7]["a"])
 
 
 def horizontal_ramp(h: int = 16, w: int = 16) -> np.ndarray:
@@ -222,7 +236,7 @@ def write_odd_formats(folder: Path) -> None:
     Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
     Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])).save(
         folder / "rgba.png")
-    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(folder / "gray16.png")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(folder / "gray16.png")
     Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "pal.png")
     Image.fromarray(rgb).save(folder / "photo.jpg")
 
@@ -318,7 +332,7 @@ def test_empty_domain_folder(unpaired: Path) -> None:
     with pytest.raises(DataError) as info:
         build_dataset(cfg_for(unpaired))
     msg = str(info.value)
-    assert "trainB" in msg and "no images found" in msg and "1 non-image file" in msg
+    assert "trainB" in msg and "no images found" in msg and "(1 non-image file;" in msg
 
 
 def test_all_images_unreadable(tmp_path: Path) -> None:

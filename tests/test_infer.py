@@ -10,8 +10,8 @@ from PIL import Image
 from torch import nn
 
 from translate.errors import ModelError, UserError
-from translate.images import load_image_rgba, to_tensor
-from translate.infer import ModelInfo, translate_folder, translate_tensor
+from translate.images import load_image_rgba, to_tensor, to_uint8
+from translate.infer import ModelInfo, _mirror_pad, translate_folder, translate_tensor
 
 RGB = ModelInfo(in_channels=3, out_channels=3, size_multiple=4)
 
@@ -143,7 +143,8 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
              (tmp_path / "missing", tmp_path / "o", "no such file"),
              (tmp_path / "empty", tmp_path / "o", "no images found"),
              (src, tmp_path / "file.txt", "is a file"),
-             (src / "a.png", src / "a.png", "is the input file")]
+             (src / "a.png", src / "a.png", "is the input file"),
+             (src / "a.png", src, "is the input folder")]
     (tmp_path / "link").symlink_to(src)
     cases.append((src, tmp_path / "link" / "out", "inside the input"))
     for input_, output, words in cases:
@@ -226,8 +227,27 @@ def test_pointwise_model_tiled_equals_untiled_exactly():
     whole = translate_tensor(lambda t: -t, RGB, x)
     tiled = translate_tensor(lambda t: -t, RGB, x, tile=40, overlap=16)
     assert torch.allclose(whole, -x) and torch.allclose(tiled, whole, atol=1e-6)
-    quantise = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round()  # noqa: E731
-    assert torch.equal(quantise(tiled), quantise(whole))
+    np.testing.assert_array_equal(to_uint8(tiled), to_uint8(whole))
+
+
+@pytest.mark.parametrize("h, w, tile, overlap", [(1, 1, 4, 2), (3000, 17, 256, 32),
+                                                 (97, 130, 8, 3), (70, 50, 16, 16),
+                                                 (33, 65, 12, 0), (40, 41, 20, 9)])
+def test_tiling_covers_every_pixel(h, w, tile, overlap):
+    """Identity through any tiling gives the input back: weights never sum to zero."""
+    pixels = torch.from_numpy(_noise(h, w)).permute(2, 0, 1)[None]  # uint8 input is allowed
+    out = translate_tensor(lambda t: t, RGB, pixels, tile=tile, overlap=overlap)
+    assert out.shape == (1, 3, h, w)
+    assert torch.allclose(out, to_tensor(_noise(h, w)), atol=1e-6)
+
+
+@pytest.mark.parametrize("n, size", [(1, 4), (1, 1), (5, 5), (5, 12), (17, 3000), (2, 9)])
+def test_mirror_padding_matches_numpy_reflect(n, size):
+    x = torch.arange(n, dtype=torch.float32).reshape(1, 1, 1, n).expand(1, 1, n, n)
+    padded = _mirror_pad(x, size, size)
+    expected = np.pad(np.arange(n, dtype=np.float32), (0, size - n), mode="reflect")
+    np.testing.assert_array_equal(padded[0, 0, 0].numpy(), expected)
+    assert padded.shape == (1, 1, size, size)
 
 
 def test_large_image_tiled_through_folder(tmp_path):

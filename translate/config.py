@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import tomllib
 import types
 import typing
@@ -32,6 +34,21 @@ def positive(default: Any) -> Any:
 def non_negative(default: Any) -> Any:
     """A numeric field that must be >= 0."""
     return field(default=default, metadata={"min": 0, "strict": False})
+
+
+def fraction(default: float) -> Any:
+    """A number in [0, 1)."""
+    return field(default=default, metadata={"min": 0, "strict": False, "below": 1})
+
+
+def probability_target(default: float) -> Any:
+    """A number in (0, 1], e.g. a label-smoothing target."""
+    return field(default=default, metadata={"min": 0, "strict": True, "at_most": 1})
+
+
+def betas(default: tuple[float, float]) -> Any:
+    """Adam betas, each in [0, 1)."""
+    return field(default=default, metadata={"unit_interval": True})
 
 
 @dataclass(frozen=True)
@@ -62,11 +79,11 @@ class TrainConfig:
     optimizer: str = choice("adam", "adam", "rmsprop")
     lr_g: float = positive(2e-4)          # generator learning rate
     lr_d: float = positive(2e-4)          # discriminator learning rate (TTUR: may differ from lr_g)
-    betas_g: tuple[float, float] = (0.5, 0.999)  # Adam betas of the generator phase
-    betas_d: tuple[float, float] = (0.5, 0.999)  # Adam betas of the discriminator phase
+    betas_g: tuple[float, float] = betas((0.5, 0.999))  # Adam betas of the generator phase
+    betas_d: tuple[float, float] = betas((0.5, 0.999))  # Adam betas of the discriminator phase
     lr_schedule: str = choice("constant", "constant", "linear")  # linear: decay to 0 from decay_start
     decay_start: int = non_negative(0)    # step where linear decay starts (0 = half of the steps)
-    ema: float = non_negative(0.0)        # EMA decay of generator weights per step (0 = off), e.g. 0.999
+    ema: float = fraction(0.0)            # EMA decay of generator weights per step (0 = off), e.g. 0.999
     grad_clip: float = non_negative(0.0)  # max gradient norm per phase (0 = off)
     mixed_precision: str = choice("no", "no", "bf16", "fp16")  # autocast dtype
     channels_last: bool = False           # NHWC memory format for conv nets
@@ -134,6 +151,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
 
 
 def _check_field(key: str, value: Any, f: dataclasses.Field) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
@@ -141,6 +160,12 @@ def _check_field(key: str, value: Any, f: dataclasses.Field) -> None:
         low, strict = f.metadata["min"], f.metadata["strict"]
         if value < low or (strict and value == low):
             raise ConfigError(f"{key}: must be {'>' if strict else '>='} {low}, got {value!r}")
+    if "below" in f.metadata and value >= f.metadata["below"]:
+        raise ConfigError(f"{key}: must be < {f.metadata['below']}, got {value!r}")
+    if "at_most" in f.metadata and value > f.metadata["at_most"]:
+        raise ConfigError(f"{key}: must be <= {f.metadata['at_most']}, got {value!r}")
+    if "unit_interval" in f.metadata and not all(0 <= v < 1 for v in value):
+        raise ConfigError(f"{key}: each value must be in [0, 1), got {list(value)}")
 
 
 def build(cls: type, values: dict[str, Any], prefix: str) -> Any:
@@ -204,7 +229,7 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(raw) - top_keys)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key (valid: {', '.join(sorted(top_keys))})")
-    method = raw.get("method", "cyclegan")
+    method = _check_type("method", raw.get("method", "cyclegan"), str)
     if method not in METHODS:
         raise ConfigError(f"method: {method!r} is not one of {', '.join(sorted(METHODS))}")
     cfg = RunConfig(
@@ -222,6 +247,17 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
 
 def check(cfg: RunConfig) -> None:
     """Cross-field rules, so impossible runs fail before any work starts."""
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed: must be in [0, 2**32), got {cfg.seed}")
+    if cfg.name in ("", ".", "..") or "/" in cfg.name or "\\" in cfg.name:
+        raise ConfigError(f"name: {cfg.name!r} must be a plain folder name (it names runs/<name>)")
+    t = cfg.train
+    if t.lr_schedule == "linear" and t.epochs == 0 and t.decay_start >= t.steps:
+        raise ConfigError(f"train.decay_start: {t.decay_start} >= train.steps {t.steps}, so the "
+                          "linear schedule would never decay; lower it (0 = half of the steps)")
+    if t.lr_schedule == "constant" and t.epochs_decay > 0:
+        raise ConfigError("train.epochs_decay: needs train.lr_schedule = 'linear' (with a "
+                          "constant schedule the decay epochs would run at full LR)")
     d = cfg.data
     if d.preprocess in ("resize_and_crop", "scale_width_and_crop") and d.crop_size > d.load_size:
         raise ConfigError(
@@ -248,7 +284,9 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConf
 
 
 def save(cfg: RunConfig, path: Path) -> None:
-    path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)  # a failed write never leaves a truncated config.json
 
 
 def load_json(path: Path) -> RunConfig:

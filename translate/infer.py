@@ -37,6 +37,7 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
@@ -51,7 +52,6 @@ from translate.images import (
     load_image_rgba,
     match_channels,
     save_image,
-    to_tensor,
     to_uint8,
 )
 
@@ -87,7 +87,9 @@ class ApplyReport:
 
 def translate_tensor(fn: Generator, info: ModelInfo, x: torch.Tensor, *, tile: int | None = None,
                      overlap: int = 32, batch_size: int = 4) -> torch.Tensor:
-    """NCHW float in [-1, 1] -> float NCHW output of the same H and W (not clamped).
+    """NCHW float in [-1, 1] (or uint8 in [0, 255]) -> float NCHW output of the same H and W,
+    not clamped. uint8 input is converted one batch of tiles at a time, which keeps the memory
+    of tiled runs small.
 
     Images larger than `tile` (rounded up to size_multiple) in either dimension are translated
     in overlapping tiles, `batch_size` tiles at a time, so memory is bounded by the tile size.
@@ -105,6 +107,8 @@ def _run_padded(fn: Generator, info: ModelInfo, xs: list[torch.Tensor]) -> list[
     m = info.size_multiple
     hp, wp = (-(-max(x.shape[2] for x in xs) // m) * m, -(-max(x.shape[3] for x in xs) // m) * m)
     batch = torch.cat([_mirror_pad(x, hp, wp) for x in xs])
+    if batch.dtype == torch.uint8:
+        batch = batch.float().div_(127.5).sub_(1.0)  # the same arithmetic as images.to_tensor
     y = fn(batch)
     if y.shape[0] != batch.shape[0] or y.shape[2:] != batch.shape[2:]:
         raise ModelError(f"the generator turned a {tuple(batch.shape)} batch into "
@@ -197,8 +201,8 @@ class _Job:
 def _find_inputs(spec: str | Path) -> tuple[Path, list[Path], bool]:
     """(base folder the relative paths start from, images, the input is one file)."""
     text = str(spec)
-    if any(c in text for c in "*?["):
-        base = Path(*[p for p in _leading_plain_parts(text)] or ["."])
+    if any(c in text for c in "*?[") and not Path(text).exists():
+        base = Path(*_leading_plain_parts(text) or ["."])
         found: dict[Path, None] = {}
         for match in sorted(glob.glob(text, recursive=True)):
             for image in list_images(match)[0]:
@@ -238,11 +242,10 @@ def _plan(spec: str | Path, output: str | Path, fmt: str | None, side_by_side: b
         return [_Job(0, sources[0], dst, pair)]
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is a file — OUTPUT must be a folder for this INPUT")
-    if not single:
-        real_base, real_out = base.resolve(), out.resolve()
-        if real_out == real_base or real_base in real_out.parents:
-            raise UserError(f"{out}: is inside the input folder {base} — choose an OUTPUT folder "
-                            "outside it (the input is never written to)")
+    real_base, real_out = base.resolve(), out.resolve()
+    if real_out == real_base or (not single and real_base in real_out.parents):
+        raise UserError(f"{out}: is {'inside ' if not single else ''}the input folder {base} — "
+                        "choose an OUTPUT folder outside it (the input is never written to)")
     jobs, claimed = [], {}
     for i, src in enumerate(sources):
         rel = src.relative_to(base) if not single else Path(src.name)
@@ -335,7 +338,7 @@ class _Settings:
 @dataclass
 class _Loaded:
     job: _Job
-    x: torch.Tensor  # 1xCxHxW in [-1, 1] with the model's input channels
+    x: torch.Tensor  # 1xCxHxW uint8 with the model's input channels (floats are 4x larger)
     shown: np.ndarray | None  # the input pixels, kept only for side-by-side pairs
     alpha: np.ndarray | None  # HxW uint8, copied to the output untouched
     wide: bool  # write a 16-bit output
@@ -452,7 +455,7 @@ def _load(job: _Job, s: _Settings) -> _Loaded:
     colour, alpha, meta = load_image_rgba(job.src, s.max_pixels)
     if s.resize is not None:
         colour, alpha = _resize(colour, alpha, s.resize)
-    x = to_tensor(match_channels(colour, s.info.in_channels))
+    x = torch.from_numpy(match_channels(colour, s.info.in_channels)).permute(2, 0, 1)[None]
     wide = meta.bit_depth == 16 and s.info.out_channels == 1
     return _Loaded(job, x, colour if job.pair else None, alpha, wide)
 
@@ -491,7 +494,7 @@ def _settle(saves: deque[tuple[_Job, Future]], tally: _Tally, keep: int) -> None
 
 
 class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
+    def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
         return Text(f"{speed:.1f} img/s" if speed else "-- img/s")
 

@@ -3,7 +3,10 @@ onnxruntime-backed loader. onnx/onnxruntime are the optional `onnx` extra."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,20 @@ def _need(module: str):
         raise UserError(f"{module} is not installed; pip install -e '.[onnx]'") from None
 
 
+@contextlib.contextmanager
+def _quiet():
+    """The exporter logs about torchvision ops and deprecations that concern no generator."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_onnx(net: nn.Module, meta: dict[str, str], path: Path, opset: int = 18) -> str:
     """Write `path` and check it against PyTorch on two odd sizes; returns a report line."""
     onnx = _need("onnx")
@@ -31,11 +48,12 @@ def export_onnx(net: nn.Module, meta: dict[str, str], path: Path, opset: int = 1
     example = torch.zeros(1, c, 2 * m if m >= 32 else 64, 2 * m if m >= 32 else 64)
     batch, height, width = (torch.export.Dim("batch", min=1), torch.export.Dim("height"),
                             torch.export.Dim("width"))
-    program = torch.onnx.export(
-        net, (example,), dynamo=True, opset_version=opset, external_data=False,
-        input_names=["image"], output_names=["translated"],
-        dynamic_shapes=({0: batch, 2: height, 3: width},), verbose=False,
-    )
+    with _quiet():
+        program = torch.onnx.export(
+            net, (example,), dynamo=True, opset_version=opset, external_data=False,
+            input_names=["image"], output_names=["translated"],
+            dynamic_shapes=({0: batch, 2: height, 3: width},), verbose=False,
+        )
     model = program.model_proto
     for key, value in meta.items():
         entry = model.metadata_props.add()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate import state as state_mod
 from accelerate.utils import set_seed
 from torch import Tensor, nn
 
@@ -43,6 +44,10 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     if on_cpu and cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision: fp16 is not available on CPU (accelerate would "
                           "silently train in fp32); use bf16 or no")
+    if not (state_mod.PartialState._shared_state and state_mod.PartialState().num_processes > 1):
+        # In one process (tests, notebooks) a second run may ask for another precision;
+        # accelerate keeps one global state, so start it afresh.
+        state_mod.AcceleratorState._reset_state()
     # cpu=True on a CPU machine is what makes `accelerate launch --multi_gpu` processes form one
     # gloo group instead of training independently.
     return Accelerator(cpu=on_cpu, mixed_precision=cfg.train.mixed_precision)

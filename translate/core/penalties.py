@@ -10,11 +10,13 @@ import torch
 from torch import Tensor, nn
 
 
-def _sq_grad_norm(outputs: Tensor, inputs: Tensor) -> Tensor:
+def _sq_grad_norm(outputs: Tensor, inputs: Tensor, group: int = 1) -> Tensor:
+    """Squared gradient norm per D input: per sample, or per group of `group` consecutive
+    samples when D judges packed groups (PacGAN)."""
     (grad,) = torch.autograd.grad(
         outputs=outputs.float().sum(), inputs=inputs, create_graph=True
     )
-    return grad.float().flatten(1).pow(2).sum(1)
+    return grad.float().reshape(grad.shape[0] // group, -1).pow(2).sum(1)
 
 
 def gradient_penalty(
@@ -23,6 +25,7 @@ def gradient_penalty(
     fake: Tensor,
     weight: float = 10.0,
     eps: Tensor | None = None,
+    group: int = 1,
 ) -> Tensor:
     """WGAN-GP (Gulrajani et al. 2017): weight * E[(||grad D(x_hat)|| - 1)^2] on random
     interpolates x_hat = eps * real + (1 - eps) * fake; `eps` (N, 1, ...) is drawn when None."""
@@ -31,7 +34,7 @@ def gradient_penalty(
         eps = torch.rand(eps_shape, device=real.device, dtype=real.dtype)
     x_hat = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
     out = D(x_hat)
-    norm = (_sq_grad_norm(out, x_hat) + 1e-12).sqrt()
+    norm = (_sq_grad_norm(out, x_hat, group) + 1e-12).sqrt()
     # 0 * out keeps D's output in the graph, so a step whose loss is only this penalty still
     # touches every parameter and DDP's reducer does not wait for gradients that never come.
     return weight * ((norm - 1.0) ** 2).mean() + 0.0 * out.float().mean()

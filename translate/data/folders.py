@@ -52,6 +52,12 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return order
 
 
+def position(seed: int, k: int, n: int, shuffle: bool) -> int:
+    """Which of n items sample k shows: shuffled per epoch for training; in listing order for
+    the test split, so test item k is file k of testA (and of testB), as evaluation expects."""
+    return int(epoch_order(seed, k // n, n)[k % n]) if shuffle else k % n
+
+
 # ---------------------------------------------------------------------------- scanning
 
 
@@ -75,7 +81,7 @@ def scan(folder: Path, data: DataConfig) -> ImageList:
     images, skipped = list_images(folder, recursive=True)
     if not images:
         raise DataError(
-            f"{folder}: no images found ({len(skipped)} non-image files; looking for "
+            f"{folder}: no images found ({_count(len(skipped), 'non-image file')}; looking for "
             f"{' '.join(IMAGE_EXTENSIONS)}) — put this domain's images there")
     good, bad = [], []
     for path in images:
@@ -95,12 +101,16 @@ def scan(folder: Path, data: DataConfig) -> ImageList:
     return ImageList(folder, tuple(good), len(skipped), len(bad))
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def header_problem(path: Path, max_pixels: int) -> str | None:
     """Why `path` cannot be used, judged from its header alone; None if it looks fine."""
     try:
         with Image.open(path) as im:
             w, h = im.size
-    except Exception as e:  # PIL raises many types: OSError, SyntaxError, ValueError, ...
+    except Exception as e:  # noqa: BLE001 — PIL raises many types (OSError, SyntaxError, ...)
         detail = " ".join(str(e).split()) or type(e).__name__
         return f"{path}: not a readable image ({detail}) — re-export or remove it"
     if w * h > max_pixels:
@@ -165,7 +175,10 @@ def _domain(folder: Path, channels: int, data: DataConfig, train: bool) -> Domai
 
 
 class UnpairedImages(Dataset):
-    """Items {"a": CxHxW, "b": CxHxW} from two unaligned folders; len = max(|A|, |B|)."""
+    """Items {"a": CxHxW, "b": CxHxW} from two unaligned folders; len = max(|A|, |B|).
+
+    Split "test" reads testA/testB in listing order with no random crop or flip.
+    """
 
     def __init__(self, root: Path, split: str, data: DataConfig, seed: int) -> None:
         train = split == "train"
@@ -178,6 +191,7 @@ class UnpairedImages(Dataset):
                 f"— an unpaired dataset is ROOT/trainA and ROOT/trainB (plus testA, testB), "
                 "one folder of images per domain")
         self.root, self.split, self.seed, self.serial_b = root, split, seed, data.serial_b
+        self.shuffle = train
         self.a = _domain(folders[0], data.channels_a, data, train)
         self.b = _domain(folders[1], data.channels_b, data, train)
 
@@ -187,9 +201,10 @@ class UnpairedImages(Dataset):
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         n = len(self)
         # Positions run over max(|A|, |B|); modulo |A| spreads the smaller domain evenly.
-        i_a = int(epoch_order(self.seed, k // n, n)[k % n]) % len(self.a)
+        i_a = position(self.seed, k, n, self.shuffle) % len(self.a)
         rng = item_rng(self.seed, k)
-        i_b = k % len(self.b) if self.serial_b else int(rng.integers(len(self.b)))
+        in_order = self.serial_b or not self.shuffle
+        i_b = k % len(self.b) if in_order else int(rng.integers(len(self.b)))
         return {"a": self.a.load(i_a, rng), "b": self.b.load(i_b, rng)}
 
     def describe(self) -> str:
@@ -204,14 +219,14 @@ class FolderImages(Dataset):
 
     def __init__(self, root: Path, split: str, data: DataConfig, seed: int) -> None:
         self.root, self.split, self.seed = root, split, seed
-        self.x = _domain(root, data.channels_a, data, train=split == "train")
+        self.shuffle = split == "train"
+        self.x = _domain(root, data.channels_a, data, train=self.shuffle)
 
     def __len__(self) -> int:
         return len(self.x)
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
-        n = len(self)
-        i = int(epoch_order(self.seed, k // n, n)[k % n])
+        i = position(self.seed, k, len(self), self.shuffle)
         return {"x": self.x.load(i, item_rng(self.seed, k))}
 
     def describe(self) -> str:

@@ -14,14 +14,14 @@ import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI on import
 
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-from albumentations.augmentations.geometric import functional as fgeometric  # noqa: E402
+import cv2
+import numpy as np
+from albumentations.augmentations.geometric import functional as fgeometric
 
-from translate.config import DataConfig  # noqa: E402
-from translate.errors import ImageError  # noqa: E402
+from translate.config import DataConfig
+from translate.errors import ImageError
 
 MODES = ("resize_and_crop", "scale_width_and_crop", "crop", "resize", "none")
 SIZE_MULTIPLE = 4  # "none" keeps the image size but trims it to a multiple of this

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from translate import viz
 from translate.augment import diff_augment
-from translate.config import RunConfig, choice, non_negative, positive
+from translate.config import RunConfig, choice, non_negative, positive, probability_target
 from translate.core import objectives
 from translate.errors import ConfigError
 from translate.methods.base import Batch, Nets, Phase
@@ -31,7 +31,7 @@ class CycleGANConfig:
     norm: str = choice("instance", "instance", "batch", "none")
     dropout: float = non_negative(0.0)    # dropout in ResNet blocks / U-Net (reference: off)
     objective: str = choice("lsgan", *objectives.OBJECTIVES)
-    real_target: float = positive(1.0)    # one-sided label smoothing (D only)
+    real_target: float = probability_target(1.0)    # one-sided label smoothing (D only)
     lambda_cycle: float = non_negative(10.0)  # weight of each direction's L1 cycle loss
     lambda_identity: float = non_negative(0.5)  # identity L1 weight, relative to lambda_cycle
     pool_size: int = non_negative(50)     # image history per direction; 0 disables it

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from translate.config import RunConfig, choice, non_negative, positive
+from translate.config import RunConfig, choice, non_negative, positive, probability_target
 from translate.core import noise, objectives
 from translate.core.penalties import clip_weights, gradient_penalty, r1_penalty
 from translate.errors import ConfigError
@@ -38,7 +38,7 @@ class GANConfig:
     pack: int = positive(1)               # PacGAN: D judges `pack` samples jointly
     spectral_norm: bool = False           # spectral normalisation on D's layers
     objective: str = choice("nonsaturating", *OBJECTIVE_NAMES)
-    real_target: float = positive(1.0)    # one-sided label smoothing, e.g. 0.9 (D only)
+    real_target: float = probability_target(1.0)    # one-sided label smoothing, e.g. 0.9 (D only)
     penalty: str = choice("none", "none", "gp", "r1", "clip")
     gp_weight: float = non_negative(10.0)  # WGAN-GP lambda
     r1_gamma: float = non_negative(10.0)  # R1 gamma
@@ -128,7 +128,7 @@ class GAN:
         if m.penalty == "gp":
             eps = noise.uniform(batch["k"], (1,) * (real.dim() - 1), self.seed, 2)
             out["gp"] = gradient_penalty(lambda x: D(self._pack(x)), real, fake, m.gp_weight,
-                                         eps=eps.to(real.dtype))
+                                         eps=eps.to(real.dtype), group=m.pack)
             loss = loss + out["gp"]
         elif m.penalty == "r1":
             out["r1"] = r1_penalty(real, real_out, m.r1_gamma)

@@ -35,7 +35,7 @@ class ImagePool:
         return torch.cat(out)
 
     def state(self) -> Tensor:
-        return torch.zeros(0) if self.images is None else self.images.detach().cpu()
+        return torch.zeros(0) if self.images is None else self.images.detach().cpu().clone()
 
     def load(self, images: Tensor, device: torch.device) -> None:
-        self.images = images.to(device) if images.numel() else None
+        self.images = images.to(device).clone() if images.numel() else None

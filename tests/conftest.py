@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny data made on the fly, and a helper to run the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Two cores are shared by the test process and its subprocesses.
+torch.set_num_threads(1)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, check: bool = True,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python cli.py ARGS` in a real subprocess; returns the completed process."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
+                **(env or {})}
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"translate {' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_unpaired(tmp_path_factory) -> Path:
+    """A tiny unpaired dataset in the CycleGAN layout (demo data at 16x16)."""
+    from translate.data.demo import build_demo
+
+    return build_demo(tmp_path_factory.mktemp("data") / "demo16", size=16, n_train=12, n_test=4)
+
+
+# --set overrides that make any CycleGAN recipe tiny (a few seconds for a few steps).
+TINY_CYCLEGAN = [
+    "model.ngf=4", "model.ndf=4", "model.n_blocks=1", "model.n_layers_d=1",
+    'data.preprocess="crop"', "data.load_size=16", "data.crop_size=16", "train.batch_size=2",
+    "model.pool_size=4",
+]

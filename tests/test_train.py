@@ -1,0 +1,166 @@
+"""End-to-end training: every recipe through the CLI, exact resume, samples, CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY_CYCLEGAN, run_cli
+from translate import config
+from translate.core.loop import train
+
+RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.toml"))
+
+
+def _image_folder(path: Path, n: int = 8, size: int = 32) -> Path:
+    path.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(path / f"{i}.png")
+    return path
+
+
+def tiny_overrides(recipe: str, data: Path, folder: Path) -> list[str]:
+    text = (ROOT / "recipes" / recipe).read_text()
+    if 'method = "cyclegan"' in text:
+        return TINY_CYCLEGAN + [f'data.root="{data}"']
+    if 'net = "mlp"' in text:
+        return ["model.hidden=16", "train.batch_size=8"]
+    return ["model.ngf=4", "model.ndf=4", "model.image_size=32", "data.crop_size=32",
+            "model.z_dim=8", "train.batch_size=4", f'data.root="{folder}"']
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_trains_through_the_cli(recipe, tiny_unpaired, tmp_path):
+    folder = _image_folder(tmp_path / "images")
+    run = tmp_path / "run"
+    sets = [a for o in tiny_overrides(recipe, tiny_unpaired, folder) for a in ("--set", o)]
+    proc = run_cli("train", f"recipes/{recipe}", *sets, "--steps", "2", "--run-dir", str(run),
+                   "--log-every", "1", "--sample-every", "2", "--save-every", "2",
+                   "--no-progress")
+    assert "done: 2 steps" in proc.stdout
+    logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2]
+    assert all(isinstance(v, (int, float)) for r in logs for v in r.values())
+    assert (run / "samples" / "step_0000002.png").is_file()
+    assert (run / "checkpoints" / "step_0000002" / "state.json").is_file()
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 2
+
+
+def _cfg(recipe: str, run: Path, steps: int, sets: list[str]) -> config.RunConfig:
+    return config.load(ROOT / "recipes" / recipe, sets + [
+        f"train.steps={steps}", f'run_dir="{run}"', "train.save_every=3", "train.log_every=1",
+        "train.sample_every=100", 'train.lr_schedule="constant"'])
+
+
+def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    ckpt = run / "checkpoints" / f"step_{step:07d}"
+    out = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        out.update({f"{f.name}/{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def _losses(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("recipe,sets", [
+    ("toy_wgan_gp_ring.toml", ["model.hidden=16", "train.batch_size=8", "train.ema=0.9"]),
+    ("cyclegan_demo.toml", TINY_CYCLEGAN),
+])
+def test_resume_is_exact(recipe, sets, tiny_unpaired, tmp_path):
+    """train(6) == train(3) + resume + train(3): same losses, weights, pools, EMA."""
+    sets = sets + [f'data.root="{tiny_unpaired}"'] if "cyclegan" in recipe else sets
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(_cfg(recipe, straight, 6, sets), progress=False)
+    train(_cfg(recipe, split, 3, sets), progress=False)
+    result = train(_cfg(recipe, split, 6, sets), resume="auto", progress=False)
+    assert result.step == 6
+    a, b = _weights(straight, 6), _weights(split, 6)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    la, lb = _losses(straight), _losses(split)
+    assert [r["step"] for r in lb] == list(range(1, 7))  # log truncated and continued
+    for ra, rb in zip(la, lb):
+        for k in ra:
+            if "/" in k:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (k, ra["step"])
+
+
+def test_resume_changes_nothing_when_weights_differ_detects_real_training(tmp_path):
+    """Guard for the test above: two different seeds do give different weights."""
+    sets = ["model.hidden=16", "train.batch_size=8"]
+    train(_cfg("toy_gan_ring.toml", tmp_path / "a", 3, sets + ["seed=1"]), progress=False)
+    train(_cfg("toy_gan_ring.toml", tmp_path / "b", 3, sets + ["seed=2"]), progress=False)
+    a, b = _weights(tmp_path / "a", 3), _weights(tmp_path / "b", 3)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_recipe(tmp_path):
+    run = tmp_path / "run"
+    train(_cfg("toy_gan_ring.toml", run, 3, ["model.hidden=16"]), progress=False)
+    proc = run_cli("train", "recipes/toy_gan_ring.toml", "--set", "model.hidden=32",
+                   "--run-dir", str(run), "--steps", "4", "--resume", "auto", check=False)
+    assert proc.returncode == 2
+    assert "different recipe" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sample_and_interpolate(tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", "recipes/dcgan.toml", "--set", "model.ngf=4", "--set", "model.ndf=4",
+            "--set", "model.image_size=32", "--set", "data.crop_size=32", "--set",
+            "model.z_dim=8", "--data", str(_image_folder(tmp_path / "img")), "--batch-size",
+            "4", "--steps", "2", "--run-dir", str(run))
+    run_cli("sample", str(run), "--n", "16", "--out", str(tmp_path / "grid.png"))
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (4 * 34 + 2, 4 * 34 + 2)  # 4x4 images of 32 px with 2 px borders
+    run_cli("sample", str(run), "--n", "20", "--interpolate", "--out", str(tmp_path / "i.png"))
+    strip = Image.open(tmp_path / "i.png")
+    assert strip.size == (10 * 34 + 2, 2 * 34 + 2)  # 2 rows of 10 steps
+
+
+def test_interpolation_endpoints():
+    from translate.sample import interpolation_codes, slerp
+
+    g = torch.Generator().manual_seed(0)
+    z = interpolation_codes(8, rows=3, steps=5, generator=g).reshape(3, 5, 8)
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(3, 1, 8, generator=g), torch.randn(3, 1, 8, generator=g)
+    torch.testing.assert_close(z[:, 0], z0[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(z[:, -1], z1[:, 0], atol=1e-5, rtol=0)
+    mid = slerp(z0, z1, torch.tensor(0.5))
+    lin = 0.5 * (z0 + z1)
+    assert (mid.norm(dim=-1) > lin.norm(dim=-1)).all()  # slerp keeps the norm up
+
+
+def test_dry_run_prints_resolved_config():
+    proc = run_cli("train", "recipes/cyclegan_horse2zebra.toml", "--dry-run", "--steps", "7",
+                   "--set", "model.lambda_cycle=5")
+    cfg = json.loads(proc.stdout)
+    assert cfg["train"]["steps"] == 7 and cfg["model"]["lambda_cycle"] == 5.0
+    assert cfg["model"]["n_blocks"] == 9
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "train.stepz=3"], "train.stepz: unknown key"),
+    (["--set", 'train.steps="ten"'], "train.steps: expected an integer"),
+    (["--batch-size", "0"], "train.batch_size: must be > 0"),
+    (["--set", "data.crop_size=300"], "data.crop_size"),
+    (["--mixed-precision", "fp16"], "fp16 is not available on CPU"),
+    (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+])
+def test_cli_errors_are_one_line(args, needle, tmp_path):
+    proc = run_cli("train", "recipes/cyclegan_horse2zebra.toml", *args, "--run-dir",
+                   str(tmp_path / "r"), check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
