@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, TINY_CYCLEGAN, run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_CYCLEGAN, run_cli
 from translate import config
 from translate.core.loop import train
 

@@ -6,3 +6,30 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 __version__ = "0.1.0"
+
+__all__ = ["export_run", "load_config", "load_generator", "train", "translate_folder"]
+
+
+def __getattr__(name: str):
+    # The public API, imported on first use so `import translate` stays light.
+    if name == "load_generator":
+        from translate.export import load_generator
+
+        return load_generator
+    if name == "export_run":
+        from translate.export import export_run
+
+        return export_run
+    if name == "translate_folder":
+        from translate.infer import translate_folder
+
+        return translate_folder
+    if name == "train":
+        from translate.core.loop import train
+
+        return train
+    if name == "load_config":
+        from translate.config import load
+
+        return load
+    raise AttributeError(f"module 'translate' has no attribute {name!r}")

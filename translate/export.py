@@ -89,7 +89,7 @@ def metadata(net: nn.Module, cfg: Any, name: str, info: dict[str, Any], step: in
     }
     if hasattr(net, "size_multiple"):
         meta.update(in_channels=str(net.in_channels), out_channels=str(net.out_channels),
-                    size_multiple=str(net.size_multiple),
+                    size_multiple=str(net.size_multiple), min_size=str(net.min_size),
                     from_domain=info.get("from", ""), to_domain=info.get("to", ""))
     else:
         meta.update(latent="true", z_dim=str(getattr(net, "z_dim", "")))
@@ -209,6 +209,11 @@ def _torch_forward(net: nn.Module, precision: str, device: torch.device):
     return forward
 
 
+def model_info(meta: dict[str, str]) -> ModelInfo:
+    return ModelInfo(int(meta["in_channels"]), int(meta["out_channels"]),
+                     int(meta["size_multiple"]), int(meta.get("min_size", "1")))
+
+
 def load_generator(path: str | Path, backend: str = "auto", precision: str = "auto",
                    device: str | None = None) -> Generator:
     """Load an exported generator (.safetensors or .onnx) for inference."""
@@ -227,6 +232,4 @@ def load_generator(path: str | Path, backend: str = "auto", precision: str = "au
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if precision == "auto":
         precision = "fp32"
-    info = ModelInfo(int(meta["in_channels"]), int(meta["out_channels"]),
-                     int(meta["size_multiple"]))
-    return Generator(info, meta, _torch_forward(net, precision, dev), "torch", precision)
+    return Generator(model_info(meta), meta, _torch_forward(net, precision, dev), "torch", precision)

@@ -66,6 +66,12 @@ class ModelInfo:
     in_channels: int  # channels the generator reads: 1 (gray) or 3 (RGB)
     out_channels: int  # channels it writes: 1 or 3
     size_multiple: int  # H and W fed to it must be multiples of this (2 ** downsamplings)
+    min_size: int = 1  # and at least this large (ResNet: reflection padding at the bottleneck)
+
+    def padded(self, n: int) -> int:
+        """The size an image side of n pixels is padded to before the generator runs."""
+        m = self.size_multiple
+        return max(-(-n // m) * m, -(-self.min_size // m) * m)
 
 
 @dataclass
@@ -104,8 +110,7 @@ def translate_tensor(fn: Generator, info: ModelInfo, x: torch.Tensor, *, tile: i
 
 def _run_padded(fn: Generator, info: ModelInfo, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Run 1xCxhxw images whose sizes round up to the same multiple as one batch."""
-    m = info.size_multiple
-    hp, wp = (-(-max(x.shape[2] for x in xs) // m) * m, -(-max(x.shape[3] for x in xs) // m) * m)
+    hp, wp = (info.padded(max(x.shape[2] for x in xs)), info.padded(max(x.shape[3] for x in xs)))
     batch = torch.cat([_mirror_pad(x, hp, wp) for x in xs])
     if batch.dtype == torch.uint8:
         batch = batch.float().div_(127.5).sub_(1.0)  # the same arithmetic as images.to_tensor
@@ -425,7 +430,7 @@ def _batches(items: Iterator[_Loaded], s: _Settings) -> Iterator[list[_Loaded]]:
         if tile is not None and max(h, w) > tile:
             yield [item]
             continue
-        key = (-(-h // m) * m, -(-w // m) * m)
+        key = (s.info.padded(h), s.info.padded(w))
         waiting.setdefault(key, []).append(item)
         if len(waiting[key]) == s.batch_size:
             yield waiting.pop(key)

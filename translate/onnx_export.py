@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from translate.errors import ModelError, UserError
-from translate.infer import ModelInfo
 
 
 def _need(module: str):
@@ -79,10 +78,10 @@ def export_onnx(net: nn.Module, meta: dict[str, str], path: Path, opset: int = 1
 def _session(path: Path):
     ort = _need("onnxruntime")
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1
+    opts.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count() or 1
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own, unexported types
         raise ModelError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]}); "
                          "re-export with `translate export RUN --onnx`") from None
 
@@ -91,7 +90,7 @@ def load_onnx(path: Path, generator_cls: Any):
     onnx = _need("onnx")
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - protobuf decode errors have no common base
         raise ModelError(f"{path}: not a readable ONNX file ({e}); re-export it") from None
     meta = {p.key: p.value for p in model.metadata_props}
     if "size_multiple" not in meta:
@@ -111,6 +110,6 @@ def load_onnx(path: Path, generator_cls: Any):
     def forward(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(sess.run(None, {name: x.float().cpu().numpy()})[0])
 
-    info = ModelInfo(int(meta["in_channels"]), int(meta["out_channels"]),
-                     int(meta["size_multiple"]))
-    return generator_cls(info, meta, forward, "onnx", "fp32")
+    from translate.export import model_info
+
+    return generator_cls(model_info(meta), meta, forward, "onnx", "fp32")

@@ -7,7 +7,7 @@ for the discriminator only; the generator's target stays 1.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -14,13 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from translate import viz
 from translate.config import RunConfig, choice, non_negative, positive, probability_target
 from translate.core import noise, objectives
 from translate.core.penalties import clip_weights, gradient_penalty, r1_penalty
 from translate.errors import ConfigError
 from translate.methods.base import Batch, Nets, Phase
 from translate.nets import build_net, init_weights
-from translate import viz
 
 OBJECTIVE_NAMES = tuple(objectives.OBJECTIVES)
 

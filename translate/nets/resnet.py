@@ -43,6 +43,7 @@ class ResnetGenerator(nn.Module):
 
     kind: str
     size_multiple = 4
+    min_size = 8  # the 1-pixel reflection padding of the blocks needs >= 2 px at the bottleneck
 
     def __init__(
         self,

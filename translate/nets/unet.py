@@ -39,6 +39,7 @@ class UnetGenerator(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.size_multiple = 2**num_downs
+        self.min_size = self.size_multiple
         bias = conv_bias(norm)
         widths = [ngf * min(2**i, 8) for i in range(num_downs)]
         innermost = num_downs - 1

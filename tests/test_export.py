@@ -1,0 +1,155 @@
+"""Export -> load round trips (safetensors and ONNX) and `translate apply` through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY_CYCLEGAN, run_cli
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import translate
+from translate import config
+from translate.core.loop import train
+from translate.errors import ModelError, UserError
+from translate.export import export_run, run_generators
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_unpaired) -> Path:
+    run = tmp_path_factory.mktemp("export") / "run"
+    cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
+        f'data.root="{tiny_unpaired}"', f'run_dir="{run}"', "train.steps=3",
+        "train.save_every=2", "train.ema=0.5"])
+    train(cfg, progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run) -> Path:
+    export_run(trained_run, onnx=True)
+    return trained_run / "export"
+
+
+def test_metadata_describes_the_generator(exported):
+    with safe_open(str(exported / "G_ab.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["kind"] == "resnet" and meta["size_multiple"] == "4"
+    assert meta["in_channels"] == "3" and meta["out_channels"] == "3"
+    assert meta["from_domain"] == "A" and meta["to_domain"] == "B"
+    assert meta["step"] == "3" and meta["recipe"] == "demo" and meta["ema"] == "false"
+    assert json.loads(meta["config"])["n_blocks"] == 1
+
+
+def test_safetensors_round_trip_equals_trained_net(trained_run, exported):
+    _, nets, _ = run_generators(trained_run)
+    x = torch.rand(2, 3, 20, 28) * 2 - 1
+    with torch.no_grad():
+        want = nets["G_ab"](x)
+    gen = translate.load_generator(exported / "G_ab.safetensors", precision="fp32")
+    torch.testing.assert_close(gen(x), want, rtol=0, atol=1e-6)
+
+
+def test_ema_export_differs_and_loads(trained_run, tmp_path):
+    export_run(trained_run, ema=True, out=tmp_path)
+    plain = translate.load_generator(trained_run / "export" / "G_ab.safetensors")
+    ema = translate.load_generator(tmp_path / "G_ab.safetensors")
+    assert ema.metadata["ema"] == "true"
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert not torch.allclose(plain(x), ema(x))
+
+
+def test_export_of_an_older_step(trained_run, tmp_path):
+    export_run(trained_run, step=2, out=tmp_path)
+    assert translate.load_generator(tmp_path / "G_ab.safetensors").metadata["step"] == "2"
+    with pytest.raises(UserError, match="no checkpoint for step 1"):
+        export_run(trained_run, step=1, out=tmp_path)
+
+
+@pytest.mark.parametrize("size", [(13, 29), (37, 6)])
+def test_onnx_equals_torch_at_odd_sizes(exported, size):
+    torch_gen = translate.load_generator(exported / "G_ab.safetensors", precision="fp32")
+    onnx_gen = translate.load_generator(exported / "G_ab.onnx")
+    assert onnx_gen.backend == "onnx"
+    x = torch.rand(3, 3, *size) * 2 - 1
+    assert (onnx_gen(x) - torch_gen(x)).abs().max() < 1e-4
+
+
+def test_uint8_api_keeps_size_and_convention(exported):
+    gen = translate.load_generator(exported / "G_ab.safetensors")
+    img = (np.random.default_rng(0).random((33, 47, 3)) * 255).astype(np.uint8)
+    out = gen(img)
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    assert gen(img[None]).shape == (1, 33, 47, 3)
+
+
+def test_loading_never_unpickles_and_rejects_foreign_files(exported, tmp_path):
+    # a safetensors file of another architecture under a valid header
+    with safe_open(str(exported / "G_ab.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(wrong), meta)
+    with pytest.raises(ModelError, match="do not fit"):
+        translate.load_generator(wrong)
+    # a truncated file
+    data = (exported / "G_ab.safetensors").read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="cut.safetensors"):
+        translate.load_generator(cut)
+    # a pickle renamed to .safetensors is not executed, just refused
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(b"\x80\x04\x95" + b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode()
+                     + b"'\ntR.")
+    with pytest.raises(ModelError):
+        translate.load_generator(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_onnx_of_wrong_shape_is_refused(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 10])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [inp], [out])
+    model = helper.make_model(graph)
+    for k, v in {"size_multiple": "4", "in_channels": "3", "out_channels": "3"}.items():
+        p = model.metadata_props.add()
+        p.key, p.value = k, v
+    path = tmp_path / "flat.onnx"
+    onnx.save_model(model, str(path))
+    with pytest.raises(ModelError, match="not an image generator"):
+        translate.load_generator(path)
+
+
+def test_apply_cli_on_a_folder(exported, tmp_path):
+    src = tmp_path / "in" / "nested"
+    src.mkdir(parents=True)
+    Image.fromarray(np.full((50, 70, 3), 120, np.uint8)).save(src / "a.png")
+    Image.fromarray(np.full((17, 3, 3), 10, np.uint8)).save(src / "b.jpg")
+    (src / "notes.txt").write_text("not an image")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    for backend, model in (("torch", "G_ab.safetensors"), ("onnx", "G_ab.onnx")):
+        out = tmp_path / f"out_{backend}"
+        proc = run_cli("apply", str(exported / model), str(tmp_path / "in"), str(out),
+                       "--backend", backend, "--no-progress", check=False)
+        assert proc.returncode == 1  # the broken file failed, the rest went on
+        assert "broken.png" in proc.stderr and "Traceback" not in proc.stderr
+        assert Image.open(out / "nested" / "a.png").size == (70, 50)
+        assert Image.open(out / "nested" / "b.jpg").size == (3, 17)
+    again = run_cli("apply", str(exported / "G_ab.safetensors"), str(src / "a.png"),
+                    str(tmp_path / "out_torch" / "nested"), check=False)
+    assert again.returncode == 0 and "skipped 1" in again.stderr
+
+
+def test_export_cli_and_missing_run(trained_run, tmp_path):
+    proc = run_cli("export", str(trained_run), "--out", str(tmp_path / "e"))
+    assert "G_ba.safetensors" in proc.stdout
+    bad = run_cli("export", str(tmp_path / "nope"), check=False)
+    assert bad.returncode == 2 and "not a run folder" in bad.stderr
