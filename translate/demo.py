@@ -88,9 +88,10 @@ def run_demo(root: str = "datasets/demo", run_dir: str = "runs/demo", steps: int
     cfg = config_mod.load(find_recipe(RECIPE), overrides)
     result = train(cfg, resume="auto", progress=progress)  # a finished run resumes instantly
     t_train = time.perf_counter() - t0
-    for line in export_run(run_dir, onnx=_has_onnx()):
-        console.print(line)
     export = Path(run_dir) / "export"
+    if _exported_step(export) != result.step:  # a rerun of a finished demo skips the export
+        for line in export_run(run_dir, onnx=_has_onnx()):
+            console.print(line)
     gen_ab = load_generator(export / "G_ab.safetensors")
     gen_ba = load_generator(export / "G_ba.safetensors")
     translated = Path(run_dir) / "translated" / "testA"
@@ -105,6 +106,17 @@ def run_demo(root: str = "datasets/demo", run_dir: str = "runs/demo", steps: int
     (Path(run_dir) / "demo_scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     _print_scores(console, scores, pairs)
     return scores
+
+
+def _exported_step(export: Path) -> int | None:
+    from translate.export import read_metadata
+
+    if not all((export / f"{g}.safetensors").is_file() for g in ("G_ab", "G_ba")):
+        return None
+    try:
+        return int(read_metadata(export / "G_ba.safetensors")["step"])
+    except (UserError, KeyError, ValueError):
+        return None
 
 
 def _has_onnx() -> bool:

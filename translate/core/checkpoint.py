@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -72,6 +73,16 @@ def resolve(run_dir: Path, resume: str) -> Path | None:
     if found:
         return found[-1]
     raise UserError(f"{path}: no complete checkpoint there; pass a run folder or checkpoints/step_N")
+
+
+def resolve_on_all(accelerator: Accelerator, run_dir: Path, resume: str) -> Path | None:
+    """Collective `resolve`: every process checks the request, then all take the main
+    process's answer, so no rank resumes from another checkpoint because its view of a shared
+    file system lags (a save in flight, NFS attribute caching)."""
+    path = resolve(run_dir, resume)
+    if accelerator.num_processes > 1:
+        path = broadcast_object_list([path])[0]
+    return path
 
 
 def _fsync_tree(path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +42,19 @@ class RunResult:
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     on_cpu = not torch.cuda.is_available()
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launcher not in ("no", cfg.train.mixed_precision):
+        # Accelerator(mixed_precision=...) overrides the launcher, which would silently run fp32.
+        raise ConfigError(f"train.mixed_precision: the launcher asks for {launcher} (accelerate "
+                          f"launch --mixed_precision or its config file) but the run is set to "
+                          f"{cfg.train.mixed_precision!r}; pass --mixed-precision {launcher} to "
+                          "translate train or launch with --mixed_precision no")
     if on_cpu and cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision: fp16 is not available on CPU (accelerate would "
                           "silently train in fp32); use bf16 or no")
+    if on_cpu and getattr(cfg.train, "sync_batchnorm", False):
+        raise ConfigError("train.sync_batchnorm: torch's SyncBatchNorm refuses CPU tensors (it "
+                          "runs on GPUs only); set train.sync_batchnorm = false on CPU")
     if not (state_mod.PartialState._shared_state and state_mod.PartialState().num_processes > 1):
         # In one process (tests, notebooks) a second run may ask for another precision;
         # accelerate keeps one global state, so start it afresh.
@@ -68,6 +79,11 @@ def make_optimizer(cfg: RunConfig, phase: Phase, nets: dict[str, nn.Module]):
         return torch.optim.RMSprop(params, lr=phase.lr)
     # foreach is the fused multi-tensor path available on every device.
     return torch.optim.Adam(params, lr=phase.lr, betas=phase.betas, foreach=True)
+
+
+def sync_batchnorm(nets: list[nn.Module]) -> list[nn.Module]:
+    """BatchNorm statistics over the global batch instead of each process's share of it."""
+    return [nn.SyncBatchNorm.convert_sync_batchnorm(net) for net in nets]
 
 
 def set_trainable(nets: dict[str, nn.Module], trained: tuple[str, ...]) -> None:
@@ -141,6 +157,17 @@ def run_phase(accelerator, cfg, phase, opt, nets, batch, prev) -> tuple[dict, li
     return logs, handed
 
 
+def global_mean(accelerator: Accelerator, logs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Logged values averaged over processes: the log then describes the global batch (the
+    numbers one process with all of it would log), and a NaN on any rank stops every rank.
+    Collective: every process calls it at the same steps."""
+    if accelerator.num_processes == 1:
+        return logs
+    keys = sorted(logs)
+    values = torch.stack([logs[k].detach().float().to(accelerator.device) for k in keys])
+    return dict(zip(keys, accelerator.reduce(values, "mean")))
+
+
 def _check_finite(logs: dict[str, Tensor], step: int) -> None:
     for key, v in logs.items():
         if not torch.isfinite(v):
@@ -180,6 +207,9 @@ def setup(cfg: RunConfig) -> Session:
     dataset = data_mod.build_dataset(cfg)
     names = list(method.nets)
     raw = [method.nets[n] for n in names]
+    if getattr(cfg.train, "sync_batchnorm", False):
+        raw = sync_batchnorm(raw)
+        method.nets.update(zip(names, raw))  # EMA copies and method state see the same modules
     if cfg.train.channels_last:
         raw = [n.to(memory_format=torch.channels_last) for n in raw]
     opts = [make_optimizer(cfg, ph, method.nets) for ph in method.phases]
@@ -221,7 +251,7 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> R
     acc, t = s.accelerator, cfg.train
     fp = checkpoint.fingerprint(cfg.method, cfg.model)
     state = checkpoint.TrainState(fingerprint=fp)
-    path = checkpoint.resolve(s.run_dir, resume) if resume else None
+    path = checkpoint.resolve_on_all(acc, s.run_dir, resume) if resume else None
     if path is not None:
         state, method_state = checkpoint.load(acc, path, fp, s.ema)
         s.method.load_state(method_state)
@@ -241,10 +271,13 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> R
             logs = train_step(s, state, batches)
             state.step += 1
             state.batches = batches.drawn
-            if acc.device.type == "cpu" or state.step % t.log_every == 0:
+            log_now = state.step % t.log_every == 0 or state.step == s.total
+            if log_now:
+                logs = global_mean(acc, logs)
+            if acc.device.type == "cpu" or log_now:
                 _check_finite(logs, state.step)  # free on CPU; a sync on GPU, so only at log steps
             log.advance(state.step)
-            if state.step % t.log_every == 0 or state.step == s.total:
+            if log_now:
                 log.log(state.step, {k: float(v) for k, v in logs.items()})
             if state.step % t.sample_every == 0 or state.step == s.total:
                 _sample(s, log, state.step, fixed)
