@@ -5,7 +5,8 @@
     translate export RUN_DIR [--onnx]               write generators as safetensors (+ ONNX)
     translate apply MODEL INPUT OUTPUT              translate a file, folder or glob of images
     translate sample RUN_OR_CHECKPOINT              sample grid / interpolation of a latent GAN
-    translate eval ...                              scores (PSNR/SSIM, FID/KID, toy modes)
+    translate eval RUN | --folders A B              scores (PSNR/SSIM, FID/KID, toy modes)
+    translate plot RUN_DIR                          loss and metric curves as a PNG
 """
 
 from __future__ import annotations
@@ -158,6 +159,12 @@ def _add_other(sub) -> None:
     p.add_argument("--mixed-precision", choices=("no", "bf16"), help="default: recipe's")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    from translate.evaluate import add_eval_parser
+    from translate.plot import add_plot_parser
+
+    add_eval_parser(sub)
+    add_plot_parser(sub)
 
 
 def parser() -> argparse.ArgumentParser:

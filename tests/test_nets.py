@@ -217,3 +217,14 @@ def test_unknown_option_and_bad_norm_are_config_errors():
         build_net("resnet", n_block=6)
     with pytest.raises(ConfigError, match="group"):
         build_net("patchgan", norm="group")
+
+
+def test_resnet_resize_upsampling_keeps_size_and_rebuilds():
+    net = build_net("resnet", ngf=4, n_blocks=1, upsample="resize")
+    x = torch.randn(2, 3, 20, 28)
+    assert net(x).shape == x.shape
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in net.modules())
+    again = build_net(net.kind, **net.config)
+    again.load_state_dict(net.state_dict())
+    with pytest.raises(ConfigError, match="upsample"):
+        build_net("resnet", upsample="bicubic")

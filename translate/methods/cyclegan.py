@@ -30,6 +30,7 @@ class CycleGANConfig:
     n_layers_d: int = positive(3)         # PatchGAN depth: 3 gives 70x70 patches
     norm: str = choice("instance", "instance", "batch", "none")
     dropout: float = non_negative(0.0)    # dropout in ResNet blocks / U-Net (reference: off)
+    upsample: str = choice("transpose", "transpose", "resize")  # ResNet: resize = nearest+conv
     objective: str = choice("lsgan", *objectives.OBJECTIVES)
     real_target: float = probability_target(1.0)    # one-sided label smoothing (D only)
     lambda_cycle: float = non_negative(10.0)  # weight of each direction's L1 cycle loss
@@ -61,7 +62,8 @@ def check(cfg: RunConfig) -> None:
 def _generator(m: CycleGANConfig, cin: int, cout: int):
     if m.generator == "resnet":
         return build_net("resnet", in_channels=cin, out_channels=cout, ngf=m.ngf,
-                         n_blocks=m.n_blocks, norm=m.norm, dropout=m.dropout)
+                         n_blocks=m.n_blocks, norm=m.norm, dropout=m.dropout,
+                         upsample=m.upsample)
     return build_net("unet", in_channels=cin, out_channels=cout, num_downs=m.unet_downs,
                      ngf=m.ngf, norm=m.norm, dropout=m.dropout)
 

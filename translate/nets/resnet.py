@@ -33,6 +33,13 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
+def _upsample(cin: int, cout: int, how: str, bias: bool) -> nn.Module:
+    if how == "transpose":
+        return nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1, bias=bias)
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1),
+                         nn.Conv2d(cin, cout, 3, bias=bias))
+
+
 @register("resnet")
 class ResnetGenerator(nn.Module):
     """Image-to-image generator: 7x7 stem, 2 stride-2 downsamplings, residual blocks, 2 upsamplings.
@@ -53,14 +60,19 @@ class ResnetGenerator(nn.Module):
         n_blocks: int = 9,      # residual blocks at 1/4 resolution
         norm: str = "instance",  # "instance", "batch" or "none"
         dropout: float = 0.0,   # dropout probability inside each residual block
+        upsample: str = "transpose",  # "transpose" (paper) or "resize": nearest x2 + 3x3 conv,
+                                      # which avoids checkerboard artifacts (Odena et al. 2016)
     ) -> None:
         super().__init__()
         check_norm(norm, _NORMS, "resnet")
         if n_blocks < 0 or not 0.0 <= dropout < 1.0:
             raise ConfigError(f"resnet: need n_blocks >= 0 and 0 <= dropout < 1, got "
                               f"n_blocks={n_blocks}, dropout={dropout}")
+        if upsample not in ("transpose", "resize"):
+            raise ConfigError(f"resnet: upsample must be 'transpose' or 'resize', got {upsample!r}")
         self.config = {"in_channels": in_channels, "out_channels": out_channels, "ngf": ngf,
-                       "n_blocks": n_blocks, "norm": norm, "dropout": dropout}
+                       "n_blocks": n_blocks, "norm": norm, "dropout": dropout,
+                       "upsample": upsample}
         self.in_channels = in_channels
         self.out_channels = out_channels
         bias = conv_bias(norm)
@@ -80,8 +92,7 @@ class ResnetGenerator(nn.Module):
         layers += [ResidualBlock(ngf * 4, norm, dropout) for _ in range(n_blocks)]
         for mult in (4, 2):
             layers += [
-                nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1,
-                                   output_padding=1, bias=bias),
+                _upsample(ngf * mult, ngf * mult // 2, upsample, bias),
                 make_norm(norm, ngf * mult // 2),
                 nn.ReLU(inplace=True),
             ]

@@ -1,0 +1,330 @@
+"""`translate eval`, `translate plot` and bench/quality.py on real runs written to tmp_path."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY_CYCLEGAN, run_cli
+from PIL import Image
+
+from translate import config
+from translate.core.loop import train
+from translate.errors import UserError
+from translate.evaluate import add_eval_parser, toy_scores
+from translate.export import export_run, run_generators
+from translate.plot import (
+    PANEL_HEIGHT,
+    TITLE_HEIGHT,
+    WIDTH,
+    add_plot_parser,
+    nice_ticks,
+    parse_log,
+    tick_label,
+)
+
+
+def _wired(command: str) -> bool:
+    import cli
+
+    sub = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return command in sub.choices
+
+
+def _main(argv: list[str]) -> int:
+    """cli.main once eval/plot are wired into cli.py; until then the same parsers, with the
+    same error contract (UserError -> "error: ..." on stderr, exit code 2)."""
+    import cli
+
+    if _wired(argv[0]):
+        return cli.main(argv)
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_eval_parser(sub)
+    add_plot_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _json(capsys, argv: list[str]) -> dict:
+    assert _main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, out  # one JSON object, nothing else on stdout
+    return json.loads(out[0])
+
+
+def _error(capsys, argv: list[str]) -> str:
+    assert _main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def cyclegan_run(tmp_path_factory, tiny_unpaired) -> Path:
+    run = tmp_path_factory.mktemp("eval") / "run"
+    cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
+        f'data.root="{tiny_unpaired}"', f'run_dir="{run}"', "train.steps=2",
+        "train.log_every=1"])
+    train(cfg, progress=False)
+    export_run(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("eval") / "toy"
+    cfg = config.load(ROOT / "recipes" / "toy_gan_ring.toml", [
+        "model.hidden=16", f'run_dir="{run}"', "train.steps=6", "train.log_every=2"])
+    train(cfg, progress=False)
+    return run
+
+
+def _folder(path: Path) -> torch.Tensor:
+    from translate.images import list_images, load_image, to_tensor
+
+    return torch.cat([to_tensor(load_image(p)) for p in list_images(path)[0]])
+
+
+# ---------------------------------------------------------------------------- eval: CycleGAN
+
+
+def test_eval_run_scores_against_the_demo_truth(capsys, cyclegan_run, tiny_unpaired):
+    from translate.metrics import psnr, ssim
+
+    r = _json(capsys, ["eval", str(cyclegan_run), "--json"])
+    assert r["kind"] == "translation" and r["truth"] is True and r["n_a"] == r["n_b"] == 4
+    a, b = _folder(tiny_unpaired / "testA"), _folder(tiny_unpaired / "testB")
+    _, nets, _ = run_generators(cyclegan_run)
+    with torch.no_grad():
+        fake_b = nets["G_ab"](a).clamp(-1, 1)
+        fake_a = nets["G_ba"](b).clamp(-1, 1)
+        rec_a = nets["G_ba"](fake_b).clamp(-1, 1)
+    # Recomputed here from the checkpoint weights: eval must score what the run learned.
+    assert r["psnr"] == pytest.approx(float(psnr(fake_b, b)), abs=1e-3)
+    assert r["ssim"] == pytest.approx(float(ssim(fake_b, b)), abs=1e-3)
+    assert r["ba_psnr"] == pytest.approx(float(psnr(fake_a, a)), abs=1e-3)
+    assert r["baseline_psnr"] == pytest.approx(float(psnr(a, b)), abs=1e-4)
+    assert r["baseline_ssim"] == pytest.approx(float(ssim(a, b)), abs=1e-4)
+    assert r["cycle_l1"] == pytest.approx(float((rec_a - a).abs().mean()), abs=1e-4)
+    assert {"cycle_psnr", "ba_cycle_psnr", "ba_cycle_l1", "ba_ssim"} <= set(r)
+    assert "fid" not in r  # only with --fid-features
+
+
+def test_eval_table_is_the_default_output(capsys, cyclegan_run):
+    assert _main(["eval", str(cyclegan_run)]) == 0
+    out = capsys.readouterr().out
+    for text in ("PSNR vs truth", "SSIM vs truth", "cycle PSNR", "do nothing", "A->B", "B->A"):
+        assert text in out
+
+
+def test_eval_of_an_export_file_needs_data_and_has_no_cycle(capsys, cyclegan_run,
+                                                            tiny_unpaired):
+    full = _json(capsys, ["eval", str(cyclegan_run), "--json"])
+    model = cyclegan_run / "export" / "G_ab.safetensors"
+    r = _json(capsys, ["eval", str(model), "--data", str(tiny_unpaired), "--json"])
+    assert r["psnr"] == pytest.approx(full["psnr"], abs=1e-3)
+    assert not any(k.startswith(("cycle", "ba_")) for k in r)
+    err = _error(capsys, ["eval", str(model)])
+    assert str(model) in err and "--data" in err
+    # An export folder holds both directions, so the cycle comes back.
+    both = _json(capsys, ["eval", str(cyclegan_run / "export"), "--data", str(tiny_unpaired),
+                          "--json"])
+    assert both["cycle_psnr"] == pytest.approx(full["cycle_psnr"], abs=1e-3)
+
+
+def test_without_the_demo_marker_there_is_no_truth(capsys, cyclegan_run, tiny_unpaired,
+                                                   tmp_path):
+    for split in ("testA", "testB"):
+        shutil.copytree(tiny_unpaired / split, tmp_path / split)
+    r = _json(capsys, ["eval", str(cyclegan_run), "--data", str(tmp_path), "--json"])
+    assert r["truth"] is False
+    assert not any(k.endswith(("psnr", "ssim")) and "cycle" not in k for k in r)
+    assert "cycle_psnr" in r and "ba_cycle_l1" in r
+
+
+def test_eval_fid_features_small(capsys, cyclegan_run):
+    r = _json(capsys, ["eval", str(cyclegan_run), "--fid-features", "small", "--json"])
+    assert "relative" in r["features"]
+    for key in ("fid", "kid_mean", "ba_fid", "baseline_fid", "baseline_kid_mean"):
+        assert math.isfinite(r[key]), key
+    assert r["fid"] >= -1e-6
+
+
+def test_eval_errors_are_one_line(capsys, tmp_path, cyclegan_run):
+    assert str(tmp_path / "nope") in _error(capsys, ["eval", str(tmp_path / "nope")])
+    assert "not a run folder" in _error(capsys, ["eval", str(tmp_path)])
+    _error(capsys, ["eval"])
+    _error(capsys, ["eval", str(cyclegan_run), "--folders", str(tmp_path), str(tmp_path)])
+    bad = _error(capsys, ["eval", str(cyclegan_run), "--data", str(tmp_path)])
+    assert "testA" in bad
+
+
+# ---------------------------------------------------------------------------- eval: folders
+
+
+def test_folders_fid_of_a_folder_with_itself_is_zero(capsys, tiny_unpaired):
+    a, b = str(tiny_unpaired / "trainA"), str(tiny_unpaired / "trainB")
+    same = _json(capsys, ["eval", "--folders", a, a, "--json"])
+    other = _json(capsys, ["eval", "--folders", a, b, "--json"])
+    assert same["n1"] == same["n2"] == 12 and "relative" in same["features"]
+    assert abs(same["fid"]) < 1e-4
+    assert other["fid"] > 100 * max(abs(same["fid"]), 1e-6)
+    assert other["kid_mean"] > same["kid_mean"]
+
+
+def test_folders_with_bad_inception_weights(capsys, tiny_unpaired, tmp_path):
+    a = str(tiny_unpaired / "trainA")
+    missing = tmp_path / "pt_inception.pth"
+    err = _error(capsys, ["eval", "--folders", a, a, "--inception-weights", str(missing)])
+    assert str(missing) in err
+
+
+# ---------------------------------------------------------------------------- eval: toy
+
+
+class _FixedG(torch.nn.Module):
+    """A stand-in generator that puts sample i exactly on mode pick(i)."""
+
+    def __init__(self, points: torch.Tensor):
+        super().__init__()
+        self.z_dim, self.points = 2, points
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.points[torch.arange(len(z)) % len(self.points)]
+
+
+def test_toy_scores_on_perfect_and_collapsed_generators():
+    from translate.data import toy_modes
+
+    modes = toy_modes("ring")
+    perfect = toy_scores(_FixedG(modes), "ring", n=800)
+    assert perfect["modes"] == 8 and perfect["hq"] == 1.0 and perfect["rkl"] == pytest.approx(0)
+    collapsed = toy_scores(_FixedG(modes[:1]), "ring", n=800)
+    assert collapsed["modes"] == 1 and collapsed["rkl"] == pytest.approx(math.log(8))
+    off = toy_scores(_FixedG(modes * 1.5), "ring", n=800)
+    assert off["modes"] == 0 and off["hq"] == 0.0 and off["rkl"] == math.inf
+
+
+def test_eval_of_a_toy_run(capsys, toy_run):
+    r = _json(capsys, ["eval", str(toy_run), "--json"])
+    assert r["kind"] == "toy" and r["toy"] == "ring" and r["step"] == 6
+    assert r["samples"] == 2500 and r["n_modes"] == 8
+    assert 0 <= r["modes"] <= 8 and 0.0 <= r["hq"] <= 1.0
+    assert r["rkl"] == "inf" if r["modes"] == 0 else 0 <= r["rkl"] <= math.log(8) + 1e-9
+    again = _json(capsys, ["eval", str(toy_run), "--json", "--samples", "300"])
+    assert again["samples"] == 300
+    assert _main(["eval", str(toy_run)]) == 0
+    assert "modes captured" in capsys.readouterr().out
+    assert "EMA" in _error(capsys, ["eval", str(toy_run), "--ema"])
+
+
+# ---------------------------------------------------------------------------- plot
+
+
+def test_plot_of_a_run(capsys, cyclegan_run, tmp_path):
+    assert _main(["plot", str(cyclegan_run)]) == 0
+    path = cyclegan_run / "plot.png"
+    assert f"wrote {path}" in capsys.readouterr().out
+    with Image.open(path) as im:
+        im.verify()
+    img = Image.open(path)
+    # Panels: G, D, other (lr_scale), speed (it_s).
+    assert img.size == (WIDTH, TITLE_HEIGHT + 4 * PANEL_HEIGHT) and img.mode == "RGB"
+    # Inside the G panel's plot area (left of the legend), the curves are coloured pixels.
+    inner = np.asarray(img)[TITLE_HEIGHT + 40:TITLE_HEIGHT + PANEL_HEIGHT - 50,
+                            100:WIDTH - 220].reshape(-1, 3).astype(int)
+    assert ((inner.max(1) - inner.min(1)) > 80).sum() > 300
+    out = tmp_path / "sub" / "p.png"
+    assert _main(["plot", str(cyclegan_run), "--out", str(out), "--smooth", "0.5"]) == 0
+    assert out.is_file() and not list(out.parent.glob(".*tmp"))
+
+
+def test_plot_survives_nan_strings_single_points_and_cut_lines(capsys, tmp_path):
+    lines = [json.dumps({"step": 10, "time": 1.0, "it_s": 5.0, "G/loss": 1.0, "D/loss": "nan"}),
+             json.dumps({"step": 20, "time": 2.0, "it_s": 5.0, "G/loss": "inf", "D/loss": 0.5,
+                         "note": "text"}),
+             '{"step": 30, "G/lo']
+    (tmp_path / "log.jsonl").write_text("\n".join(lines))
+    log = parse_log(lines)
+    assert list(log.steps) == [10, 20] and log.skipped == 1
+    assert log.non_finite == {"it_s": 0, "G/loss": 1, "D/loss": 1, "note": 1}
+    assert math.isnan(log.series["note"][0])  # absent from the record: missing, not "nan"
+    assert _main(["plot", str(tmp_path)]) == 0
+    img = Image.open(tmp_path / "plot.png")
+    assert img.size == (WIDTH, TITLE_HEIGHT + 4 * PANEL_HEIGHT)  # G, D, other, speed
+    (tmp_path / "log.jsonl").write_text(json.dumps({"step": 5, "G/loss": 2.0}) + "\n")
+    assert _main(["plot", str(tmp_path)]) == 0
+    assert Image.open(tmp_path / "plot.png").size == (WIDTH, TITLE_HEIGHT + PANEL_HEIGHT)
+
+
+def test_plot_errors(capsys, tmp_path):
+    assert "no training log" in _error(capsys, ["plot", str(tmp_path)])
+    (tmp_path / "log.jsonl").write_text("\n{not json\n")
+    assert "no readable log records" in _error(capsys, ["plot", str(tmp_path)])
+    assert "--smooth" in _error(capsys, ["plot", str(tmp_path), "--smooth", "1"])
+    assert not (tmp_path / "plot.png").exists()
+
+
+def test_ticks_are_round_and_cover_the_range():
+    ticks, step = nice_ticks(0.13, 0.91)
+    assert step == 0.2 and ticks == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    ticks, step = nice_ticks(1, 3, integer=True)
+    assert step == 1 and ticks == [1, 2, 3]
+    assert [tick_label(v, 25000, 200000) for v in (50000, 200000)] == ["50k", "200k"]
+    assert tick_label(5000, 5000, 10000) == "5k" and tick_label(0.25, 0.05) == "0.25"
+
+
+# ---------------------------------------------------------------------------- bench/quality.py
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_quality_summary_and_targets():
+    q = _bench()
+    runs = [{"toy": "ring", "modes": 8, "hq": 0.99, "rkl": 0.01},
+            {"toy": "ring", "modes": 6, "hq": 0.97, "rkl": 0.05}]
+    s = q.summarize(runs)
+    assert s["ring_modes"] == 7 and s["ring_modes_se"] == pytest.approx(1.0)
+    assert "grid_modes" not in s
+    assert q.meets("ring", "modes", 8.0) and not q.meets("ring", "modes", 7.9)
+    assert q.meets("grid", "rkl", 0.03) and not q.meets("grid", "hq", 0.94)
+
+
+def test_bench_quality_smoke(capsys, tmp_path):
+    q = _bench()
+    argv = ["--toy", "--seeds", "1", "--steps", "3", "--method", "gan", "--set",
+            "model.hidden=16", "--runs", str(tmp_path), "--json"]
+    assert q.main(argv) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["method"] == "gan" and r["seeds"] == 1 and r["steps"] == 3
+    for key in ("ring_modes", "ring_hq", "ring_rkl", "grid_modes", "grid_hq", "grid_rkl"):
+        assert key in r
+    assert 0 <= r["grid_modes"] <= 25 and 0 <= r["ring_hq"] <= 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gan_grid_seed0", "gan_ring_seed0"]
+
+
+@pytest.mark.skipif(not _wired("eval"), reason="translate eval is not wired into cli.py yet")
+def test_eval_cli_in_a_subprocess(tiny_unpaired):
+    a = str(tiny_unpaired / "trainA")
+    proc = run_cli("eval", "--folders", a, a, "--json")
+    assert abs(json.loads(proc.stdout)["fid"]) < 1e-4
+    bad = run_cli("eval", "--folders", a, "/nonexistent", check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: /nonexistent")
