@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-from PIL import Image
-
 from conftest import run_cli
+from PIL import Image
 
 
 def test_demo_end_to_end_reduced(tmp_path):
