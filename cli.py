@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 # Flags that are shorthands for recipe keys: (flag, dest, recipe key).
@@ -49,7 +50,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(config.to_dict(cfg), indent=2))
         return 0
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    print(f"done: {result.step} steps in {result.run_dir}; checkpoint {result.checkpoint}")
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        print(f"done: {result.step} steps in {result.run_dir}; checkpoint {result.checkpoint}")
     return 0
 
 

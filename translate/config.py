@@ -87,6 +87,7 @@ class TrainConfig:
     grad_clip: float = non_negative(0.0)  # max gradient norm per phase (0 = off)
     mixed_precision: str = choice("no", "no", "bf16", "fp16")  # autocast dtype
     channels_last: bool = False           # NHWC memory format for conv nets
+    sync_batchnorm: bool = False          # BatchNorm statistics over all processes (GPU only; DCGAN's BatchNorm nets)
     compile: bool = False                 # torch.compile the nets (slow warm-up)
     log_every: int = positive(50)         # steps between log lines (loss values fetched only then)
     sample_every: int = positive(500)     # steps between sample grids

@@ -52,7 +52,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     if on_cpu and cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision: fp16 is not available on CPU (accelerate would "
                           "silently train in fp32); use bf16 or no")
-    if on_cpu and getattr(cfg.train, "sync_batchnorm", False):
+    if on_cpu and cfg.train.sync_batchnorm:
         raise ConfigError("train.sync_batchnorm: torch's SyncBatchNorm refuses CPU tensors (it "
                           "runs on GPUs only); set train.sync_batchnorm = false on CPU")
     if not (state_mod.PartialState._shared_state and state_mod.PartialState().num_processes > 1):
@@ -163,9 +163,10 @@ def global_mean(accelerator: Accelerator, logs: dict[str, Tensor]) -> dict[str, 
     Collective: every process calls it at the same steps."""
     if accelerator.num_processes == 1:
         return logs
-    keys = sorted(logs)
+    keys = sorted(logs)  # one order on every rank
     values = torch.stack([logs[k].detach().float().to(accelerator.device) for k in keys])
-    return dict(zip(keys, accelerator.reduce(values, "mean")))
+    means = dict(zip(keys, accelerator.reduce(values, "mean")))
+    return {k: means[k] for k in logs}
 
 
 def _check_finite(logs: dict[str, Tensor], step: int) -> None:
@@ -207,7 +208,7 @@ def setup(cfg: RunConfig) -> Session:
     dataset = data_mod.build_dataset(cfg)
     names = list(method.nets)
     raw = [method.nets[n] for n in names]
-    if getattr(cfg.train, "sync_batchnorm", False):
+    if cfg.train.sync_batchnorm:
         raw = sync_batchnorm(raw)
         method.nets.update(zip(names, raw))  # EMA copies and method state see the same modules
     if cfg.train.channels_last:
