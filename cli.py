@@ -12,9 +12,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
+import warnings
 
 # Flags that are shorthands for recipe keys: (flag, dest, recipe key).
 TRAIN_FLAGS = [
@@ -31,7 +33,19 @@ TRAIN_FLAGS = [
 
 
 def _quote(value: object) -> str:
+    if isinstance(value, str) and not _is_unicode(value):
+        # A path with non-UTF-8 bytes (os.fsdecode's surrogates) has no TOML spelling; the raw
+        # text is not TOML either, so the override takes it verbatim as a string.
+        return value
     return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -85,7 +99,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     )
     if args.no_progress:  # with progress on, translate_folder already listed them
         for path, reason in report.failed:
-            print(f"failed: {path}: {reason}", file=sys.stderr)
+            named = reason.startswith(str(path))  # reasons usually begin with the file already
+            print(f"failed: {reason}" if named else f"failed: {path}: {reason}", file=sys.stderr)
     return 1 if report.failed else 0
 
 
@@ -179,6 +194,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# Errors of the machine rather than of the program: disk full, read-only or forbidden folder,
+# a path longer than the file system allows.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space",
+                       errno.EROFS: "choose a writable folder", errno.EACCES: "fix permissions",
+                       errno.EPERM: "fix permissions", errno.ENAMETOOLONG: "use a shorter path"}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings (skipped images, ...) are messages for the user: one line each."""
+    if category.__module__.startswith("translate"):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
@@ -186,23 +219,34 @@ def main(argv: list[str] | None = None) -> int:
     args.debug = debug
     from translate.errors import UserError
 
+    shown = warnings.showwarning
+    if not debug:
+        warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except UserError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = getattr(e, "exit_code", 2)  # a requested stop: 128 + signal, as shells report it
+        print(f"error: {e}" if code == 2 else str(e), file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug, not bad input: still one line unless --debug
         if args.debug:
             raise
+        if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS:
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"error: {where}{e.strerror}; {_ENVIRONMENT_ERRNOS[e.errno]} and run again",
+                  file=sys.stderr)
+            return 2
         first = str(e).splitlines()[0] if str(e) else ""
         print(f"internal error: {type(e).__name__}: {first} (rerun with --debug for the "
               "traceback and please report it)", file=sys.stderr)
         return 3
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

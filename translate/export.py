@@ -110,6 +110,7 @@ def export_run(run: str | Path, step: int | None = None, ema: bool = False,
         path = out_dir / f"{name}.safetensors"
         tmp = path.with_name("." + path.name + ".tmp")
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), meta)
+        checkpoint.apply_umask([tmp])  # safetensors creates 0600 files
         tmp.replace(path)
         n = sum(p.numel() for p in net.parameters())
         lines.append(f"wrote {path} ({n / 1e6:.3f} M parameters, step {state['step']})")

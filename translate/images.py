@@ -6,6 +6,7 @@ colour mode) becomes one `ImageError` line: "<path>: <what is wrong> — <fix>".
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import uuid
@@ -264,7 +265,9 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
         raise ImageError(f"{path}: unknown image extension — use one of "
                          f"{', '.join(IMAGE_EXTENSIONS)} or pass a format")
     im = _to_pil(rgb, alpha if fmt in _ALPHA_FORMATS else None, bit_depth, fmt)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    # Hidden, unique, and short enough for NAME_MAX (255 bytes) even when the name itself is.
+    stem = os.fsdecode(os.fsencode(path.name)[:200])
+    tmp = path.with_name(f".{stem}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # os.open with 0o666 lets the umask decide permissions (mkstemp would force 0o600).
@@ -273,7 +276,8 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
             im.save(f, format=fmt, **_SAVE_OPTIONS.get(fmt, {}))
         os.replace(tmp, path)  # no fsync: a killed process is the case to guard, not power loss
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. the path is too long to unlink either
+            tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise ImageError(f"{path}: cannot write ({_one_line(e)}) — check free disk space "
                              "and folder permissions") from e

@@ -299,7 +299,7 @@ def translate_folder(
     start = time.perf_counter()
     _check_settings(batch_size, tile, overlap, resize, workers)
     jobs = _plan(input, output, _check_format(format), side_by_side)
-    todo = [job for job in jobs if overwrite or not job.dst.exists()]
+    todo = [job for job in jobs if overwrite or not _exists(job.dst)]
     settings = _Settings(fn, info, batch_size, tile, overlap, resize, max_pixels)
     console = Console(stderr=True)
     with _progress_bar(console, progress) as bar:
@@ -318,6 +318,13 @@ def translate_folder(
                       f"({report.images_per_s:.1f} img/s)", markup=False, highlight=False,
                       soft_wrap=True)
     return report
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a name too long to look up: its write fails too, for that file only
+        return False
 
 
 def _check_settings(batch_size: int, tile: int | None, overlap: int, resize: int | None,

@@ -7,10 +7,18 @@ Layout of `RUN/checkpoints/step_0001000/`:
   ema.safetensors     EMA generators (main process; identical on every rank)
   rank<r>.safetensors the method's per-process state, e.g. CycleGAN's image pools
 
-Everything is written into `.tmp-step_*` and renamed when complete; folders without state.json or
-with a leading dot are never taken for a checkpoint. accelerate loads its .bin/.pkl files with
-torch.load(weights_only=True); our own files are safetensors and JSON, so loading a checkpoint
+Everything is written into `.tmp-step_*` and renamed when complete; a checkpoint that is
+replaced or pruned is first renamed to `.old-step_*`. Folders without state.json or with a
+leading dot are never taken for a checkpoint, so a kill at any moment leaves every checkpoint
+either complete or invisible (the next save clears the leftovers).
+
+accelerate loads its .bin/.pkl files with torch.load(weights_only=True), which builds tensors
+and plain containers only; `load` first reads each of them that way itself, so a file that is
+not plain data is refused with its name (accelerate would silently skip a bad RNG file, and
+the resume would not be exact). Our own files are safetensors and JSON. Loading a checkpoint
 never unpickles arbitrary objects.
+
+Files get the permissions the user's umask gives (safetensors writes 0600 files otherwise).
 """
 
 from __future__ import annotations
@@ -18,14 +26,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
+import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
+from accelerate.utils import load as accelerate_load
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -41,6 +53,7 @@ class TrainState:
     batches: int = 0           # batches drawn from the loader (data position)
     lr_scale: float = 1.0      # lowered by NaN rollbacks
     fingerprint: str = ""      # of method + model config: resuming another recipe is refused
+    rollbacks: int = 0         # NaN rollbacks so far (train.on_nan = "rollback")
 
 
 def fingerprint(method: str, model_cfg: object) -> str:
@@ -90,11 +103,58 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def umask() -> int:
+    """The process umask, read without changing it (os.umask can only set it, which would
+    race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(paths: list[Path]) -> None:
+    """Give files the mode a plain open() would: 0666 minus the umask. Never wider."""
+    mode = 0o666 & ~umask()
+    for p in paths:
+        os.chmod(p, mode)
+
+
+def _discard(path: Path) -> None:
+    """Remove a checkpoint folder so that no kill leaves it half deleted under its name."""
+    hidden = path.with_name(".old-" + path.name)
+    os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _clear_leftovers(root: Path) -> None:
+    """Folders of saves and deletions that a killed process did not finish."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-step_", ".old-step_")) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _test_delay() -> None:
+    # Tests only: hold a save open so that a test can kill the process mid-checkpoint.
+    delay = float(os.environ.get("TRANSLATE_TEST_SLOW_SAVE", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
 
 
 def _module_tensors(nets: dict[str, nn.Module]) -> dict[str, Tensor]:
@@ -121,8 +181,8 @@ def save(
     final = step_dir(run_dir, state.step)
     tmp = final.with_name(".tmp-" + final.name)
     try:
-        if accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
+        if accelerator.is_main_process:
+            _clear_leftovers(final.parent)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
         rank = accelerator.process_index
@@ -131,27 +191,51 @@ def save(
         if accelerator.is_main_process:
             if ema:
                 save_file(_module_tensors(ema), str(tmp / "ema.safetensors"))
+            _test_delay()
             (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            apply_umask([p for p in tmp.iterdir() if p.is_file()])
             _fsync_tree(tmp)
-            if final.exists():  # a re-save of the same step (e.g. after a rollback)
-                shutil.rmtree(final)
+            if final.exists():  # a re-save of the same step
+                _discard(final)
             os.replace(tmp, final)
+            _fsync_dir(final.parent)
             for old in list_checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+                _discard(old)
+    except (OSError, SafetensorError, RuntimeError) as e:
+        # safetensors and torch.save report a full disk as their own error types.
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else \
+            (str(e).strip().splitlines() or [type(e).__name__])[0]
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(run_dir)
         kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else \
             "no earlier checkpoint exists"
         raise UserError(
-            f"{tmp.parent}: could not write checkpoint step {state.step} ({e.strerror or e}); "
+            f"{tmp.parent}: could not write checkpoint step {state.step} ({reason}); "
             f"{kept}; free disk space or fix permissions, then resume with --resume auto"
         ) from None
     accelerator.wait_for_everyone()
     return final
+
+
+def _check_pickles(path: Path, rank: int) -> None:
+    """Read every pickle-format file this process will load the way accelerate does
+    (weights_only: tensors and plain containers, no code), so a bad one is named here."""
+    rng = path / f"random_states_{rank}.pkl"
+    if not rng.is_file():
+        raise UserError(f"{rng}: missing, so the resume would not repeat the run's random "
+                        "numbers; resume from another checkpoint")
+    for f in sorted(path.glob("*.bin")) + [rng]:
+        try:
+            with warnings.catch_warnings():  # torch's notes about pickle protocols of bad files
+                warnings.simplefilter("ignore")
+                accelerate_load(f, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - torch raises several types for bad files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{f}: not a plain tensor file ({type(e).__name__}: {first[:120]}); "
+                            "it was not executed; resume from another checkpoint") from None
 
 
 def load(
@@ -172,6 +256,7 @@ def load(
             f"{path}: checkpoint was made by a different recipe (method or model settings "
             "differ); resume with the recipe that made it, or start a new run folder"
         )
+    _check_pickles(path, accelerator.process_index)
     try:
         accelerator.load_state(str(path))
         if ema:
@@ -182,7 +267,8 @@ def load(
                                      if k.startswith(prefix)})
         rank_file = path / f"rank{accelerator.process_index}.safetensors"
         method_state = load_file(str(rank_file)) if rank_file.is_file() else {}
-    except (OSError, RuntimeError, SafetensorError, KeyError) as e:
+    except (OSError, RuntimeError, SafetensorError, KeyError, ValueError, EOFError,
+            pickle.UnpicklingError) as e:
         raise UserError(f"{path}: checkpoint cannot be loaded ({str(e).splitlines()[0]}); "
                         "resume from another checkpoint or start a new run folder") from None
     method_state.pop("_", None)

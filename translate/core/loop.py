@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,17 +18,14 @@ from torch import Tensor, nn
 from translate import config as config_mod
 from translate import data as data_mod
 from translate.config import RunConfig
-from translate.core import checkpoint
+from translate.core import checkpoint, faults
 from translate.core.ema import ema_update, make_ema
+from translate.core.faults import Diverged
 from translate.core.runlog import RunLog
 from translate.core.schedules import lr_factor
-from translate.errors import ConfigError, UserError
+from translate.errors import ConfigError
 from translate.methods import METHODS
 from translate.methods.base import Phase
-
-
-class Diverged(UserError):
-    """A loss or a weight became NaN/Inf."""
 
 
 @dataclass
@@ -169,17 +165,6 @@ def global_mean(accelerator: Accelerator, logs: dict[str, Tensor]) -> dict[str, 
     return {k: means[k] for k in logs}
 
 
-def _check_finite(logs: dict[str, Tensor], step: int) -> None:
-    for key, v in logs.items():
-        if not torch.isfinite(v):
-            phase = key.split("/")[0]
-            raise Diverged(
-                f"step {step}, phase {phase}: {key} is {float(v)}; lower the learning rate "
-                f"(train.lr_{phase.lower()}) or set train.grad_clip, then --resume auto "
-                "(or set train.on_nan = \"rollback\")"
-            )
-
-
 @dataclass
 class Session:
     """Everything the loop holds for one run (one place instead of a dozen locals)."""
@@ -196,16 +181,28 @@ class Session:
     run_dir: Path
 
 
+def check_run_dir(run_dir: Path) -> None:
+    try:
+        str(run_dir.absolute()).encode("utf-8")
+    except UnicodeEncodeError:
+        # safetensors (ours and accelerate's) opens files by UTF-8 path only: such a run
+        # would train but could never be resumed or exported.
+        raise ConfigError(f"run_dir: {run_dir} has bytes that are not UTF-8, which safetensors "
+                          "cannot open; choose a run folder with a UTF-8 name") from None
+
+
 def setup(cfg: RunConfig) -> Session:
     accelerator = make_accelerator(cfg)
     run_dir = cfg.out_dir
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_mod.save(cfg, run_dir / "config.json")
+    check_run_dir(run_dir)
     set_seed(cfg.seed)  # identical initial weights on every rank
     spec = METHODS[cfg.method]
     method = spec.build(cfg)
     dataset = data_mod.build_dataset(cfg)
+    # Only now, with settings and data known to be usable, does the run folder appear.
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_mod.save(cfg, run_dir / "config.json")
     names = list(method.nets)
     raw = [method.nets[n] for n in names]
     if cfg.train.sync_batchnorm:
@@ -225,9 +222,7 @@ def setup(cfg: RunConfig) -> Session:
 
 
 def _save(s: Session, state: checkpoint.TrainState) -> Path:
-    if not checkpoint.all_finite(s.nets):
-        raise Diverged(f"step {state.step}: weights contain NaN/Inf; not writing a checkpoint "
-                       "over the last good one; resume with --resume auto and a lower LR")
+    faults.check_weights({**s.nets, **s.ema}, state.step)
     return checkpoint.save(s.accelerator, s.run_dir, state, s.ema, s.method.state(),
                            s.cfg.train.keep_checkpoints)
 
@@ -247,18 +242,24 @@ def _sample(s: Session, log: RunLog, step: int, fixed) -> None:
     log.sample(step, image)
 
 
+def _start(s: Session, resume: str | None) -> tuple[checkpoint.TrainState, Path | None]:
+    """The state to start from: a checkpoint's, or step 0 with fresh per-rank seeding."""
+    acc = s.accelerator
+    fp = checkpoint.fingerprint(s.cfg.method, s.cfg.model)
+    path = checkpoint.resolve_on_all(acc, s.run_dir, resume) if resume else None
+    if path is None:
+        # Per-rank stream for what is not drawn per sample (dropout, pool, DiffAugment).
+        torch.manual_seed(s.cfg.seed + 1000 * acc.process_index)
+        return checkpoint.TrainState(fingerprint=fp), None
+    state, method_state = checkpoint.load(acc, path, fp, s.ema)
+    s.method.load_state(method_state)
+    return state, path
+
+
 def train(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> RunResult:
     s = setup(cfg)
     acc, t = s.accelerator, cfg.train
-    fp = checkpoint.fingerprint(cfg.method, cfg.model)
-    state = checkpoint.TrainState(fingerprint=fp)
-    path = checkpoint.resolve_on_all(acc, s.run_dir, resume) if resume else None
-    if path is not None:
-        state, method_state = checkpoint.load(acc, path, fp, s.ema)
-        s.method.load_state(method_state)
-    else:
-        # Per-rank stream for what is not drawn per sample (dropout, pool, DiffAugment).
-        torch.manual_seed(cfg.seed + 1000 * acc.process_index)
+    state, path = _start(s, resume)
     log = RunLog(s.run_dir, acc.is_main_process, s.total, state.step, progress)
     log.print(f"{cfg.method} '{cfg.name}': {data_mod.describe(s.dataset)}; global batch "
               f"{t.batch_size} x {acc.num_processes} processes x {t.grad_accum} accumulation = "
@@ -267,35 +268,58 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> R
     fixed = s.method.fixed_batch(s.dataset, t.n_samples, cfg.seed) if acc.is_main_process else None
     batches = Batches(cfg, s.dataset, acc, state.batches)
     last_ckpt, logs = path, {}
+    if t.on_nan == "rollback" and last_ckpt is None:
+        last_ckpt = _save(s, state)  # something to roll back to before the first save
     try:
-        while state.step < s.total:
-            logs = train_step(s, state, batches)
-            state.step += 1
-            state.batches = batches.drawn
-            log_now = state.step % t.log_every == 0 or state.step == s.total
-            if log_now:
-                logs = global_mean(acc, logs)
-            if acc.device.type == "cpu" or log_now:
-                _check_finite(logs, state.step)  # free on CPU; a sync on GPU, so only at log steps
-            log.advance(state.step)
-            if log_now:
-                log.log(state.step, {k: float(v) for k, v in logs.items()})
-            if state.step % t.sample_every == 0 or state.step == s.total:
-                _sample(s, log, state.step, fixed)
-            if state.step % t.save_every == 0 or state.step == s.total:
-                last_ckpt = _save(s, state)
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C exits at once
-        log.close()
-        if state.step > 0 and (last_ckpt is None or not last_ckpt.name.endswith(f"{state.step:07d}")):
-            last_ckpt = _save(s, state)
-        raise UserError(f"interrupted at step {state.step}; checkpoint {last_ckpt}; "
-                        "continue with --resume auto") from None
+        with faults.StopRequest() as stop:
+            while state.step < s.total:
+                try:
+                    logs, saved = run_step(s, state, batches, log, fixed)
+                except Diverged as e:
+                    if t.on_nan != "rollback":
+                        raise
+                    state, last_ckpt = faults.roll_back(acc, s.run_dir, state, e, s.ema,
+                                                        s.method, log)
+                    batches = Batches(cfg, s.dataset, acc, state.batches)
+                    continue
+                last_ckpt = saved or last_ckpt
+                if signum := stop.requested(acc):
+                    if saved is None:
+                        log.print(f"stopping: saving a checkpoint at step {state.step} "
+                                  "(press Ctrl-C again to quit at once)")
+                        last_ckpt = _save(s, state)
+                    raise faults.interrupted(signum, state.step, last_ckpt)
     finally:
         log.close()
     acc.wait_for_everyone()  # before end_training, else gloo aborts now and then
     acc.end_training()
     return RunResult(s.run_dir, state.step, last_ckpt, {k: float(v) for k, v in logs.items()})
+
+
+def run_step(s: Session, state: checkpoint.TrainState, batches: Batches, log: RunLog, fixed
+             ) -> tuple[dict[str, Tensor], Path | None]:
+    """One step with its bookkeeping: NaN check, log line, samples, checkpoint. Returns the
+    logged values and the checkpoint written at this step, if any."""
+    acc, t = s.accelerator, s.cfg.train
+    logs = train_step(s, state, batches)
+    state.step += 1
+    state.batches = batches.drawn
+    log_now = state.step % t.log_every == 0 or state.step == s.total
+    if log_now:
+        logs = global_mean(acc, logs)
+    # Every step where it is free (one CPU process); else at log steps, where the values are
+    # global means, so every process takes the same decision (and a GPU syncs only then).
+    if log_now or (acc.device.type == "cpu" and acc.num_processes == 1):
+        faults.check_finite(logs, state.step)
+    log.advance(state.step)
+    if log_now:
+        log.log(state.step, {k: float(v) for k, v in logs.items()})
+    if state.step % t.sample_every == 0 or state.step == s.total:
+        _sample(s, log, state.step, fixed)
+    saved = None
+    if state.step % t.save_every == 0 or state.step == s.total:
+        saved = _save(s, state)
+    return logs, saved
 
 
 def train_step(s: Session, state: checkpoint.TrainState, batches: Batches) -> dict[str, Tensor]:
@@ -320,5 +344,6 @@ def train_step(s: Session, state: checkpoint.TrainState, batches: Batches) -> di
     set_trainable(s.nets, tuple(s.nets))
     logs["lr_scale"] = torch.tensor(scale)
     if math.isnan(scale):
-        raise Diverged("learning-rate schedule produced NaN")
+        raise Diverged(f"step {state.step}: the learning-rate schedule gave NaN",
+                       "check train.lr_schedule and train.decay_start")
     return logs

@@ -26,6 +26,14 @@ def format_logs(values: dict[str, float], limit: int = 6) -> str:
     return "  ".join(f"{k} {values[k]:.3g}" for k in keys[:limit])
 
 
+def _record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class RunLog:
     """Main-process only (the loop creates it with enabled=False elsewhere)."""
 
@@ -52,12 +60,23 @@ class RunLog:
             self.bar.start()
 
     def _truncate_after(self, step: int) -> None:
-        # A resumed run rewrites history from its checkpoint on; drop lines logged after it.
+        # A resumed run rewrites history from its checkpoint on; drop lines logged after it,
+        # and a last line cut short by a killed process. Rewritten atomically: a kill now must
+        # not cost the whole log.
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+                if (record := _record(line)) is not None and record.get("step", 0) <= step]
+        tmp = self.path.with_name("." + self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+    def rewind(self, step: int) -> None:
+        """Continue from `step` again (a NaN rollback): later lines are dropped."""
+        if self.enabled:
+            self._truncate_after(step)
+        self.last = (step, time.perf_counter())
+        self.advance(step)
 
     def print(self, text: str) -> None:
         if self.enabled:
