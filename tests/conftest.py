@@ -40,7 +40,7 @@ def tiny_unpaired(tmp_path_factory) -> Path:
 
 # --set overrides that make any CycleGAN recipe tiny (a few seconds for a few steps).
 TINY_CYCLEGAN = [
-    "model.ngf=4", "model.ndf=4", "model.n_blocks=1", "model.n_layers_d=1",
+    'model.generator="resnet"', "model.ngf=4", "model.ndf=4", "model.n_blocks=1", "model.n_layers_d=1",
     'data.preprocess="crop"', "data.load_size=16", "data.crop_size=16", "train.batch_size=2",
     "model.pool_size=4",
 ]
