@@ -3,11 +3,16 @@ and the prototype Winograd convolution that bench/speed.py measures as a candida
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,7 +73,16 @@ def gemm_gflops(dtype: torch.dtype, n_max: int = 4096, budget_s: float = 40.0
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    """Peak resident memory of this process so far, in MiB. VmHWM where Linux has it:
+    ru_maxrss of a process started by subprocess also counts its parent's peak (vfork + exec
+    carry the parent's high-water mark over), which made every child look as big as us."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -82,6 +96,84 @@ def machine() -> dict[str, object]:
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "native_bf16": native_bf16(), "cores": os.cpu_count(),
             "load_avg_1min": round(os.getloadavg()[0], 2), "torch": torch.__version__}
+
+
+# ------------------------------------------------------------ the parent/child protocol
+# A child sets up one case (nets, data, warm-up), prints READY, then runs one timed unit per
+# "step" line on stdin and answers TIME <seconds per item>; "done" gets DONE <json>. A parent
+# can so alternate two live children step by step: their time ratio then holds even while
+# other jobs on the machine speed up or slow down both.
+
+MARK = "BENCH "
+
+
+class ChildError(RuntimeError):
+    """A child failed or timed out; the message is its last stderr line."""
+
+
+def serve(unit: Callable[[], int], finish: Callable[[], dict[str, Any]]) -> None:
+    """Child side: `unit()` does one timed piece of work and returns how many items it did."""
+    print(MARK + "READY", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "step":
+            t = time.perf_counter()
+            items = unit()
+            print(f"{MARK}TIME {(time.perf_counter() - t) / items!r}", flush=True)
+        elif line.strip() == "done":
+            print(MARK + "DONE " + json.dumps(finish()), flush=True)
+            return
+
+
+class Worker:
+    """Parent side: one live child running `script --child kind spec`."""
+
+    def __init__(self, script: Path, kind: str, spec: dict[str, Any], log: Path,
+                 timeout: float) -> None:
+        self.log = log
+        with open(log, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(script), "--child", kind, json.dumps(spec)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                cwd=script.parent.parent)
+        self.timer = threading.Timer(timeout, self.proc.kill)  # unblocks a hung readline
+        self.timer.start()
+        self._expect("READY")
+
+    def _expect(self, tag: str) -> str:
+        assert self.proc.stdout is not None
+        while line := self.proc.stdout.readline():
+            if line.startswith(MARK + tag):
+                return line[len(MARK + tag):].strip()
+        self.proc.wait()
+        self.timer.cancel()
+        lines = [ln for ln in self.log.read_text(errors="replace").splitlines() if ln.strip()]
+        reason = lines[-1] if lines else f"exit code {self.proc.returncode} (killed: timeout?)"
+        raise ChildError(reason[:200])
+
+    def _send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the child died; _expect reports why
+
+    def step(self) -> float:
+        self._send("step")
+        return float(self._expect("TIME"))
+
+    def close(self) -> dict[str, Any]:
+        self._send("done")
+        result = json.loads(self._expect("DONE"))
+        self.proc.wait()
+        self.timer.cancel()
+        return result
+
+    def kill(self) -> None:
+        self.timer.cancel()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 # ----------------------------------------------------------- prototype: Winograd 3x3 convs

@@ -2,7 +2,9 @@
 
     python bench/speed.py [--quick] [--json] [--only KEY,KEY] [--repeats N]
 
-Measures, each in a fresh subprocess (so the peak RSS is the variant's own):
+Measures, each in a fresh subprocess (so the peak RSS is the variant's own), with every variant
+stepped in alternation with a live fp32 process of the same case (so its speed-up holds while
+other jobs on a shared machine come and go):
 - the machine's ceiling: fp32 and bf16 n x n x n matmul rates (n = 4096 unless too slow);
 - a full CycleGAN iteration with the paper's nets (ResNet-9 ngf 64, 70x70 PatchGAN) through the
   real loop (translate.core.loop.setup + train_step) at 128 and 256 px, batch 1 and 4, for
@@ -11,7 +13,8 @@ Measures, each in a fresh subprocess (so the peak RSS is the variant's own):
 - `apply` end to end (translate_folder on PNGs: decode, generator, encode) at 256 and 1024 px
   for torch fp32, torch bf16, onnx and torch fp32 + Winograd.
 
-Times are medians over repeats after warm-up; FLOPs are counted with FlopCounterMode on the
+Times are medians over repeats after warm-up; speed-ups are ratios of medians of the
+alternated steps; FLOPs are counted with FlopCounterMode on the
 fp32 eager run; "ceiling" is achieved FLOP/s over the best GEMM rate. `--quick` keeps 128 px
 batch 1 and apply at 256 px, one repeat, fp32 DCGAN/WGAN-GP, no bf16 where the CPU lacks it.
 The machine is shared: compare ratios within one run; the load average is printed.
@@ -23,10 +26,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,6 @@ for p in (ROOT, ROOT / "bench"):
         sys.path.insert(0, str(p))
 
 THREADS = 2
-MARK = "BENCH_RESULT "
 # Train variants: config overrides, plus the bench-only Winograd prototype (marked *).
 VARIANTS: dict[str, list[str]] = {
     "fp32": [],
@@ -47,6 +49,7 @@ VARIANTS: dict[str, list[str]] = {
     "winograd*": [],
 }
 BACKENDS = ("torch fp32", "torch bf16", "onnx", "torch fp32 winograd*")
+BASE_VARIANTS = ("fp32", "torch fp32")  # listed first in their group; others are timed against it
 # Measured by the issue's author for the reference implementation (fp32, batch 1).
 REFERENCE = {
     "train64b1": "ref impl. 0.78 s/it, 1.6 GB",
@@ -65,20 +68,26 @@ class Case:
     variant: str              # second table column
     result: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def group(self) -> str:
+        """Cases of one group share a shape; their first variant is the fp32 reference."""
+        return self.key.split("/")[0]
+
 
 # ------------------------------------------------------------------------------- children
+# Each sets up one case in a fresh process and returns (one timed unit, final report).
 
 
-def child_gemm(spec: dict[str, Any]) -> dict[str, Any]:
+def child_gemm(spec: dict[str, Any]) -> tuple[Callable[[], int], Callable[[], dict]]:
     import torch
     from _common import gemm_gflops, peak_rss_mb
 
     rate, n = gemm_gflops(getattr(torch, spec["dtype"]), budget_s=spec["budget"])
-    return {"gflops": rate, "n": n, "rss_mb": peak_rss_mb()}
+    return lambda: 1, lambda: {"gflops": rate, "n": n, "rss_mb": peak_rss_mb()}
 
 
-def child_train(spec: dict[str, Any]) -> dict[str, Any]:
-    from _common import install_winograd, peak_rss_mb, time_calls
+def child_train(spec: dict[str, Any]) -> tuple[Callable[[], int], Callable[[], dict]]:
+    from _common import install_winograd, peak_rss_mb
     from torch.utils.flop_counter import FlopCounterMode
 
     from translate import config
@@ -91,21 +100,25 @@ def child_train(spec: dict[str, Any]) -> dict[str, Any]:
     state = checkpoint.TrainState(fingerprint="bench")
     batches = loop.Batches(cfg, s.dataset, s.accelerator, 0)
 
-    def step() -> None:
+    def step() -> int:
         loop.train_step(s, state, batches)
+        return 1
 
-    warmup = 3 if spec["variant"] == "compile" else 2
-    times = time_calls(step, warmup, spec["repeats"], spec["budget"])
-    flops = None
-    if spec["count_flops"]:
-        with FlopCounterMode(display=False) as counter:
-            step()
-        flops = counter.get_total_flops()
-    return {"times": times, "flops": flops, "rss_mb": peak_rss_mb()}
+    def finish() -> dict[str, Any]:
+        flops = None
+        if spec["count_flops"]:
+            with FlopCounterMode(display=False) as counter:
+                step()
+            flops = counter.get_total_flops()
+        return {"flops": flops, "rss_mb": peak_rss_mb()}
+
+    for _ in range(spec["warmup"]):
+        step()
+    return step, finish
 
 
-def child_apply(spec: dict[str, Any]) -> dict[str, Any]:
-    from _common import install_winograd, peak_rss_mb, time_calls
+def child_apply(spec: dict[str, Any]) -> tuple[Callable[[], int], Callable[[], dict]]:
+    from _common import install_winograd, peak_rss_mb
 
     from translate.export import load_generator
     from translate.infer import translate_folder
@@ -114,87 +127,138 @@ def child_apply(spec: dict[str, Any]) -> dict[str, Any]:
     if backend.endswith("winograd*"):
         install_winograd()
     path = spec["onnx"] if backend == "onnx" else spec["model"]
-    precision = "bf16" if "bf16" in backend else "fp32"
     gen = load_generator(path, backend="onnx" if backend == "onnx" else "torch",
-                         precision=precision)
-    counts: list[int] = []
+                         precision="bf16" if "bf16" in backend else "fp32")
 
-    def run() -> None:
+    def run() -> int:
         report = translate_folder(gen.forward, gen.info, spec["input"], spec["output"],
                                   overwrite=True, progress=False)
         if report.failed:
             raise RuntimeError(f"apply failed: {report.failed[0][1]}")
-        counts.append(report.translated)
+        return report.translated
 
-    times = time_calls(run, spec["warmup"], spec["repeats"], spec["budget"])
-    return {"times": [t / counts[-1] for t in times], "images": counts[-1],
-            "rss_mb": peak_rss_mb()}
+    for _ in range(spec["warmup"]):
+        run()
+    return run, lambda: {"rss_mb": peak_rss_mb()}
 
 
 CHILDREN = {"gemm": child_gemm, "train": child_train, "apply": child_apply}
 
 
-def run_child(case: Case, timeout: float) -> dict[str, Any]:
-    """Run one case in a fresh interpreter; its last MARK line is the result."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case.kind,
-           json.dumps(case.spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              cwd=ROOT, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        return {"error": (tail[-1] if tail else f"exit code {proc.returncode}")[:160]}
-    return json.loads(lines[-1][len(MARK):])
-
-
 def child_main(kind: str, spec_json: str) -> None:
     import torch
+    from _common import serve
 
     torch.set_num_threads(THREADS)
-    result = CHILDREN[kind](json.loads(spec_json))
-    print(MARK + json.dumps(result), flush=True)
+    serve(*CHILDREN[kind](json.loads(spec_json)))
+
+
+def run_group(group: list[Case], work: Path, timeout: float) -> None:
+    """Measure the cases of one shape. The first (fp32) child stays alive and each other
+    variant alternates steps with it, so every speed-up compares steps taken side by side."""
+    from _common import ChildError, Worker
+
+    script = Path(__file__).resolve()
+    base, others = group[0], group[1:]
+
+    def start(c: Case) -> Worker:
+        return Worker(script, c.kind, c.spec, work / f"{c.key.replace('/', '_')}.log", timeout)
+
+    try:
+        bw = start(base)
+    except ChildError as e:
+        for c in group:
+            c.result = {"error": str(e)}
+        return
+    base_times: list[float] = []
+    try:
+        if not others and base.kind != "gemm":
+            base_times = _repeat(lambda: [bw.step()], base.spec)
+        for c in others:
+            t = time.perf_counter()
+            w = None
+            try:
+                w = start(c)
+                pairs = _repeat(lambda w=w: [(bw.step(), w.step())], c.spec)
+                c.result = w.close()
+                c.result["times"] = [v for _, v in pairs]
+                c.result["speedup"] = (statistics.median(b for b, _ in pairs)
+                                       / statistics.median(c.result["times"]))
+                base_times += [b for b, _ in pairs]
+            except ChildError as e:
+                c.result = {"error": str(e)}
+                if w is not None:
+                    w.kill()
+            _progress(c, t)
+        t = time.perf_counter()
+        base.result = bw.close()
+        if base_times:
+            base.result["times"] = base_times
+        _progress(base, t)
+    except ChildError as e:
+        base.result = {"error": f"fp32 reference failed: {e}"}
+        bw.kill()
+
+
+def _repeat(fn: Callable[[], list], spec: dict[str, Any]) -> list:
+    """fn() `repeats` times, fewer (at least once) when they would overrun the budget."""
+    out: list = []
+    start = time.perf_counter()
+    while len(out) < spec.get("repeats", 1):
+        t = time.perf_counter()
+        out += fn()
+        if time.perf_counter() - start + (time.perf_counter() - t) > spec["budget"]:
+            break
+    return out
+
+
+def _progress(c: Case, start: float) -> None:
+    print(f"[{time.perf_counter() - start:6.0f} s] {c.key}: {c.result.get('error') or 'ok'}",
+          file=sys.stderr, flush=True)
 
 
 # -------------------------------------------------------------------------------- planning
+
+
+def _train_case(work: Path, quick: bool, native_bf16: bool, repeats: int, key: str,
+                label: str, recipe: str, variant: str, overrides: list[str]) -> Case:
+    slow_bf16 = variant == "bf16" and not native_bf16
+    warmup = {"compile": 3, "bf16": 1 if slow_bf16 else 2}.get(variant, 2) - (1 if quick else 0)
+    spec = {"recipe": recipe, "variant": variant, "count_flops": variant == "fp32",
+            "overrides": [*overrides, "data.num_workers=0",
+                          f'run_dir="{work / "runs" / key.replace("/", "_")}"',
+                          *VARIANTS[variant]],
+            "warmup": max(warmup, 1), "repeats": 1 if slow_bf16 else repeats,
+            "budget": 20.0 if quick else 150.0}
+    return Case(key, "train", spec, label, variant)
 
 
 def train_cases(work: Path, quick: bool, native_bf16: bool, repeats: int) -> list[Case]:
     cases = []
     shapes = [(128, 1)] if quick else [(64, 1), (128, 1), (128, 4), (256, 1), (256, 4)]
     for size, batch in shapes:
-        for variant, extra in VARIANTS.items():
+        for variant in VARIANTS:
             if size == 64 and variant != "fp32":
                 continue  # only there to stand beside the reference's 64 px number
             if variant == "bf16" and not native_bf16 and (quick or (size, batch) != (128, 1)):
                 continue  # ~10x slower without bf16 hardware: measured once, at 128 px b1
-            overrides = [f'data.root="{work / f"unpaired{size}"}"', 'data.preprocess="crop"',
-                         f"data.load_size={size}", f"data.crop_size={size}",
-                         "data.num_workers=0", f"train.batch_size={batch}", "train.epochs=0",
-                         "train.epochs_decay=0", "train.steps=1000",
-                         f'run_dir="{work / "runs" / f"{size}_{batch}_{variant[:4]}"}"', *extra]
-            spec = {"recipe": "cyclegan_horse2zebra.toml", "overrides": overrides,
-                    "variant": variant, "count_flops": variant == "fp32",
-                    "repeats": 1 if variant == "bf16" else repeats,
-                    "budget": 30.0 if quick else 120.0}
-            cases.append(Case(f"train{size}b{batch}/{variant}", "train", spec,
-                              f"cyclegan {size}px b{batch}", variant))
+            data = [f'data.root="{work / f"unpaired{size}"}"', 'data.preprocess="crop"',
+                    f"data.load_size={size}", f"data.crop_size={size}",
+                    f"train.batch_size={batch}", "train.epochs=0", "train.epochs_decay=0"]
+            cases.append(_train_case(work, quick, native_bf16, repeats,
+                                     f"train{size}b{batch}/{variant}",
+                                     f"cyclegan {size}px b{batch}", "cyclegan_horse2zebra.toml",
+                                     variant, data))
     for method in ("dcgan", "wgan_gp"):
-        for variant, extra in VARIANTS.items():
+        for variant in VARIANTS:
             if variant == "winograd*" or (variant != "fp32" and quick):
                 continue  # no 3x3 stride-1 convs in the DCGAN nets
             if variant == "bf16" and not native_bf16:
                 continue
-            overrides = [f'data.root="{work / "folder64"}"', "data.num_workers=0",
-                         "train.batch_size=64",
-                         f'run_dir="{work / "runs" / f"{method}_{variant[:4]}"}"', *extra]
-            spec = {"recipe": f"{method}.toml", "overrides": overrides, "variant": variant,
-                    "count_flops": variant == "fp32", "repeats": repeats,
-                    "budget": 30.0 if quick else 120.0}
-            cases.append(Case(f"{method}64b64/{variant}", "train", spec, f"{method} 64px b64",
-                              variant))
+            data = [f'data.root="{work / "folder64"}"', "train.batch_size=64"]
+            cases.append(_train_case(work, quick, native_bf16, repeats,
+                                     f"{method}64b64/{variant}", f"{method} 64px b64",
+                                     f"{method}.toml", variant, data))
     return cases
 
 
@@ -202,14 +266,14 @@ def apply_cases(work: Path, quick: bool, native_bf16: bool, repeats: int) -> lis
     cases = []
     for size in (256,) if quick else (256, 1024):
         for backend in BACKENDS:
-            if backend == "torch bf16" and not native_bf16 and size > 256:
+            slow_bf16 = backend == "torch bf16" and not native_bf16
+            if slow_bf16 and size > 256:
                 continue
             spec = {"backend": backend, "model": str(work / "G.safetensors"),
                     "onnx": str(work / "G.onnx"), "input": str(work / f"photos{size}"),
                     "output": str(work / "out" / f"{size}_{backend.replace(' ', '_')}"),
-                    "warmup": 1 if size <= 256 else 0,
-                    "repeats": 1 if (backend == "torch bf16" and not native_bf16) else repeats,
-                    "budget": 30.0 if quick else 120.0}
+                    "warmup": 1 if size <= 256 and not slow_bf16 else 0,
+                    "repeats": 1 if slow_bf16 else repeats, "budget": 20.0 if quick else 150.0}
             cases.append(Case(f"apply{size}/{backend}", "apply", spec, f"apply {size}px",
                               backend))
     return cases
@@ -261,22 +325,19 @@ def prepare(work: Path, quick: bool, cases: list[Case]) -> dict[str, float]:
 
 
 def fill_derived(cases: list[Case], apply_flops: dict[str, float], ceiling: float) -> None:
-    """Median time, speed-up over fp32 eager of the same shape, FLOPs and ceiling share."""
-    base: dict[str, Case] = {}
+    """Median times; FLOPs (counted on fp32 eager, the same arithmetic for every variant);
+    share of the ceiling."""
+    flops = {c.group: c.result.get("flops") for c in cases if c.variant in BASE_VARIANTS}
+    flops.update(apply_flops)
     for c in cases:
         r = c.result
-        if "times" in r:
-            r["median_s"] = statistics.median(r["times"])
-        if c.kind == "apply":
-            r.setdefault("flops", apply_flops.get(c.key.split("/")[0]))
-        if c.variant in ("fp32", "torch fp32"):
-            base[c.key.split("/")[0]] = c
-    for c in cases:
-        r, ref = c.result, base.get(c.key.split("/")[0])
-        if ref is not None and "median_s" in r and "median_s" in ref.result:
-            r["speedup"] = ref.result["median_s"] / r["median_s"]
-            r.setdefault("flops", ref.result.get("flops"))
-        if r.get("flops") and "median_s" in r and ceiling > 0:
+        if "times" not in r:
+            continue
+        r["median_s"] = statistics.median(r["times"])
+        if c.variant in BASE_VARIANTS:
+            r["speedup"] = 1.0
+        r["flops"] = flops.get(c.group)
+        if r["flops"] and ceiling > 0:
             r["ceiling"] = r["flops"] / r["median_s"] / (ceiling * 1e9)
 
 
@@ -292,7 +353,7 @@ def _row(c: Case) -> list[str]:
     return [c.label, c.variant, timing, f"{r['speedup']:.2f}x" if "speedup" in r else "",
             f"{r['flops'] / 1e9:.0f}" if r.get("flops") else "",
             f"{100 * r['ceiling']:.0f}%" if "ceiling" in r else "", f"{r['rss_mb']:.0f}",
-            REFERENCE.get(c.key.split("/")[0], "") if c.variant in ("fp32", "torch fp32") else ""]
+            REFERENCE.get(c.group, "") if c.variant in BASE_VARIANTS else ""]
 
 
 def print_table(cases: list[Case], info: dict[str, Any]) -> None:
@@ -312,11 +373,11 @@ def print_table(cases: list[Case], info: dict[str, Any]) -> None:
 def summary(cases: list[Case], info: dict[str, Any]) -> dict[str, Any]:
     by_key = {c.key: c.result for c in cases}
 
-    def best(prefix: str) -> tuple[str | None, dict[str, Any]]:
-        """The variant of a case with the shortest median time (per iteration or image)."""
+    def best(group: str) -> tuple[str | None, dict[str, Any]]:
+        """The variant with the largest speed-up (timed side by side with fp32)."""
         found = [(c.variant, c.result) for c in cases
-                 if c.key.startswith(prefix + "/") and "median_s" in c.result]
-        return min(found, key=lambda vr: vr[1]["median_s"]) if found else (None, {})
+                 if c.group == group and "speedup" in c.result]
+        return max(found, key=lambda vr: vr[1]["speedup"]) if found else (None, {})
 
     out: dict[str, Any] = {"machine": info}
     for dtype in ("fp32", "bf16"):
@@ -324,7 +385,8 @@ def summary(cases: list[Case], info: dict[str, Any]) -> dict[str, Any]:
     fp32 = by_key.get("train128b1/fp32", {})
     variant, best_r = best("train128b1")
     out.update(train128_fp32_s=fp32.get("median_s"), train128_best_s=best_r.get("median_s"),
-               train128_best_variant=variant, train128_peak_rss_mb=best_r.get("rss_mb"),
+               train128_best_variant=variant, train128_best_speedup=best_r.get("speedup"),
+               train128_peak_rss_mb=best_r.get("rss_mb"),
                train128_fp32_peak_rss_mb=fp32.get("rss_mb"))
     a32 = by_key.get("apply256/torch fp32", {})
     variant, best_a = best("apply256")
@@ -339,8 +401,7 @@ def print_targets(s: dict[str, Any]) -> None:
     def verdict(ok: bool | None) -> str:
         return "n/a" if ok is None else ("PASS" if ok else "MISS")
 
-    speedup = (s["train128_fp32_s"] / s["train128_best_s"]
-               if s["train128_fp32_s"] and s["train128_best_s"] else None)
+    speedup = s["train128_best_speedup"]
     rss, img_s = s["train128_peak_rss_mb"], s["apply256_best_img_s"]
     print(f"target train 128 b1 >= {TARGETS['train128_speedup']:.0f}x fp32 eager: "
           f"{'-' if speedup is None else f'{speedup:.2f}x'} ({s['train128_best_variant']}) "
@@ -366,8 +427,20 @@ def plan(work: Path, args: argparse.Namespace, native_bf16: bool) -> list[Case]:
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         # The GEMM rate is the ceiling every share is computed against: always measured.
-        cases = [c for c in cases if c.kind == "gemm" or any(w in c.key for w in wanted)]
+        chosen = {c.group for c in cases if any(w in c.key for w in wanted)}
+        # The GEMM rate is the ceiling every share is computed against, and a variant is
+        # timed against the fp32 run of its case: both always come along.
+        cases = [c for c in cases if c.kind == "gemm" or (c.group in chosen and (
+            c.variant in BASE_VARIANTS or any(w in c.key for w in wanted)))]
     return cases
+
+
+def groups(cases: list[Case]) -> list[list[Case]]:
+    """Cases by group, in order; the GEMM cases each alone."""
+    out: dict[str, list[Case]] = {}
+    for c in cases:
+        out.setdefault(c.key if c.kind == "gemm" else c.group, []).append(c)
+    return list(out.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,11 +465,14 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         cases = plan(work, args, bool(info["native_bf16"]))
         apply_flops = prepare(work, args.quick, cases)
-        for c in cases:
-            t = time.perf_counter()
-            c.result = run_child(c, args.timeout)
-            print(f"[{time.perf_counter() - t:6.0f} s] {c.key}: "
-                  f"{c.result.get('error') or 'ok'}", file=sys.stderr, flush=True)
+        for group in groups(cases):
+            run_group(group, work, args.timeout)
+        # Again at the end: the load changes during a long run and the ceiling is the best rate.
+        for c in [c for c in cases if c.kind == "gemm"]:
+            again = Case(c.key, c.kind, c.spec, c.label, c.variant)
+            run_group([again], work, args.timeout)
+            if again.result.get("gflops", 0.0) > c.result.get("gflops", 0.0):
+                c.result = again.result
     gemm = [c.result.get("gflops", 0.0) for c in cases if c.kind == "gemm"]
     info["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
     fill_derived(cases, apply_flops, max(gemm, default=0.0))

@@ -165,7 +165,7 @@ def test_cyclegan_2_processes_equal_1_with_twice_the_batch_across_a_resume(tiny_
     out = worker(tmp_path / "dump6", "cyclegan_demo.toml", sets, "--batch-size", "1",
                  "--steps", "6", "--save-every", "3", "--run-dir", run, "--resume", "auto",
                  env={"DIST_WORKER_STALE_RANK": "1"})
-    assert "resumed from" in out and out.count("done: 6 steps") == 2
+    assert "resumed from" in out and out.count("done: 6 steps") == 1  # main process only
     assert_ranks_identical(tmp_path / "dump6")
     assert_same_run(run, tmp_path / "ref", [3, 6])
 

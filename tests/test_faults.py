@@ -8,6 +8,7 @@ Ctrl-C would, and write to files (a full pipe would stall a chatty run).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -17,6 +18,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,17 +63,51 @@ def _train_args(run: Path, steps: int, save_every: int, *extra: str) -> list[str
             str(save_every), "--no-progress", *extra]
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (a launcher starts each rank in a session of its own, so a
+    signal to the launcher's group does not reach them)."""
+    parent = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent[int(entry.name)] = int(stat.rpartition(")")[2].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [c for c, p in parent.items() if p == frontier[-1]]
+        frontier.pop()
+        found += children
+        frontier += children
+    return found
+
+
+_STARTED: list[Cli] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap():
+    """Whatever a test started and left running (it failed early) is killed, ranks included."""
+    yield
+    while _STARTED:
+        _STARTED.pop().kill_tree()
+
+
 class Cli:
     """`python cli.py ARGS` running in the background, output in files."""
 
-    def __init__(self, args: list[str], out: Path, env: dict | None = None) -> None:
+    def __init__(self, args: list[str], out: Path, env: dict | None = None,
+                 launcher: list[str] | None = None) -> None:
         self.out = out
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
                     **(env or {})}
+        cmd = (launcher or [sys.executable]) + [str(ROOT / "cli.py"), *args]
         with open(out.with_suffix(".out"), "w") as so, open(out.with_suffix(".err"), "w") as se:
-            self.proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT,
-                                         env=full_env, stdout=so, stderr=se,
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=so, stderr=se,
                                          start_new_session=True)
+        _STARTED.append(self)
 
     def running(self) -> bool:
         return self.proc.poll() is None
@@ -80,7 +116,18 @@ class Cli:
         os.killpg(self.proc.pid, sig)
 
     def wait(self, timeout: float = 120) -> int:
-        return self.proc.wait(timeout=timeout)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_tree()
+            raise AssertionError(f"still running after {timeout} s:\n{self.stderr}") from None
+
+    def kill_tree(self) -> None:
+        if self.running():
+            for pid in [*_descendants(self.proc.pid), self.proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.proc.wait()
 
     @property
     def stderr(self) -> str:
@@ -259,6 +306,43 @@ def test_stop_signal_saves_the_current_step_and_resumes_exactly(sig, tmp_path):
     train(_cfg(tmp_path / "straight", step + 3, 100_000), progress=False)
     _assert_same(_tensors(checkpoint.step_dir(run, step + 3)),
                  _tensors(checkpoint.step_dir(tmp_path / "straight", step + 3)))
+
+
+def _rank_pid(launcher: int, rank: int) -> int:
+    """The process of `rank` among the launcher's descendants."""
+    for pid in _descendants(launcher):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"LOCAL_RANK={rank}".encode() in env:
+            return pid
+    raise AssertionError(f"no process of rank {rank} under {launcher}")
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_accelerate_launch_stops_every_rank_at_the_same_step(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", str(port)]
+    run = tmp_path / "run"
+    job = Cli(_train_args(run, 100_000, 100_000), tmp_path / "job", launcher=launcher)
+    job.wait_until(lambda: _last_step(run) >= 3, what="step 3")
+    # Only rank 1 is told (the hard case: a terminal would tell every process): rank 0 must
+    # still stop at the same step, or one of them would wait forever in a collective.
+    os.kill(_rank_pid(job.proc.pid, 1), signal.SIGINT)
+    job.wait(timeout=120)
+    stops = re.findall(r"^stopped by SIGINT at step (\d+); checkpoint", job.stderr,
+                       re.MULTILINE)
+    assert len(stops) == 2 and stops[0] == stops[1], job.stderr  # one step, both ranks
+    step = int(stops[0])
+    assert checkpoint.list_checkpoints(run) == [checkpoint.step_dir(run, step)]
+    _assert_complete(checkpoint.step_dir(run, step))
+    assert (checkpoint.step_dir(run, step) / "random_states_1.pkl").is_file()
+    assert not _tmp_dirs(run)
 
 
 def test_second_ctrl_c_exits_at_once(tmp_path):
