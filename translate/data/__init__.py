@@ -144,7 +144,13 @@ def _keep(batch: object) -> object:
 
 
 def _init_worker(worker_id: int) -> None:
+    import signal
+
     import cv2
+
+    # A terminal's Ctrl-C reaches the workers too; the main process decides when to stop
+    # (at a step boundary, after saving), so the workers must not die under it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     # Workers each get a core's worth of work already; nested thread pools only oversubscribe.
     torch.set_num_threads(1)
