@@ -164,3 +164,25 @@ def test_cli_errors_are_one_line(args, needle, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("extra", [
+    ['model.diff_augment="color,translation,cutout"', "train.ema=0.9"],
+    ['model.generator="unet"', "model.unet_downs=4", "model.objective=\"hinge\"",
+     "model.pool_size=0", "model.lambda_identity=0.0", "train.grad_accum=2"],
+])
+def test_cyclegan_options_train_through_the_cli(extra, tiny_unpaired, tmp_path):
+    """DiffAugment on D's inputs, EMA, U-Net generators, another objective, no pool, and
+    gradient accumulation, each in a real CycleGAN run."""
+    sets = [a for o in TINY_CYCLEGAN + extra + [f'data.root="{tiny_unpaired}"']
+            for a in ("--set", o)]
+    run = tmp_path / "run"
+    run_cli("train", "recipes/cyclegan_demo.toml", *sets, "--steps", "2", "--run-dir", str(run),
+            "--log-every", "1")
+    logs = _losses(run)
+    assert len(logs) == 2 and all(r["G/loss"] > 0 for r in logs)
+    cfg = json.loads((run / "config.json").read_text())
+    for item in extra:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        assert str(cfg[section][name]).lower() == value.strip('"').lower()
