@@ -11,7 +11,8 @@ from torch import nn
 
 from translate.errors import ModelError, UserError
 from translate.images import load_image_rgba, to_tensor, to_uint8
-from translate.infer import ModelInfo, _mirror_pad, translate_folder, translate_tensor
+from translate.infer import ModelInfo, translate_folder, translate_tensor
+from translate.tiling import _mirror_pad
 
 RGB = ModelInfo(in_channels=3, out_channels=3, size_multiple=4)
 
