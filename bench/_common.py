@@ -1,5 +1,5 @@
-"""Helpers shared by the benchmarks: synthetic image folders, timing, GEMM ceiling, peak RSS,
-and the prototype Winograd convolution that bench/speed.py measures as a candidate speed-up."""
+"""Helpers shared by the benchmarks: synthetic image folders, timing, the GEMM ceiling, peak
+RSS, waiting for a quiet machine, and measuring cases in live subprocesses side by side."""
 
 from __future__ import annotations
 
@@ -16,9 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor, nn
 
 
 def write_pngs(folder: Path, size: int, count: int, seed: int) -> None:
@@ -90,6 +88,30 @@ def native_bf16() -> bool:
     """Whether oneDNN has bf16 kernels for this CPU (AVX-512 BF16 or AMX); without them every
     bf16 conv and matmul falls back to slow reference loops."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _cpu_times() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_for_idle(max_wait_s: float, busy_below: float = 0.15, window_s: float = 2.0) -> float:
+    """Block until the whole machine was less than `busy_below` busy over `window_s` (other
+    jobs on a shared machine; our own children sleep between steps), or `max_wait_s` passed.
+    Returns the busy fraction last seen (1.0 where /proc/stat is missing)."""
+    start, busy = time.monotonic(), 1.0
+    while True:
+        try:
+            b0, t0 = _cpu_times()
+            time.sleep(window_s)
+            b1, t1 = _cpu_times()
+        except OSError:
+            return 1.0
+        busy = (b1 - b0) / max(t1 - t0, 1)
+        if busy < busy_below or time.monotonic() - start >= max_wait_s:
+            return busy
 
 
 def machine() -> dict[str, object]:
@@ -174,68 +196,3 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-
-# ----------------------------------------------------------- prototype: Winograd 3x3 convs
-# NNPACK (bundled with the PyTorch CPU wheels) computes 3x3 stride-1 convolutions with
-# Winograd F(6x6, 3x3): about 4x fewer multiplications than the direct convolution oneDNN
-# runs. The ResNet generator spends ~88% of its FLOPs in such convs (the residual blocks).
-# Forward and input gradient (itself a 3x3 stride-1 conv with the flipped, transposed
-# weights) go through NNPACK; the weight gradient stays on oneDNN.
-
-
-class _WinogradConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, pad: int) -> Tensor:
-        ctx.save_for_backward(x, w)
-        ctx.pad, ctx.has_bias = pad, b is not None
-        bias = b if b is not None else x.new_zeros(w.shape[0])
-        return torch._nnpack_spatial_convolution(x.contiguous(), w.contiguous(), bias,
-                                                 [pad, pad], [1, 1])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, w = ctx.saved_tensors
-        pad, need = ctx.pad, ctx.needs_input_grad
-        grad = grad.contiguous()
-        dx = dw = db = None
-        if need[0]:
-            w_t = w.flip(2, 3).transpose(0, 1).contiguous()
-            dx = torch._nnpack_spatial_convolution(grad, w_t, x.new_zeros(w.shape[1]),
-                                                   [2 - pad, 2 - pad], [1, 1])
-        if need[1] or (ctx.has_bias and need[2]):
-            _, dw, db = torch.ops.aten.convolution_backward(
-                grad, x, w, [w.shape[0]] if ctx.has_bias else None, [1, 1], [pad, pad],
-                [1, 1], False, [0, 0], 1, [False, need[1], ctx.has_bias and need[2]])
-        return dx, dw, db, None
-
-
-def _winograd_ok(conv: nn.Conv2d, x: Tensor) -> bool:
-    pad = conv.padding
-    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.dilation == (1, 1)
-            and conv.groups == 1 and conv.padding_mode == "zeros" and isinstance(pad, tuple)
-            and pad[0] == pad[1] < 3 and x.dtype == torch.float32 and x.device.type == "cpu"
-            and x.dim() == 4 and not torch.is_autocast_enabled("cpu"))
-
-
-def install_winograd() -> None:
-    """Route every eligible nn.Conv2d in this process through NNPACK's Winograd kernels."""
-    if not torch._nnpack_available():  # also initialises NNPACK; calls fail without it
-        raise RuntimeError("this PyTorch build has no NNPACK")
-    direct = nn.Conv2d.forward
-
-    def forward(self: nn.Conv2d, x: Tensor) -> Tensor:
-        if _winograd_ok(self, x):
-            return _WinogradConv.apply(x, self.weight, self.bias, self.padding[0])
-        return direct(self, x)
-
-    nn.Conv2d.forward = forward
-
-
-def winograd_error(size: int = 32) -> float:
-    """Largest |winograd - direct| / max|direct| of one 3x3 conv on random data."""
-    torch._nnpack_available()
-    x, w = torch.randn(1, 64, size, size), torch.randn(64, 64, 3, 3) * 0.05
-    ref = F.conv2d(x, w, padding=1)
-    got = _WinogradConv.apply(x, w, None, 1)
-    return float((got - ref).abs().max() / ref.abs().max())

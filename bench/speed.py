@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -153,12 +154,18 @@ def child_main(kind: str, spec_json: str) -> None:
     serve(*CHILDREN[kind](json.loads(spec_json)))
 
 
-def run_group(group: list[Case], work: Path, timeout: float) -> None:
+def run_group(group: list[Case], work: Path, timeout: float, idle_wait: float = 0.0) -> None:
     """Measure the cases of one shape. The first (fp32) child stays alive and each other
     variant alternates steps with it, so every speed-up compares steps taken side by side."""
-    from _common import ChildError, Worker
+    from _common import ChildError, Worker, wait_for_idle
 
     script = Path(__file__).resolve()
+    busy: list[float] = []
+
+    def quiet() -> None:
+        if idle_wait > 0:
+            busy.append(wait_for_idle(idle_wait))
+
     base, others = group[0], group[1:]
 
     def start(c: Case) -> Worker:
@@ -173,13 +180,13 @@ def run_group(group: list[Case], work: Path, timeout: float) -> None:
     base_times: list[float] = []
     try:
         if not others and base.kind != "gemm":
-            base_times = _repeat(lambda: [bw.step()], base.spec)
+            base_times = _repeat(lambda: [bw.step()], base.spec, quiet)
         for c in others:
             t = time.perf_counter()
             w = None
             try:
                 w = start(c)
-                pairs = _repeat(lambda w=w: [(bw.step(), w.step())], c.spec)
+                pairs = _repeat(lambda w=w: [_pair(bw, w)], c.spec, quiet)
                 c.result = w.close()
                 c.result["times"] = [v for _, v in pairs]
                 c.result["speedup"] = (statistics.median(b for b, _ in pairs)
@@ -194,20 +201,35 @@ def run_group(group: list[Case], work: Path, timeout: float) -> None:
         base.result = bw.close()
         if base_times:
             base.result["times"] = base_times
+        if busy:  # how busy the machine was just before the timed steps
+            base.result["busy_before_steps"] = round(statistics.median(busy), 2)
         _progress(base, t)
     except ChildError as e:
         base.result = {"error": f"fp32 reference failed: {e}"}
         bw.kill()
 
 
-def _repeat(fn: Callable[[], list], spec: dict[str, Any]) -> list:
-    """fn() `repeats` times, fewer (at least once) when they would overrun the budget."""
+def _pair(base: Any, other: Any) -> tuple[float, float]:
+    """(base step time, other step time), run in a random order: a load that rises or falls
+    during the pair then favours neither on average."""
+    if random.random() < 0.5:
+        return base.step(), other.step()
+    t_other = other.step()
+    return base.step(), t_other
+
+
+def _repeat(fn: Callable[[], list], spec: dict[str, Any], before: Callable[[], None]) -> list:
+    """fn() `repeats` times, fewer (at least once) when they would overrun the budget;
+    `before()` (waiting for a quiet machine) runs ahead of each and is not counted."""
     out: list = []
-    start = time.perf_counter()
+    spent = 0.0
     while len(out) < spec.get("repeats", 1):
+        before()
         t = time.perf_counter()
         out += fn()
-        if time.perf_counter() - start + (time.perf_counter() - t) > spec["budget"]:
+        last = time.perf_counter() - t
+        spent += last
+        if spent + last > spec["budget"]:
             break
     return out
 
@@ -451,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
                     "e.g. train128b1,apply256/onnx")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per case")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per subprocess")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                    help="before each timed step, wait up to S seconds for the machine to be "
+                    "idle (other jobs below 15%% CPU); for shared machines")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -466,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = plan(work, args, bool(info["native_bf16"]))
         apply_flops = prepare(work, args.quick, cases)
         for group in groups(cases):
-            run_group(group, work, args.timeout)
+            run_group(group, work, args.timeout, args.wait_idle)
         # Again at the end: the load changes during a long run and the ceiling is the best rate.
         for c in [c for c in cases if c.kind == "gemm"]:
             again = Case(c.key, c.kind, c.spec, c.label, c.variant)
