@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import resource
+import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +199,113 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+# ------------------------------------------------------------------ paired measurement
+
+
+@dataclass
+class Case:
+    key: str                  # e.g. "train128b1/compile"; --only matches substrings of it
+    kind: str                 # gemm | train | apply
+    spec: dict[str, Any]      # what the child needs
+    label: str                # first table column
+    variant: str              # second table column
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def group(self) -> str:
+        """Cases of one group share a shape; their first variant is the fp32 reference."""
+        return self.key.split("/")[0]
+
+
+def groups(cases: list[Case]) -> list[list[Case]]:
+    """Cases by group, in order; the GEMM cases each alone."""
+    out: dict[str, list[Case]] = {}
+    for c in cases:
+        out.setdefault(c.key if c.kind == "gemm" else c.group, []).append(c)
+    return list(out.values())
+
+
+def run_group(script: Path, group: list[Case], work: Path, timeout: float,
+              idle_wait: float = 0.0) -> None:
+    """Measure the cases of one group. The first (the baseline) child stays alive and each
+    other variant alternates steps with it, so every speed-up compares steps taken side by
+    side. Results (or {"error": ...}) land in each case's `result`."""
+    busy: list[float] = []
+
+    def quiet() -> None:
+        if idle_wait > 0:
+            busy.append(wait_for_idle(idle_wait))
+
+    base, others = group[0], group[1:]
+    began = time.perf_counter()
+
+    def start(c: Case) -> Worker:
+        return Worker(script, c.kind, c.spec, work / f"{c.key.replace('/', '_')}.log", timeout)
+
+    try:
+        bw = start(base)
+    except ChildError as e:
+        for c in group:
+            c.result = {"error": str(e)}
+        return
+    base_times: list[float] = []
+    try:
+        if not others and base.kind != "gemm":
+            base_times = _repeat(lambda: [bw.step()], base.spec, quiet)
+        for c in others:
+            t = time.perf_counter()
+            w = None
+            try:
+                w = start(c)
+                pairs = _repeat(lambda w=w: [_pair(bw, w)], c.spec, quiet)
+                c.result = w.close()
+                c.result["times"] = [v for _, v in pairs]
+                c.result["speedup"] = (statistics.median(b for b, _ in pairs)
+                                       / statistics.median(c.result["times"]))
+                base_times += [b for b, _ in pairs]
+            except ChildError as e:
+                c.result = {"error": str(e)}
+                if w is not None:
+                    w.kill()
+            _progress(c, t)
+        base.result = bw.close()
+        if base_times:
+            base.result["times"] = base_times
+        if busy:  # how busy the machine was just before the timed steps
+            base.result["busy_before_steps"] = round(statistics.median(busy), 2)
+        _progress(base, began)
+    except ChildError as e:
+        base.result = {"error": f"fp32 reference failed: {e}"}
+        bw.kill()
+
+
+def _pair(base: Any, other: Any) -> tuple[float, float]:
+    """(base step time, other step time), run in a random order: a load that rises or falls
+    during the pair then favours neither on average."""
+    if random.random() < 0.5:
+        return base.step(), other.step()
+    t_other = other.step()
+    return base.step(), t_other
+
+
+def _repeat(fn: Callable[[], list], spec: dict[str, Any], before: Callable[[], None]) -> list:
+    """fn() `repeats` times, fewer (at least once) when they would overrun the budget;
+    `before()` (waiting for a quiet machine) runs ahead of each and is not counted."""
+    out: list = []
+    spent = 0.0
+    while len(out) < spec.get("repeats", 1):
+        before()
+        t = time.perf_counter()
+        out += fn()
+        last = time.perf_counter() - t
+        spent += last
+        if spent + last > spec["budget"]:
+            break
+    return out
+
+
+def _progress(c: Case, start: float) -> None:
+    print(f"[{time.perf_counter() - start:6.0f} s] {c.key}: {c.result.get('error') or 'ok'}",
+          file=sys.stderr, flush=True)
