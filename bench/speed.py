@@ -13,9 +13,10 @@ jobs on a shared machine come and go. Measured:
 - `apply` end to end (translate_folder on PNGs: decode, generator, encode) at 256 and 1024 px
   for the torch fp32, torch bf16 and onnx backends.
 
-Times are medians over the repeats after warm-up; FLOPs are counted with FlopCounterMode on the
-fp32 run; "ceiling" is achieved FLOP/s over the best GEMM rate. `--quick`: 128 px batch 1,
-apply at 256 px, one repeat, fp32 only for DCGAN/WGAN-GP, no bf16 where the CPU lacks it.
+Times are medians over the repeats after warm-up, speed-ups medians of the per-pair ratios;
+FLOPs are counted with FlopCounterMode on the fp32 run; "ceiling" is achieved FLOP/s over the
+best GEMM rate. `--quick`: 128 px batch 1, apply at 256 px, one repeat, fp32 only for
+DCGAN/WGAN-GP, no bf16 where the CPU lacks it.
 """
 
 from __future__ import annotations
@@ -295,8 +296,9 @@ def print_table(cases: list[Case], info: dict[str, Any]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    print("speed-up: over fp32 eager (torch fp32 for apply) of the same case, from alternated "
-          "steps; GFLOP: per iteration or image; ceiling: FLOP/s over the best GEMM rate")
+    print("speed-up: over fp32 eager (torch fp32 for apply) of the same case, median ratio of "
+          "alternated steps; GFLOP: per iteration or image; ceiling: FLOP/s over the best GEMM "
+          "rate")
 
 
 def summary(cases: list[Case], info: dict[str, Any]) -> dict[str, Any]:

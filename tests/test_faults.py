@@ -335,7 +335,7 @@ def test_ctrl_c_under_accelerate_launch_stops_every_rank_at_the_same_step(tmp_pa
     # still stop at the same step, or one of them would wait forever in a collective.
     os.kill(_rank_pid(job.proc.pid, 1), signal.SIGINT)
     job.wait(timeout=120)
-    stops = re.findall(r"^stopped by SIGINT at step (\d+); checkpoint", job.stderr,
+    stops = re.findall(r"stopped by SIGINT at step (\d+); checkpoint", job.stderr,
                        re.MULTILINE)
     assert len(stops) == 2 and stops[0] == stops[1], job.stderr  # one step, both ranks
     step = int(stops[0])
