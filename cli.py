@@ -7,6 +7,7 @@
     translate sample RUN_OR_CHECKPOINT              sample grid / interpolation of a latent GAN
     translate eval RUN | --folders A B              scores (PSNR/SSIM, FID/KID, toy modes)
     translate plot RUN_DIR                          loss and metric curves as a PNG
+    translate invert RUN IMAGE --out OUT.png        the latent code of an image (GAN inversion)
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ TRAIN_FLAGS = [
     ("--run-dir", "run_dir", "run_dir", str, "run folder (default runs/<name>)"),
     ("--batch-size", "batch_size", "train.batch_size", int, "images per process per step"),
     ("--seed", "seed", "seed", int, "random seed (CPU runs repeat exactly)"),
-    ("--mixed-precision", "mixed_precision", "train.mixed_precision", str, "no | bf16 | fp16"),
+    ("--mixed-precision", "mixed_precision", "train.mixed_precision", str, "auto | no | bf16 | fp16"),
     ("--save-every", "save_every", "train.save_every", int, "steps between checkpoints"),
     ("--sample-every", "sample_every", "train.sample_every", int, "steps between sample grids"),
     ("--log-every", "log_every", "train.log_every", int, "steps between log lines"),
+    ("--eval-every", "eval_every", "train.eval_every", int, "steps between scores (0 = off)"),
 ]
 
 
@@ -57,6 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         value = getattr(args, dest)
         if value is not None:
             overrides.append(f"{key}={_quote(value)}")
+    if args.log_with:
+        overrides.append(f"train.log_with={_quote(','.join(args.log_with))}")
     if args.steps is not None:  # an explicit step count wins over the recipe's epochs
         overrides += ["train.epochs=0", "train.epochs_decay=0"]
     cfg = config.load(args.recipe, overrides)
@@ -73,7 +77,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from translate.sample import sample_command
 
     path = sample_command(args.run, n=args.n, out=args.out, interpolate=args.interpolate,
-                          seed=args.seed, step=args.step, ema=args.ema)
+                          seed=args.seed, step=args.step, ema=args.ema, linear=args.linear,
+                          arithmetic=args.arithmetic, class_name=args.class_name,
+                          vary_code=args.vary_code)
     print(f"wrote {path}")
     return 0
 
@@ -119,6 +125,9 @@ def _add_train(sub) -> None:
                    help="override a recipe key, e.g. --set train.lr_g=1e-4 (repeatable)")
     for flag, dest, _key, typ, help_ in TRAIN_FLAGS:
         p.add_argument(flag, dest=dest, type=typ, help=help_)
+    p.add_argument("--log-with", action="append", metavar="TRACKER",
+                   help="tensorboard, wandb or mlflow (comma-separated or repeated); files go "
+                   "under RUN/tracking, wandb offline unless WANDB_MODE is set")
     p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest checkpoint "
                    "of the run folder (auto) or from a checkpoint folder")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
@@ -162,9 +171,18 @@ def _add_other(sub) -> None:
     p.add_argument("--out", default="samples.png", help="output PNG")
     p.add_argument("--interpolate", action="store_true",
                    help="a latent interpolation strip between random codes instead")
+    p.add_argument("--linear", action="store_true",
+                   help="with --interpolate: straight lines instead of slerp")
+    p.add_argument("--arithmetic", metavar="EXPR",
+                   help='latent vector arithmetic, e.g. "3,7,9 - 1,2 + 4,5": means of the codes '
+                   "of those samples of the grid drawn with the same --n and --seed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     p.add_argument("--ema", action="store_true", help="use the EMA generator")
+    p.add_argument("--class", dest="class_name", metavar="NAME",
+                   help="cgan runs: a grid of this class (default: one row per class)")
+    p.add_argument("--vary-code", type=int, metavar="I",
+                   help="infogan runs: each row varies code I, z and the other codes fixed")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("demo", help="the main job: train a small CycleGAN on the embedded demo "
@@ -182,6 +200,9 @@ def _add_other(sub) -> None:
 
     add_eval_parser(sub)
     add_plot_parser(sub)
+    from translate.invert import add_invert_parser
+
+    add_invert_parser(sub)
 
 
 def parser() -> argparse.ArgumentParser:

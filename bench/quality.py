@@ -1,12 +1,17 @@
 """Quality benchmark: mode coverage on the PacGAN 2-D mixtures, beside the published numbers.
 
-    python bench/quality.py --toy --seeds 5 [--steps N] [--method wgan_gp|gan|both] [--json]
+    python bench/quality.py --toy --seeds 5 [--steps N] [--method NAME|both|all] [--json]
 
-For every seed and each of ring and grid it trains recipes/toy_<method>_<toy>.toml from scratch
+For every seed and each of ring and grid it trains one method's recipe from scratch
 (translate.config.load + translate.core.loop.train), then scores 2,500 generator samples with the
 PacGAN protocol (translate.evaluate.eval_toy_run): modes captured, fraction of high-quality
 samples, reverse KL. It prints mean ± standard error over seeds beside Table 1 of Lin et al.,
 "PacGAN" (NeurIPS 2018) and our targets; `--json` adds one JSON line per method at the end.
+Methods (METHODS below): wgan_gp, gan (plain, drops modes), and the GAN's mode-collapse remedies,
+each the plain GAN recipe plus one key (gan_pack, gan_mbstd, gan_unrolled) so they compare as an
+ablation, and pacgan, the tuned packed GAN of recipes/toy_pacgan_<toy>.toml. `both` = wgan_gp and
+gan; `all` = every method. Each run reports its wall-clock and CPU seconds (one thread with
+OMP_NUM_THREADS=1; the CPU time is what a shared machine does not inflate).
 
 Runs go to a temporary folder (deleted) unless `--runs DIR` keeps them; kept runs resume, so an
 interrupted benchmark continues (use a fresh DIR after changing settings). A `--demo` part
@@ -18,9 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +38,15 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout that is not pip
 
 TOYS = ("ring", "grid")
 METRICS = ("modes", "hq", "rkl")
-RECIPES = {"wgan_gp": "toy_wgan_gp_{toy}.toml", "gan": "toy_gan_{toy}.toml"}
+# method -> (recipe name pattern, overrides applied before the user's --set ones).
+METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "wgan_gp": ("toy_wgan_gp_{toy}.toml", ()),
+    "gan": ("toy_gan_{toy}.toml", ()),
+    "gan_pack": ("toy_gan_{toy}.toml", ("model.pack=2",)),            # PacGAN2 (Lin et al.)
+    "gan_mbstd": ("toy_gan_{toy}.toml", ("model.minibatch_std=4",)),  # Karras et al. 2018
+    "gan_unrolled": ("toy_gan_{toy}.toml", ("model.unrolled_steps=5",)),  # Metz et al. 2017
+    "pacgan": ("toy_pacgan_{toy}.toml", ()),
+}
 # Lin et al. 2018, Table 1: (modes, high-quality fraction, reverse KL), means over trials.
 PUBLISHED = {
     "GAN": {"ring": (6.3, 0.982, 0.45), "grid": (17.3, 0.948, 0.70)},
@@ -48,15 +64,19 @@ def train_and_score(method: str, toy: str, seed: int, run_dir: Path, steps: int 
     from translate.core.loop import train
     from translate.evaluate import eval_toy_run
 
+    pattern, method_sets = METHODS[method]
     ours = [f"seed={seed}", f"run_dir={json.dumps(str(run_dir))}"]
     if steps is not None:
         ours.append(f"train.steps={steps}")
-    cfg = config.load(ROOT / "recipes" / RECIPES[method].format(toy=toy), overrides + ours)
-    t0 = time.perf_counter()
+    cfg = config.load(ROOT / "recipes" / pattern.format(toy=toy),
+                      [*method_sets, *overrides, *ours])
+    t0, cpu0 = time.perf_counter(), time.process_time()
     result = train(cfg, resume="auto", progress=False)
     scores = eval_toy_run(run_dir, ema=ema, n=samples, seed=seed)
+    # A resumed run only counts the time of this process's part of it.
     return {"toy": toy, "seed": seed, "step": result.step,
             "seconds": round(time.perf_counter() - t0, 1),
+            "cpu_seconds": round(time.process_time() - cpu0, 1),
             **{k: scores[k] for k in METRICS}}
 
 
@@ -71,6 +91,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
             if values:
                 mean, se = mean_and_stderr(values)
                 out[f"{toy}_{metric}"], out[f"{toy}_{metric}_se"] = mean, se
+        for clock in ("seconds", "cpu_seconds"):
+            times = [r[clock] for r in runs if r["toy"] == toy and clock in r]
+            if times:
+                out[f"{toy}_{clock}"] = round(sum(times) / len(times), 1)
     return out
 
 
@@ -103,6 +127,8 @@ def table(method: str, summary: dict[str, float], seeds: int, steps: str) -> Any
                       *(_show(metric, PUBLISHED[p][toy][i]) for p in PUBLISHED),
                       ("<= " if metric == "rkl" else ">= ") + _show(metric, target),
                       "yes" if meets(toy, metric, mean) else "no")
+        t.add_row(f"{toy} s/run", f"{summary[f'{toy}_seconds']:.0f} wall, "
+                  f"{summary[f'{toy}_cpu_seconds']:.0f} cpu", *("" for _ in PUBLISHED), "", "")
     t.caption = ("published: Lin et al. 2018 (PacGAN) Table 1; hq = share of samples within "
                  "3 std of their nearest mode; rkl = KL(mode histogram || uniform)")
     return t
@@ -111,16 +137,16 @@ def table(method: str, summary: dict[str, float], seeds: int, steps: str) -> Any
 def run_toy(args: argparse.Namespace, runs_root: Path) -> list[dict[str, Any]]:
     from rich.console import Console
 
-    methods = list(RECIPES) if args.method == "both" else [args.method]
+    methods = {"both": ["wgan_gp", "gan"], "all": list(METHODS)}.get(args.method, [args.method])
     reports = []
     for method in methods:
+        jobs = [(method, toy, seed, runs_root / f"{method}_{toy}_seed{seed}", args.steps,
+                 args.set or [], args.ema, args.samples)
+                for seed in range(args.seeds) for toy in TOYS]
         runs = []
-        for seed in range(args.seeds):
-            for toy in TOYS:
-                run_dir = runs_root / f"{method}_{toy}_seed{seed}"
-                runs.append(train_and_score(method, toy, seed, run_dir, args.steps,
-                                            args.set or [], args.ema, args.samples))
-                print(f"{method} {toy} seed {seed}: {runs[-1]}", file=sys.stderr)
+        for run in _map(jobs, args.jobs):
+            print(f"{method} {run['toy']} seed {run['seed']}: {run}", file=sys.stderr)
+            runs.append(run)
         summary = summarize(runs)
         steps = sorted({r["step"] for r in runs})
         Console().print(table(method, summary, args.seeds, "/".join(map(str, steps))))
@@ -129,12 +155,23 @@ def run_toy(args: argparse.Namespace, runs_root: Path) -> list[dict[str, Any]]:
     return reports
 
 
+def _map(jobs: list[tuple], workers: int) -> Iterator[dict[str, Any]]:
+    """train_and_score over `jobs`, in order; in `workers` fresh processes when > 1 (spawned, so
+    each starts clean and inherits OMP_NUM_THREADS from the environment)."""
+    if workers == 1:
+        yield from (train_and_score(*job) for job in jobs)
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(train_and_score, *zip(*jobs))
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--toy", action="store_true", help="the 2-D mixture benchmark (PacGAN)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds 0..K-1 per mixture")
     p.add_argument("--steps", type=int, help="generator steps (default: the recipe's)")
-    p.add_argument("--method", choices=(*RECIPES, "both"), default="wgan_gp")
+    p.add_argument("--method", choices=(*METHODS, "both", "all"), default="wgan_gp",
+                   help="which recipe(s) to train (see METHODS); both = wgan_gp and gan")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="recipe override for every run, e.g. --set model.pack=2 (repeatable)")
     p.add_argument("--ema", action="store_true", help="score the EMA generator (needs "
@@ -142,12 +179,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=2500, help="generator samples per score")
     p.add_argument("--runs", type=Path, help="keep runs here (and resume them); default: a "
                    "temporary folder")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own "
+                   "process (keep OMP_NUM_THREADS=1 and jobs <= cores)")
     p.add_argument("--json", action="store_true", help="end with one JSON line per method")
     args = p.parse_args(argv)
     if not args.toy:
         p.error("choose a benchmark: --toy (the --demo part is not written yet)")
-    if args.seeds < 1 or args.samples < 1 or (args.steps is not None and args.steps < 1):
-        p.error("--seeds, --samples and --steps must be at least 1")
+    if min(args.seeds, args.samples, args.jobs, args.steps or 1) < 1:
+        p.error("--seeds, --samples, --jobs and --steps must be at least 1")
     return args
 
 

@@ -279,7 +279,7 @@ def test_bf16_trains_every_method(name, tiny_unpaired, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flags,launcher_precision,needle", [
     (["--mixed-precision", "fp16"], "no", "fp16 is not available on CPU"),
-    ([], "bf16", "the launcher asks for bf16"),
+    (["--mixed-precision", "no"], "bf16", "the launcher asks for bf16"),
 ])
 def test_precision_that_would_silently_run_fp32_is_refused(flags, launcher_precision, needle,
                                                             tmp_path):

@@ -241,8 +241,8 @@ def test_plot_of_a_run(capsys, cyclegan_run, tmp_path):
     with Image.open(path) as im:
         im.verify()
     img = Image.open(path)
-    # Panels: G, D, other (lr_scale), speed (it_s).
-    assert img.size == (WIDTH, TITLE_HEIGHT + 4 * PANEL_HEIGHT) and img.mode == "RGB"
+    # Panels: G, D, eval (the demo recipe's eval/psnr), other (lr_scale), speed (it_s).
+    assert img.size == (WIDTH, TITLE_HEIGHT + 5 * PANEL_HEIGHT) and img.mode == "RGB"
     # Inside the G panel's plot area (left of the legend), the curves are coloured pixels.
     inner = np.asarray(img)[TITLE_HEIGHT + 40:TITLE_HEIGHT + PANEL_HEIGHT - 50,
                             100:WIDTH - 220].reshape(-1, 3).astype(int)

@@ -88,6 +88,17 @@ def test_uint8_api_keeps_size_and_convention(exported):
     assert gen(img[None]).shape == (1, 33, 47, 3)
 
 
+def test_bf16_inference_stays_within_one_level_of_fp32(exported):
+    """Issue #6: bf16 (the auto choice on CPUs with native bf16) may differ from fp32 by at most
+    1/255 on average. Emulated here, but the rounding is the same arithmetic."""
+    img = (np.random.default_rng(1).random((2, 40, 48, 3)) * 255).astype(np.uint8)
+    fp32 = translate.load_generator(exported / "G_ab.safetensors", precision="fp32")
+    bf16 = translate.load_generator(exported / "G_ab.safetensors", precision="bf16")
+    assert bf16.precision == "bf16"
+    a, b = fp32(img).astype(np.float64), bf16(img).astype(np.float64)
+    assert 0 < np.abs(a - b).mean() <= 1.0, np.abs(a - b).mean()  # levels of 255; 0: no bf16
+
+
 def test_loading_never_unpickles_and_rejects_foreign_files(exported, tmp_path):
     # a safetensors file of another architecture under a valid header
     with safe_open(str(exported / "G_ab.safetensors"), framework="pt") as f:

@@ -32,6 +32,10 @@ def tiny_overrides(recipe: str, data: Path, folder: Path) -> list[str]:
         return TINY_CYCLEGAN + [f'data.root="{data}"']
     if 'net = "mlp"' in text:
         return ["model.hidden=16", "train.batch_size=8"]
+    if 'method = "cgan"' in text:  # labels come from class subfolders
+        folder = folder.parent / "classes"
+        _image_folder(folder / "a", n=4)
+        _image_folder(folder / "b", n=4)
     return ["model.ngf=4", "model.ndf=4", "model.image_size=32", "data.crop_size=32",
             "model.z_dim=8", "train.batch_size=4", f'data.root="{folder}"']
 

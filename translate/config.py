@@ -67,6 +67,7 @@ class DataConfig:
     num_workers: int = non_negative(0)    # DataLoader worker processes per training process
     max_pixels: int = positive(128_000_000)  # refuse larger images (decompression bombs)
     strict: bool = False                  # fail on the first unreadable image instead of skipping it
+    max_items: int = non_negative(0)      # training images kept per domain, spread evenly (0 = all)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class TrainConfig:
     decay_start: int = non_negative(0)    # step where linear decay starts (0 = half of the steps)
     ema: float = fraction(0.0)            # EMA decay of generator weights per step (0 = off), e.g. 0.999
     grad_clip: float = non_negative(0.0)  # max gradient norm per phase (0 = off)
-    mixed_precision: str = choice("no", "no", "bf16", "fp16")  # autocast dtype
+    mixed_precision: str = choice("auto", "auto", "no", "bf16", "fp16")  # autocast dtype; auto: bf16 where the hardware has it natively, else fp32
     channels_last: bool = False           # NHWC memory format for conv nets
     sync_batchnorm: bool = False          # BatchNorm statistics over all processes (GPU only; DCGAN's BatchNorm nets)
     compile: bool = False                 # torch.compile the nets (slow warm-up)
@@ -95,6 +96,10 @@ class TrainConfig:
     keep_checkpoints: int = positive(3)   # newest checkpoints kept
     n_samples: int = positive(8)          # images (or rows) in a sample grid
     on_nan: str = choice("stop", "stop", "rollback")  # rollback: reload last checkpoint, halve LRs
+    log_with: str = "none"                # trackers, comma-separated: tensorboard, wandb, mlflow (files under RUN/tracking)
+    eval_every: int = non_negative(0)     # steps between scores during training (0 = off; translate.periodic_eval)
+    eval_data: str = ""                   # held-out images for KID ("" = none; CycleGAN: ROOT/testB)
+    eval_features: str = "small"          # KID features: "small" (random net, relative only) or Inception weights path
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,10 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         return value
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[T, ...]: a list of any length
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{key}: expected a list, got {value!r}")
+            return tuple(_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_check_type(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
@@ -242,6 +251,7 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
         data=build(DataConfig, raw.get("data", {}), "data"),
         train=build(TrainConfig, raw.get("train", {}), "train"),
     )
+    cfg = METHODS[method].resolve(cfg)  # e.g. cgan's class names, read from data.root once
     check(cfg)
     return cfg
 
@@ -260,13 +270,18 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("train.epochs_decay: needs train.lr_schedule = 'linear' (with a "
                           "constant schedule the decay epochs would run at full LR)")
     d = cfg.data
+    if d.kind == "toy" and d.max_items > 0:
+        raise ConfigError("data.max_items: the toy data has no image files to subset; set it to 0 "
+                          "(data.toy_epoch sets a toy epoch's length)")
     if d.preprocess in ("resize_and_crop", "scale_width_and_crop") and d.crop_size > d.load_size:
         raise ConfigError(
             f"data.crop_size: {d.crop_size} is larger than data.load_size {d.load_size}; "
             "lower crop_size or raise load_size"
         )
+    from translate.core.tracking import parse as parse_trackers
     from translate.methods import METHODS
 
+    parse_trackers(t.log_with)  # names only: whether each is installed is checked when training
     METHODS[cfg.method].check(cfg)
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from translate import __version__
 from translate import config as config_mod
 from translate.core import checkpoint
+from translate.core.precision import inference_precision
 from translate.errors import ModelError, UserError
 from translate.infer import ModelInfo, translate_tensor
 from translate.methods import METHODS
@@ -93,6 +94,7 @@ def metadata(net: nn.Module, cfg: Any, name: str, info: dict[str, Any], step: in
                     from_domain=info.get("from", ""), to_domain=info.get("to", ""))
     else:
         meta.update(latent="true", z_dim=str(getattr(net, "z_dim", "")))
+        meta.update(info.get("metadata", {}))  # e.g. cgan's class names, infogan's codes
     return meta
 
 
@@ -162,14 +164,6 @@ def load_torch_generator(path: Path) -> tuple[nn.Module, dict[str, str]]:
     return net.eval(), meta
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 @dataclass
 class Generator:
     """A loaded generator. `gen(images)` takes uint8 HxWxC / NxHxWxC arrays (returns the same
@@ -231,6 +225,5 @@ def load_generator(path: str | Path, backend: str = "auto", precision: str = "au
     if meta.get("latent") == "true":
         raise UserError(f"{path}: a latent generator (no input image); use `translate sample`")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if precision == "auto":
-        precision = "fp32"
+    precision = inference_precision(precision, dev)
     return Generator(model_info(meta), meta, _torch_forward(net, precision, dev), "torch", precision)

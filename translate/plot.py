@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ class Log:
     series: dict[str, np.ndarray]  # key -> (N,) values, NaN where a record lacks the key
     non_finite: dict[str, int]  # key -> how many of its logged values were nan/inf
     skipped: int  # lines that were not a JSON object with a numeric "step"
+    present: dict[str, np.ndarray] = field(default_factory=dict)  # key -> (N,) bool: logged there
 
 
 def parse_log(lines: list[str]) -> Log:
@@ -74,7 +75,9 @@ def parse_log(lines: list[str]) -> Log:
     series = {k: np.array([_number(r.get(k)) for r in records]) for k in keys}
     non_finite = {k: sum(1 for r in records if k in r and not math.isfinite(_number(r[k])))
                   for k in keys}
-    return Log(np.array([_number(r["step"]) for r in records]), series, non_finite, skipped)
+    present = {k: np.array([k in r for r in records], dtype=bool) for k in keys}
+    return Log(np.array([_number(r["step"]) for r in records]), series, non_finite, skipped,
+               present)
 
 
 def group_keys(keys: list[str]) -> dict[str, list[str]]:
@@ -229,7 +232,10 @@ def _draw_panel(d: ImageDraw.ImageDraw, top: float, name: str, keys: list[str], 
                       (ema_smooth(log.series[k], smooth), colour, 2 * s)]
         for values, c, w in layers:
             py = y1 - (values - yr[0]) / (yr[1] - yr[0]) * (y1 - y0)
-            for run in _runs(px, py):
+            # Keys logged only at some steps (eval/* every train.eval_every) join their own
+            # points; only a logged nan/inf breaks a line.
+            keep = log.present.get(k, np.ones(len(py), dtype=bool))
+            for run in _runs(px[keep], py[keep]):
                 _draw_series(d, run, c, w)
     _draw_legend(d, x1 + 12 * s, y0, keys, log, small)
 

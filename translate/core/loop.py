@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from translate import config as config_mod
 from translate import data as data_mod
+from translate import periodic_eval
 from translate.config import RunConfig
-from translate.core import checkpoint, faults
+from translate.core import checkpoint, faults, precision, tracking
 from translate.core.ema import ema_update, make_ema
 from translate.core.faults import Diverged
 from translate.core.runlog import RunLog
@@ -38,14 +39,11 @@ class RunResult:
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     on_cpu = not torch.cuda.is_available()
+    trackers = tracking.accelerator_kwargs(cfg)  # a tracker that is not installed stops us here
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    if launcher not in ("no", cfg.train.mixed_precision):
-        # Accelerator(mixed_precision=...) overrides the launcher, which would silently run fp32.
-        raise ConfigError(f"train.mixed_precision: the launcher asks for {launcher} (accelerate "
-                          f"launch --mixed_precision or its config file) but the run is set to "
-                          f"{cfg.train.mixed_precision!r}; pass --mixed-precision {launcher} to "
-                          "translate train or launch with --mixed_precision no")
-    if on_cpu and cfg.train.mixed_precision == "fp16":
+    mixed = precision.training_precision(cfg.train.mixed_precision, launcher,
+                                         torch.device("cpu" if on_cpu else "cuda"))
+    if on_cpu and mixed == "fp16":
         raise ConfigError("train.mixed_precision: fp16 is not available on CPU (accelerate would "
                           "silently train in fp32); use bf16 or no")
     if on_cpu and cfg.train.sync_batchnorm:
@@ -57,7 +55,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         state_mod.AcceleratorState._reset_state()
     # cpu=True on a CPU machine is what makes `accelerate launch --multi_gpu` processes form one
     # gloo group instead of training independently.
-    return Accelerator(cpu=on_cpu, mixed_precision=cfg.train.mixed_precision)
+    return Accelerator(cpu=on_cpu, mixed_precision=mixed, **trackers)
 
 
 def total_steps(cfg: RunConfig, dataset, world: int) -> tuple[int, int]:
@@ -73,8 +71,12 @@ def make_optimizer(cfg: RunConfig, phase: Phase, nets: dict[str, nn.Module]):
     params = [p for name in phase.nets for p in nets[name].parameters()]
     if cfg.train.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=phase.lr)
-    # foreach is the fused multi-tensor path available on every device.
-    return torch.optim.Adam(params, lr=phase.lr, betas=phase.betas, foreach=True)
+    # The fused kernel (CPU and CUDA since torch 2.4) is one pass over each parameter: ~6x
+    # faster than foreach on CPU (28 M CycleGAN parameters: ~0.3 s less per iteration).
+    # foreach is the multi-tensor fallback for devices without it.
+    fused = params[0].device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=phase.lr, betas=phase.betas,
+                            **({"fused": True} if fused else {"foreach": True}))
 
 
 def sync_batchnorm(nets: list[nn.Module]) -> list[nn.Module]:
@@ -179,6 +181,7 @@ class Session:
     total: int
     decay_start: int
     run_dir: Path
+    scorer: periodic_eval.Scorer | None = None  # train.eval_every's scores (main process only)
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -199,6 +202,7 @@ def setup(cfg: RunConfig) -> Session:
     spec = METHODS[cfg.method]
     method = spec.build(cfg)
     dataset = data_mod.build_dataset(cfg)
+    scorer = periodic_eval.build(cfg, accelerator.is_main_process, accelerator.device)
     # Only now, with settings and data known to be usable, does the run folder appear.
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +222,7 @@ def setup(cfg: RunConfig) -> Session:
     ema = {g: make_ema(method.nets[g]) for g in method.generators} if cfg.train.ema > 0 else {}
     total, decay = total_steps(cfg, dataset, accelerator.num_processes)
     return Session(cfg, accelerator, method, nets, list(prepared[len(names):]), ema, dataset,
-                   total, decay, run_dir)
+                   total, decay, run_dir, scorer)
 
 
 def _save(s: Session, state: checkpoint.TrainState) -> Path:
@@ -242,6 +246,17 @@ def _sample(s: Session, log: RunLog, step: int, fixed) -> None:
     log.sample(step, image)
 
 
+def _evaluate(s: Session) -> dict[str, float]:
+    """The periodic scores, on the main process only. No collective runs inside (unwrapped
+    nets, SyncBatchNorm in eval mode uses its running statistics), so the other ranks go on
+    and wait for the main one at the next gradient all-reduce."""
+    if s.scorer is None:
+        return {}
+    nets = {n: s.accelerator.unwrap_model(m) for n, m in s.nets.items()}
+    nets.update(s.ema)  # the EMA generators when there are some, as in the sample grids
+    return periodic_eval.evaluate(s.scorer, nets)
+
+
 def _start(s: Session, resume: str | None) -> tuple[checkpoint.TrainState, Path | None]:
     """The state to start from: a checkpoint's, or step 0 with fresh per-rank seeding."""
     acc = s.accelerator
@@ -260,10 +275,12 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> R
     s = setup(cfg)
     acc, t = s.accelerator, cfg.train
     state, path = _start(s, resume)
-    log = RunLog(s.run_dir, acc.is_main_process, s.total, state.step, progress)
+    trackers = tracking.start(acc, cfg, state.step)
+    log = RunLog(s.run_dir, acc.is_main_process, s.total, state.step, progress, trackers)
     log.print(f"{cfg.method} '{cfg.name}': {data_mod.describe(s.dataset)}; global batch "
               f"{t.batch_size} x {acc.num_processes} processes x {t.grad_accum} accumulation = "
-              f"{t.batch_size * acc.num_processes * t.grad_accum}; {s.total} steps"
+              f"{t.batch_size * acc.num_processes * t.grad_accum}; {s.total} steps; precision "
+              f"{acc.mixed_precision}"
               + (f"; resumed from {path}" if path else ""))
     fixed = s.method.fixed_batch(s.dataset, t.n_samples, cfg.seed) if acc.is_main_process else None
     batches = Batches(cfg, s.dataset, acc, state.batches)
@@ -291,6 +308,8 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> R
                     raise faults.interrupted(signum, state.step, last_ckpt)
     finally:
         log.close()
+        if trackers is not None:
+            trackers.close()
     acc.wait_for_everyone()  # before end_training, else gloo aborts now and then
     acc.end_training()
     return RunResult(s.run_dir, state.step, last_ckpt, {k: float(v) for k, v in logs.items()})
@@ -304,7 +323,8 @@ def run_step(s: Session, state: checkpoint.TrainState, batches: Batches, log: Ru
     logs = train_step(s, state, batches)
     state.step += 1
     state.batches = batches.drawn
-    log_now = state.step % t.log_every == 0 or state.step == s.total
+    eval_now = t.eval_every > 0 and (state.step % t.eval_every == 0 or state.step == s.total)
+    log_now = state.step % t.log_every == 0 or state.step == s.total or eval_now
     if log_now:
         logs = global_mean(acc, logs)
     # Every step where it is free (one CPU process); else at log steps, where the values are
@@ -313,7 +333,8 @@ def run_step(s: Session, state: checkpoint.TrainState, batches: Batches, log: Ru
         faults.check_finite(logs, state.step)
     log.advance(state.step)
     if log_now:
-        log.log(state.step, {k: float(v) for k, v in logs.items()})
+        scores = _evaluate(s) if eval_now else {}
+        log.log(state.step, {**{k: float(v) for k, v in logs.items()}, **scores})
     if state.step % t.sample_every == 0 or state.step == s.total:
         _sample(s, log, state.step, fixed)
     saved = None

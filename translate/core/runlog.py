@@ -7,6 +7,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -20,9 +21,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+if TYPE_CHECKING:
+    from translate.core.tracking import Trackers
+
 
 def format_logs(values: dict[str, float], limit: int = 6) -> str:
-    keys = [k for k in values if k.endswith("/loss")] + [k for k in values if not k.endswith("/loss")]
+    # Losses first, then the periodic scores (they come rarely and matter most), then the rest.
+    rank = {k: 0 if k.endswith("/loss") else 1 if k.startswith("eval/") else 2 for k in values}
+    keys = sorted(values, key=lambda k: rank[k])
     return "  ".join(f"{k} {values[k]:.3g}" for k in keys[:limit])
 
 
@@ -37,8 +43,10 @@ def _record(line: str) -> dict | None:
 class RunLog:
     """Main-process only (the loop creates it with enabled=False elsewhere)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, total: int, start: int, progress: bool):
+    def __init__(self, run_dir: Path, enabled: bool, total: int, start: int, progress: bool,
+                 trackers: Trackers | None = None):
         self.enabled = enabled
+        self.trackers = trackers  # get the same scalars and sample grids as the files
         self.path = Path(run_dir) / "log.jsonl"
         self.samples = Path(run_dir) / "samples"
         self.console = Console(stderr=True, soft_wrap=True)
@@ -96,6 +104,8 @@ class RunLog:
         record.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(step, {"time": record["time"], "it_s": record["it_s"], **values})
         if self.bar is not None:
             self.bar.update(self.task, completed=step, rate=f"{rate:.2f} it/s",
                             logs=format_logs(values, 4))
@@ -110,6 +120,8 @@ class RunLog:
         tmp = path.with_name("." + path.name)
         Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(tmp, "PNG")
         tmp.replace(path)
+        if self.trackers is not None:
+            self.trackers.image(step, image)
         return path
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from translate.config import RunConfig
+from translate.data.classes import LabelledImages
 from translate.data.folders import DataError, DataWarning, FolderImages, UnpairedImages
 from translate.data.toy import ToyMixture, sample_toy, toy_modes, toy_std
 from translate.errors import UserError
@@ -44,6 +45,9 @@ def _unpaired(cfg: RunConfig, split: str) -> Dataset:
 
 
 def _folder(cfg: RunConfig, split: str) -> Dataset:
+    classes = getattr(cfg.model, "classes", ())  # class-conditional methods label by subfolder
+    if classes:
+        return LabelledImages(_root(cfg), split, cfg.data, cfg.seed, classes)
     return FolderImages(_root(cfg), split, cfg.data, cfg.seed)
 
 

@@ -8,6 +8,7 @@ batch and sharding across processes therefore need no sampler state.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from dataclasses import dataclass
@@ -166,8 +167,21 @@ class Domain:
             raise ImageError(f"{path}: {e}") from e
 
 
+def subset(images: ImageList, max_items: int) -> ImageList:
+    """At most `max_items` of the images (0 = all), evenly spaced through the sorted listing:
+    datasets often list their files grouped by source, so the first N would be a biased pick."""
+    n = len(images.paths)
+    if max_items == 0 or max_items >= n:
+        return images
+    keep = tuple(images.paths[i * n // max_items] for i in range(max_items))
+    return dataclasses.replace(images, paths=keep)
+
+
 def _domain(folder: Path, channels: int, data: DataConfig, train: bool) -> Domain:
-    return Domain(scan(folder, data), channels, Preprocess.from_config(data, train),
+    images = scan(folder, data)
+    if train:  # the test split stays whole, so runs on different subsets score alike
+        images = subset(images, data.max_items)
+    return Domain(images, channels, Preprocess.from_config(data, train),
                   data.max_pixels, data.strict)
 
 

@@ -1,6 +1,6 @@
 """Methods by name: one tiny explicit table (STYLE rule 4). A new GAN is one new file + one row."""
 
-from translate.methods import cyclegan, gan
+from translate.methods import cgan, cyclegan, gan, infogan
 from translate.methods.base import MethodSpec
 
 METHODS: dict[str, MethodSpec] = {
@@ -8,4 +8,6 @@ METHODS: dict[str, MethodSpec] = {
     "gan": MethodSpec(gan.GANConfig, gan.build, gan.check),
     "dcgan": MethodSpec(gan.GANConfig, gan.build, gan.check),
     "wgan_gp": MethodSpec(gan.WGANGPConfig, gan.build, gan.check),
+    "cgan": MethodSpec(cgan.CGANConfig, cgan.build, cgan.check, cgan.resolve),
+    "infogan": MethodSpec(infogan.InfoGANConfig, infogan.build, infogan.check),
 }

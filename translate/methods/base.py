@@ -52,8 +52,11 @@ class Method(Protocol):
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """Registry entry: the method's config dataclass, its builder and its recipe checks."""
+    """Registry entry: the method's config dataclass, its builder and its recipe checks.
+    `resolve` fills in settings found from the data when a recipe is loaded (cgan's class names),
+    so config.json holds them and a finished run needs no data to be sampled or exported."""
 
     config: type
     build: Callable[[Any], Method]
     check: Callable[[Any], None] = field(default=lambda cfg: None)
+    resolve: Callable[[Any], Any] = field(default=lambda cfg: cfg)

@@ -20,6 +20,7 @@ from translate.core import noise, objectives
 from translate.core.penalties import clip_weights, gradient_penalty, r1_penalty
 from translate.errors import ConfigError
 from translate.methods.base import Batch, Nets, Phase
+from translate.methods.unrolled import OptimizerFactory, unroll
 from translate.nets import build_net, init_weights
 
 OBJECTIVE_NAMES = tuple(objectives.OBJECTIVES)
@@ -37,6 +38,12 @@ class GANConfig:
     depth: int = positive(3)              # MLP hidden layers (toy)
     pack: int = positive(1)               # PacGAN: D judges `pack` samples jointly
     spectral_norm: bool = False           # spectral normalisation on D's layers
+    self_attention: int = non_negative(0)  # SAGAN self-attention in G and D at this feature-map
+                                          # side in pixels, e.g. 16 for 64px images (dcgan); 0 = off
+    minibatch_std: int = non_negative(0)  # ProGAN minibatch std in D: group size (divides the
+                                          # batch / pack), e.g. 4; 0 = off
+    unrolled_steps: int = non_negative(0)  # Unrolled GAN: G is judged by a copy of D after this
+                                          # many extra D steps (see methods/unrolled.py); 0 = off
     objective: str = choice("nonsaturating", *OBJECTIVE_NAMES)
     real_target: float = probability_target(1.0)    # one-sided label smoothing, e.g. 0.9 (D only)
     penalty: str = choice("none", "none", "gp", "r1", "clip")
@@ -68,9 +75,21 @@ def check(cfg: RunConfig) -> None:
     if cfg.train.batch_size % m.pack:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} must be a multiple of "
                           f"model.pack {m.pack}")
+    _check_options(cfg)
     if m.penalty == "gp" and m.d_norm == "batch" and m.net == "dcgan":
         raise ConfigError("model.d_norm: BatchNorm makes the gradient penalty wrong (it mixes "
                           "samples); use 'layer' or 'none' with penalty 'gp'")
+
+
+def _check_options(cfg: RunConfig) -> None:
+    m, rows = cfg.model, cfg.train.batch_size // cfg.model.pack  # rows: samples D sees at once
+    if m.minibatch_std and rows % m.minibatch_std:
+        raise ConfigError(f"model.minibatch_std: group size {m.minibatch_std} must divide the "
+                          f"{rows} samples D judges at once (train.batch_size / model.pack)")
+    sides = [4 * 2**i for i in range(max(0, m.image_size.bit_length() - 3))]
+    if m.self_attention and (m.net != "dcgan" or m.self_attention not in sides):
+        raise ConfigError(f"model.self_attention: {m.self_attention} must be 0 or, with dcgan "
+                          f"nets, a feature-map side ({', '.join(map(str, sides))})")
 
 
 class GAN:
@@ -83,21 +102,26 @@ class GAN:
         if self.toy:
             G = build_net("mlp_g", z_dim=m.z_dim, out_dim=2, hidden=m.hidden, depth=m.depth)
             D = build_net("mlp_d", in_dim=2, hidden=m.hidden, depth=m.depth, pack=m.pack,
-                          spectral_norm=m.spectral_norm)
+                          spectral_norm=m.spectral_norm, minibatch_std=m.minibatch_std)
         else:
             G = build_net("dcgan_g", z_dim=m.z_dim, ngf=m.ngf, out_channels=channels,
-                          image_size=m.image_size)
+                          image_size=m.image_size, attention=m.self_attention)
             D = build_net("dcgan_d", in_channels=channels, ndf=m.ndf, image_size=m.image_size,
-                          norm=m.d_norm, spectral_norm=m.spectral_norm)
+                          norm=m.d_norm, spectral_norm=m.spectral_norm,
+                          attention=m.self_attention, minibatch_std=m.minibatch_std)
             init_weights(G)
             init_weights(D)
         self.nets: Nets = {"G": G, "D": D}
         self.d_obj, self.g_obj = objectives.get(m.objective)
         t = cfg.train
         after = partial(_clip, c=m.clip_value) if m.penalty == "clip" else None
+        self.unroll_settings = (_optimizer_factory(cfg), after)
+        # Unrolling gives G its own fresh batch: the copy of D should not train on the very
+        # images the real D has just stepped on.
         self.phases = [
             Phase("D", ("D",), self.d_loss, t.lr_d, t.betas_d, m.n_critic, True, after),
-            Phase("G", ("G",), self.g_loss, t.lr_g, t.betas_g, 1, False, None, True),
+            Phase("G", ("G",), self.g_loss, t.lr_g, t.betas_g, 1, m.unrolled_steps > 0, None,
+                  True),
         ]
         self.generators: dict[str, dict[str, Any]] = {"G": {"latent": True}}
 
@@ -139,8 +163,22 @@ class GAN:
         return out
 
     def g_loss(self, nets: Nets, batch: Batch, prev: dict) -> dict[str, Tensor]:
+        D = nets["D"]
+        if self.cfg.unrolled_steps:
+            D = self.unrolled_d(nets, batch)
         fake = nets["G"](self.z(batch, 1))
-        return {"loss": self.g_obj(nets["D"](self._pack(fake)))}
+        return {"loss": self.g_obj(D(self._pack(fake)))}
+
+    def unrolled_d(self, nets: Nets, batch: Batch) -> torch.nn.Module:
+        """A frozen copy of D after `unrolled_steps` D steps on this batch's real images, each
+        step with fresh latent codes (sample numbers shifted far from any other stream's)."""
+        def loss(D_k: torch.nn.Module, i: int) -> Tensor:
+            shifted = {**batch, "k": batch["k"] + (i + 1) * 2**48}
+            return self.d_loss({"G": nets["G"], "D": D_k}, shifted, {})["loss"]
+
+        make_optimizer, after = self.unroll_settings
+        clip = (lambda D_k: after({"D": D_k})) if after is not None else None
+        return unroll(nets["D"], loss, self.cfg.unrolled_steps, make_optimizer, clip)
 
     def fixed_batch(self, dataset, n: int, seed: int) -> Batch:
         count = 2500 if self.toy else n * n
@@ -165,6 +203,14 @@ class GAN:
 
 def _clip(nets: Nets, c: float) -> None:
     clip_weights([nets["D"]], c)
+
+
+def _optimizer_factory(cfg: RunConfig) -> OptimizerFactory:
+    """D's optimizer as the loop builds it (base learning rate: the schedule is not applied)."""
+    t = cfg.train
+    if t.optimizer == "rmsprop":
+        return partial(torch.optim.RMSprop, lr=t.lr_d)
+    return partial(torch.optim.Adam, lr=t.lr_d, betas=t.betas_d)
 
 
 def build(cfg: RunConfig) -> GAN:

@@ -4,6 +4,7 @@ from torch import Tensor, nn
 
 from translate.errors import ConfigError
 from translate.nets.layers import maybe_spectral_norm, register
+from translate.nets.minibatch_std import MinibatchStd
 
 
 def _check(depth: int, pack: int, net: str) -> None:
@@ -58,11 +59,13 @@ class MLPDiscriminator(nn.Module):
         depth: int = 3,     # hidden layers
         pack: int = 1,      # samples judged together (PacGAN); the batch must be a multiple
         spectral_norm: bool = False,  # wrap every linear layer in spectral normalisation
+        minibatch_std: int = 0,  # ProGAN minibatch-std group size (over packed rows) before the
+                                 # output layer; 0 = off
     ) -> None:
         super().__init__()
         _check(depth, pack, "mlp_d")
         self.config = {"in_dim": in_dim, "hidden": hidden, "depth": depth, "pack": pack,
-                       "spectral_norm": spectral_norm}
+                       "spectral_norm": spectral_norm, "minibatch_std": minibatch_std}
         self.in_dim = in_dim
         self.pack = pack
         layers: list[nn.Module] = []
@@ -71,6 +74,9 @@ class MLPDiscriminator(nn.Module):
             layers += [maybe_spectral_norm(nn.Linear(width, hidden), spectral_norm),
                        nn.LeakyReLU(0.2, True)]
             width = hidden
+        if minibatch_std:
+            layers.append(MinibatchStd(minibatch_std))
+            width += 1
         layers.append(maybe_spectral_norm(nn.Linear(width, 1), spectral_norm))
         self.model = nn.Sequential(*layers)
 

@@ -1,0 +1,134 @@
+"""Latent tools of `translate sample`: vector arithmetic and linear/spherical interpolation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, run_cli
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+from translate import config, latent
+from translate.core import loop
+from translate.errors import UserError
+from translate.export import run_generators
+from translate.nets import build_net
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A dcgan run trained for 2 steps on random 32x32 images (z_dim 8)."""
+    base = tmp_path_factory.mktemp("latent")
+    folder = base / "images"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        arr = (torch.rand(32, 32, 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(arr).save(folder / f"{i}.png")
+    cfg = config.load(ROOT / "recipes" / "dcgan.toml", [
+        "model.ngf=4", "model.ndf=4", "model.image_size=32", "data.crop_size=32",
+        "model.z_dim=8", "train.batch_size=4", f'data.root="{folder}"', "train.steps=2",
+        f'run_dir="{base / "run"}"', "train.sample_every=100"])
+    loop.train(cfg, progress=False)
+    give_contrast(base / "run")
+    return base / "run"
+
+
+def give_contrast(run):
+    """Two steps leave G's output almost flat grey (BatchNorm running statistics near their
+    start, small weights). Set the statistics to those of G's own outputs and strengthen the last
+    layer, so that different codes make visibly different pictures."""
+    path = run / "checkpoints" / "step_0000002" / "model.safetensors"
+    G = run_generators(run)[1]["G"]
+    for m in G.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: the statistics of this one batch
+    with torch.no_grad():
+        G.train()(torch.randn(256, G.z_dim))
+        G.model[-2].weight.mul_(10)
+    save_file({k: v.contiguous() for k, v in G.state_dict().items()}, str(path), {"format": "pt"})
+
+
+@pytest.mark.parametrize("text,terms", [
+    ("3,7,9 - 1,2 + 4,5", [(1, [3, 7, 9]), (-1, [1, 2]), (1, [4, 5])]),
+    ("0", [(1, [0])]),
+    ("+12, 3-4", [(1, [12, 3]), (-1, [4])]),
+])
+def test_parse(text, terms):
+    assert latent.parse(text) == terms
+
+
+@pytest.mark.parametrize("text", ["", "  ", "3,,7", "3 4", "-3 + 1", "3 - ", "a,b", "3 * 2",
+                                  "1,2 -- 3"])
+def test_parse_rejects_bad_syntax(text):
+    with pytest.raises(UserError, match="--arithmetic") as e:
+        latent.parse(text)
+    assert "\n" not in str(e.value)
+
+
+def test_result_is_sum_of_signed_group_means():
+    codes = latent.grid_codes(6, 16, seed=3)
+    torch.manual_seed(123)  # must not matter: the grid has its own generator
+    again = torch.randn(16, 6, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(codes, again)
+    got = latent.combine(codes, latent.parse("3,7,9 - 1,2 + 4,5"))
+    want = again[[3, 7, 9]].mean(0) - again[[1, 2]].mean(0) + again[[4, 5]].mean(0)
+    assert torch.allclose(got, want, atol=1e-6)
+    with pytest.raises(UserError, match="index 16 is not in a grid of --n 16"):
+        latent.combine(codes, latent.parse("1 - 16"))
+
+
+def test_picture_rows_show_operands_means_and_result():
+    torch.manual_seed(0)
+    G = build_net("dcgan_g", z_dim=6, ngf=4, image_size=8).eval()
+    codes = latent.grid_codes(6, 10, seed=1)
+    terms = latent.parse("1,2,3 - 4")
+    result, rows = latent.arithmetic_picture(G, terms, codes, seed=1)
+    assert rows.shape == (3, 4, 3, 8, 8)  # 2 operands + result; widest group 3 + its mean
+    with torch.no_grad():
+        assert torch.allclose(rows[0, :3], G(codes[[1, 2, 3]]), atol=1e-6)
+        assert torch.allclose(rows[0, 3], G(codes[[1, 2, 3]].mean(0, keepdim=True))[0], atol=1e-6)
+        assert torch.allclose(rows[1, 0], G(codes[[4]])[0], atol=1e-6)
+        assert (rows[1, 1:3] == 1).all()  # white padding
+        assert torch.allclose(rows[2, 0], G(result[None])[0], atol=1e-6)
+
+
+def _cell(png: np.ndarray, r: int, c: int, size: int = 32, pad: int = 2) -> np.ndarray:
+    y, x = pad + r * (size + pad), pad + c * (size + pad)
+    return png[y : y + size, x : x + size].astype(int)
+
+
+def test_cli_arithmetic_uses_the_grid_samples(run, tmp_path):
+    grid, arith = tmp_path / "grid.png", tmp_path / "arith.png"
+    run_cli("sample", str(run), "--n", "16", "--seed", "3", "--out", str(grid))
+    proc = run_cli("sample", str(run), "--n", "16", "--seed", "3", "--out", str(arith),
+                   "--arithmetic", "5,6 - 9 + 2")
+    assert "wrote" in proc.stdout
+    g, a = np.asarray(Image.open(grid)), np.asarray(Image.open(arith))
+    assert a.shape == (2 + 4 * 34, 2 + 3 * 34, 3)  # 3 operands + result, 2 samples + mean
+    for (r, c), i in {(0, 0): 5, (0, 1): 6, (1, 0): 9, (2, 0): 2}.items():
+        assert np.abs(_cell(a, r, c) - _cell(g, i // 4, i % 4)).max() <= 1
+
+
+def test_cli_arithmetic_bad_input_is_one_line(run, tmp_path):
+    for expr in ("5,,6", "1 + 99"):
+        proc = run_cli("sample", str(run), "--n", "16", "--out", str(tmp_path / "x.png"),
+                       "--arithmetic", expr, check=False)
+        assert proc.returncode == 2
+        assert proc.stderr.startswith("error: --arithmetic") and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_linear_interpolation_differs_from_slerp(run, tmp_path):
+    a, b = tmp_path / "slerp.png", tmp_path / "linear.png"
+    run_cli("sample", str(run), "--interpolate", "--n", "20", "--out", str(a))
+    run_cli("sample", str(run), "--interpolate", "--linear", "--n", "20", "--out", str(b))
+    sa, sb = np.asarray(Image.open(a)).astype(int), np.asarray(Image.open(b)).astype(int)
+    assert sa.shape == sb.shape
+    ends = [slice(2, 34), slice(sa.shape[1] - 34, sa.shape[1] - 2)]  # first and last columns
+    for cols in ends:  # same end points, different paths in between
+        assert np.abs(sa[:, cols] - sb[:, cols]).max() <= 1
+    assert np.abs(sa - sb).max() > 1

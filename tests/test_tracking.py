@@ -1,0 +1,226 @@
+"""Experiment trackers (train.log_with / --log-with): TensorBoard files read back with
+TensorBoard's own reader, resume into the same run, and the one-line errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli
+from PIL import Image
+
+from translate import config
+from translate.core import tracking
+from translate.errors import ConfigError
+
+TOY = ["train", "recipes/toy_gan_ring.toml", "--set", "model.hidden=16", "--set",
+       "train.batch_size=8", "--log-every", "2", "--sample-every", "2", "--save-every", "2",
+       "--eval-every", "4", "--no-progress"]
+
+
+def _events(run: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tracking" / tracking.PROJECT),
+                           size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _scalars(acc) -> dict[str, dict[int, float]]:
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def _as_logged(records: list[dict]) -> dict[str, dict[int, float]]:
+    """log.jsonl as tag -> step -> float32 value ("inf"/"nan" strings back to floats)."""
+    out: dict[str, dict[int, float]] = {}
+    for r in records:
+        for k, v in r.items():
+            if k != "step":
+                out.setdefault(k, {})[r["step"]] = float(np.float32(float(v)))
+    return out
+
+
+def _same(a: dict[str, dict[int, float]], b: dict[str, dict[int, float]]) -> None:
+    assert a.keys() == b.keys()
+    for tag, values in a.items():
+        assert values.keys() == b[tag].keys(), tag
+        for step, x in values.items():
+            y = b[tag][step]
+            assert x == y or (math.isnan(x) and math.isnan(y)), (tag, step, x, y)
+
+
+@pytest.mark.slow
+def test_tensorboard_gets_the_scalars_of_log_jsonl_and_the_samples_across_a_resume(tmp_path):
+    pytest.importorskip("tensorboard")  # a dev dependency; skipped only outside `.[dev]`
+    run = tmp_path / "run"
+    run_cli(*TOY, "--steps", "4", "--run-dir", str(run), "--log-with", "tensorboard")
+    records = _log(run)
+    assert [r["step"] for r in records] == [2, 4] and "eval/hq" in records[1]
+    events = _events(run)
+    _same(_scalars(events), _as_logged(records))
+    images = events.Images("samples")
+    png = Image.open(run / "samples" / "step_0000004.png")
+    assert [(i.step, i.width, i.height) for i in images] == [(2, *png.size), (4, *png.size)]
+
+    # Resumed from step 2 to 6: the same tracker folder, the events after step 2 of the first
+    # run replaced (TensorBoard's purge_step), as log.jsonl is rewound.
+    run_cli(*TOY, "--steps", "6", "--run-dir", str(run), "--log-with", "tensorboard",
+            "--resume", str(run / "checkpoints" / "step_0000002"))
+    assert [p.name for p in (run / "tracking").iterdir()] == [tracking.PROJECT]
+    records = _log(run)
+    assert [r["step"] for r in records] == [2, 4, 6]
+    _same(_scalars(_events(run)), _as_logged(records))
+    assert [i.step for i in _events(run).Images("samples")] == [2, 4, 6]
+
+
+def test_log_with_is_repeatable_and_comma_separated(tmp_path):
+    proc = run_cli("train", "recipes/toy_gan_ring.toml", "--log-with", "tensorboard,wandb",
+                   "--log-with", "MLflow", "--dry-run")
+    assert json.loads(proc.stdout)["train"]["log_with"] == "tensorboard,wandb,MLflow"
+    assert tracking.parse("tensorboard,wandb,MLflow") == ["tensorboard", "wandb", "mlflow"]
+    assert tracking.parse(" tensorboard , tensorboard") == ["tensorboard"]
+    assert tracking.parse("none") == tracking.parse("") == []
+
+
+def test_unknown_tracker_is_one_line_exit_2(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli(*TOY, "--steps", "2", "--run-dir", str(run), "--log-with", "tensorbord",
+                   check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        ("error: train.log_with: unknown tracker 'tensorbord'; choose from tensorboard, wandb, "
+         "mlflow (comma-separated) or none")]
+    assert not run.exists()
+    with pytest.raises(ConfigError, match="train.log_with"):
+        config.load(ROOT / "recipes" / "toy_gan_ring.toml", ['train.log_with="tb"'])
+
+
+def test_missing_tracker_package_names_the_extra(tmp_path):
+    # A `tensorboard` package first on the path whose import fails, as when it is not installed.
+    fake = tmp_path / "site" / "tensorboard"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named tensorboard')\n")
+    run = tmp_path / "run"
+    proc = run_cli(*TOY, "--steps", "2", "--run-dir", str(run), "--log-with", "tensorboard",
+                   env={"PYTHONPATH": str(fake.parent)}, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'translate[tensorboard]'" in lines[0], proc.stderr
+    assert not run.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_wandb_not_installed_names_its_extra(tmp_path):
+    proc = run_cli(*TOY, "--steps", "2", "--run-dir", str(tmp_path / "run"), "--log-with",
+                   "wandb", check=False)
+    assert proc.returncode == 2 and "pip install 'translate[wandb]'" in proc.stderr
+
+
+def test_wandb_runs_offline_in_the_run_folder_and_resumes_its_run(tmp_path, monkeypatch):
+    cfg = config.load(ROOT / "recipes" / "toy_gan_ring.toml", [f'run_dir="{tmp_path}"'])
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    first = tracking.TRACKERS["wandb"].init_kwargs(tmp_path, cfg, 0)
+    assert first["mode"] == "offline" and first["dir"] == str(tmp_path)
+    assert first["resume"] == "allow" and first["name"] == cfg.name
+    monkeypatch.setenv("WANDB_MODE", "online")  # the user's explicit choice is left alone
+    again = tracking.TRACKERS["wandb"].init_kwargs(tmp_path, cfg, 5)
+    assert "mode" not in again and again["id"] == first["id"]  # same run after a resume
+    assert (tmp_path / "wandb_id").read_text().strip() == first["id"]
+
+
+def test_tensorboard_resume_purges_later_events():
+    cfg = config.RunConfig()
+    assert tracking.TRACKERS["tensorboard"].init_kwargs(Path("."), cfg, 0) == {}
+    assert tracking.TRACKERS["tensorboard"].init_kwargs(Path("."), cfg, 40) == {"purge_step": 41}
+
+
+def test_flat_config_has_only_plain_values():
+    cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml")
+    flat = tracking.flat_config(cfg)
+    assert flat["train.lr_g"] == cfg.train.lr_g and flat["method"] == "cyclegan"
+    assert flat["train.betas_g"] == str(cfg.train.betas_g)
+    assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
+    assert flat["train.log_with"] == "none"  # no tracker unless asked (test_periodic_eval's
+    # plain toy run checks that no tracking folder appears)
+
+
+FAKE_WANDB = '''
+"""A stand-in for wandb that records what Accelerate's WandBTracker asks of it."""
+import json, os
+
+_calls = []
+
+
+def _record(*item):
+    _calls.append(item)
+    with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
+        f.write(json.dumps(item) + "\\n")
+
+
+class _Config:
+    def update(self, values, allow_val_change=False):
+        _record("config", sorted(values))
+
+
+config = _Config()
+
+
+class Image:
+    def __init__(self, array):
+        self.shape = list(getattr(array, "shape", []))
+
+
+class _Run:
+    def log(self, values, step=None):
+        _record("log", step, {k: (v if isinstance(v, (int, float)) else [i.shape for i in v])
+                              for k, v in values.items()})
+
+    def finish(self):
+        _record("finish")
+
+
+def init(project=None, **kwargs):
+    _record("init", project, kwargs)
+    return _Run()
+'''
+
+
+def test_wandb_through_accelerate_gets_scalars_images_offline_and_one_run_id(tmp_path):
+    """wandb itself is not a dependency: a recording stand-in (with package metadata, so that
+    Accelerate takes it as installed) checks what the run hands to it."""
+    site = tmp_path / "site"
+    (site / "wandb").mkdir(parents=True)
+    (site / "wandb" / "__init__.py").write_text(FAKE_WANDB)
+    (site / "wandb-0.0.0.dist-info").mkdir()
+    (site / "wandb-0.0.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: wandb\nVersion: 0.0.0\n")
+    calls, run = tmp_path / "calls.jsonl", tmp_path / "run"
+    env = {"PYTHONPATH": str(site), "FAKE_WANDB_LOG": str(calls)}
+    run_cli(*TOY, "--steps", "4", "--run-dir", str(run), "--log-with", "wandb", env=env)
+    run_cli(*TOY, "--steps", "6", "--run-dir", str(run), "--log-with", "wandb", "--resume",
+            "auto", env=env)
+    recorded = [json.loads(line) for line in calls.read_text().splitlines()]
+    inits = [c for c in recorded if c[0] == "init"]
+    assert len(inits) == 2 and inits[0][1] == tracking.PROJECT
+    for _, _, kw in inits:
+        assert kw["mode"] == "offline" and kw["dir"] == str(run / "tracking")
+        assert kw["resume"] == "allow" and kw["id"] == inits[0][2]["id"]
+    assert [c[1] for c in recorded if c[0] == "config"] == [sorted(tracking.flat_config(
+        config.load_json(run / "config.json")))]  # stored on the fresh start only
+    logged = {c[1]: c[2] for c in recorded if c[0] == "log" and "G/loss" in c[2]}
+    assert sorted(logged) == [2, 4, 6]
+    for r in _log(run):
+        assert logged[r["step"]] == {k: float(v) for k, v in r.items() if k != "step"}
+    png = Image.open(run / "samples" / "step_0000006.png")
+    images = [(c[1], c[2]["samples"]) for c in recorded if c[0] == "log" and "samples" in c[2]]
+    assert images == [(s, [[png.size[1], png.size[0], 3]]) for s in (2, 4, 6)]
+    assert sum(c[0] == "finish" for c in recorded) == 2
