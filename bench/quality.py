@@ -1,6 +1,6 @@
 """Quality benchmark: mode coverage on the PacGAN 2-D mixtures, beside the published numbers.
 
-    python bench/quality.py --toy --seeds 5 [--steps N] [--method NAME|both|all] [--json]
+    python bench/quality.py --toy --seeds 5 [--method NAME|both|all] [--jobs 2] [--json]
 
 For every seed and each of ring and grid it trains one method's recipe from scratch
 (translate.config.load + translate.core.loop.train), then scores 2,500 generator samples with the
@@ -134,6 +134,23 @@ def table(method: str, summary: dict[str, float], seeds: int, steps: str) -> Any
     return t
 
 
+def _cell(metric: str, mean: float, se: float) -> str:
+    fmt = {"modes": "{:.1f}", "hq": "{:.1%}", "rkl": "{:.3f}"}[metric]
+    return fmt.format(mean) + ("" if math.isnan(se) else " ± " + fmt.format(se))
+
+
+def markdown(reports: list[dict[str, Any]]) -> str:
+    """The README's results table: one row per method, mean ± se over seeds, time per run."""
+    lines = ["| method | seeds | " + " | ".join(f"{toy} {m}" for toy in TOYS for m in METRICS)
+             + " | CPU s per run (ring / grid) |", "|---" * (3 + 2 * len(METRICS)) + "|"]
+    for r in reports:
+        cells = [_cell(m, r[f"{toy}_{m}"], r[f"{toy}_{m}_se"]) if f"{toy}_{m}" in r else ""
+                 for toy in TOYS for m in METRICS]
+        times = " / ".join(f"{r.get(f'{toy}_cpu_seconds', float('nan')):.0f}" for toy in TOYS)
+        lines.append(f"| {r['method']} | {r['seeds']} | " + " | ".join(cells) + f" | {times} |")
+    return "\n".join(lines)
+
+
 def run_toy(args: argparse.Namespace, runs_root: Path) -> list[dict[str, Any]]:
     from rich.console import Console
 
@@ -170,7 +187,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--toy", action="store_true", help="the 2-D mixture benchmark (PacGAN)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds 0..K-1 per mixture")
     p.add_argument("--steps", type=int, help="generator steps (default: the recipe's)")
-    p.add_argument("--method", choices=(*METHODS, "both", "all"), default="wgan_gp",
+    p.add_argument("--method", choices=(*METHODS, "both", "all"), default="pacgan",
                    help="which recipe(s) to train (see METHODS); both = wgan_gp and gan")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="recipe override for every run, e.g. --set model.pack=2 (repeatable)")
@@ -181,6 +198,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "temporary folder")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own "
                    "process (keep OMP_NUM_THREADS=1 and jobs <= cores)")
+    p.add_argument("--markdown", action="store_true", help="print the results as a markdown "
+                   "table (the README's)")
     p.add_argument("--json", action="store_true", help="end with one JSON line per method")
     args = p.parse_args(argv)
     if not args.toy:
@@ -204,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.markdown:
+        print(markdown(reports))
     if args.json:
         for report in reports:
             runs = [jsonable(r) for r in report.pop("runs")]

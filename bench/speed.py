@@ -98,9 +98,12 @@ def child_train(spec: dict[str, Any]) -> Unit:
     def finish() -> dict[str, Any]:
         flops = None
         if spec["count_flops"]:
-            with FlopCounterMode(display=False) as counter:
-                step()
-            flops = counter.get_total_flops()
+            try:
+                with FlopCounterMode(display=False) as counter:
+                    step()
+                flops = counter.get_total_flops()
+            except RuntimeError:  # the counter cannot follow a penalty's double backward
+                flops = None
         return {"flops": flops, "rss_mb": peak_rss_mb(), "data_s": waited[0] / max(waited[1], 1)}
 
     for _ in range(spec["warmup"]):
@@ -181,9 +184,11 @@ def train_cases(work: Path, quick: bool, native_bf16: bool, repeats: int) -> lis
     add("demo64b4", "cyclegan demo 64px b4", "cyclegan_demo.toml",
         [f'data.root="{work / "unpaired64"}"', "train.eval_every=0"], every)  # no truth here
     for method in ("dcgan", "wgan_gp"):
+        # torch.compile cannot do the gradient penalty's double backward (refused by the config).
+        variants = [v for v in cheap if not (method == "wgan_gp" and v == "compile")]
         add(f"{method}64b64", f"{method} 64px b64", f"{method}.toml",
             [f'data.root="{work / "folder64"}"', "train.batch_size=64"],
-            ["fp32"] if quick else cheap)
+            ["fp32"] if quick else variants)
     return cases
 
 
@@ -286,7 +291,7 @@ def fill_derived(cases: list[Case], apply_flops: dict[str, float], ceiling: floa
 def _row(c: Case) -> list[str]:
     r = c.result
     if "error" in r:
-        return [c.label, c.variant, "failed: " + r["error"], "", "", "", "", "", ""]
+        return [c.label, c.variant, "failed: " + r["error"][:60], "", "", "", "", "", ""]
     if c.kind == "gemm":
         return [c.label, c.variant, f"{r['gflops']:.1f} GFLOP/s at n={r['n']}", "", "", "",
                 f"{r['rss_mb']:.0f}", "", ""]

@@ -257,6 +257,12 @@ def test_gradient_penalty_refuses_batchnorm():
     assert resolve(["model.d_norm='batch'", "model.penalty='clip'"], WGAN_GP)
 
 
+def test_compile_refuses_the_double_backward_of_a_penalty():
+    # torch.compile (aot_autograd) raises mid-training on a gradient penalty; say it up front.
+    assert config_error(["train.compile=true"], WGAN_GP).startswith("train.compile:")
+    assert resolve(["train.compile=true", "model.penalty='clip'"], WGAN_GP).train.compile
+
+
 def test_batch_must_be_a_multiple_of_pack():
     assert config_error(["model.pack=3", "train.batch_size=4"], TOY).startswith(
         "train.batch_size:")
