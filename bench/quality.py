@@ -106,7 +106,7 @@ def meets(toy: str, metric: str, value: float) -> bool:
 def _show(metric: str, value: float) -> str:
     if not math.isfinite(value):
         return str(value)
-    return f"{100 * value:.1f}%" if metric == "hq" else f"{value:.2f}"
+    return {"hq": f"{100 * value:.1f}%", "rkl": f"{value:.3f}"}.get(metric, f"{value:.2f}")
 
 
 def table(method: str, summary: dict[str, float], seeds: int, steps: str) -> Any:
