@@ -30,6 +30,19 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, check: bo
     return proc
 
 
+def random_image_folder(path: Path, n: int = 8, size: int = 32) -> Path:
+    """`n` PNGs of uniform RGB noise (seeded: the same files every time) in a new folder."""
+    import torch
+    from PIL import Image
+
+    path.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(path / f"{i}.png")
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_unpaired(tmp_path_factory) -> Path:
     """A tiny unpaired dataset in the CycleGAN layout (demo data at 16x16)."""

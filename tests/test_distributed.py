@@ -28,8 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN
-from PIL import Image
+from conftest import ROOT, TINY_CYCLEGAN, random_image_folder
 from safetensors.torch import load_file
 from torch import nn
 
@@ -229,15 +228,6 @@ def test_epoch_length_counts_processes_and_accumulation(tiny_unpaired):
     assert steps(1, 2, 2) == steps(2, 1, 2) == steps(4, 1, 1)
 
 
-def _image_folder(path: Path, n: int = 8, size: int = 32) -> Path:
-    path.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    for i in range(n):
-        arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(arr).save(path / f"{i}.png")
-    return path
-
-
 DCGAN = ["model.ngf=4", "model.ndf=4", "model.image_size=32", "data.crop_size=32",
          "model.z_dim=8", "train.batch_size=4"]
 BF16_RUNS = {
@@ -253,7 +243,7 @@ BF16_RUNS = {
 @pytest.mark.parametrize("name", list(BF16_RUNS))
 def test_bf16_trains_every_method(name, tiny_unpaired, tmp_path, monkeypatch):
     recipe, sets, penalty = BF16_RUNS[name]
-    root = tiny_unpaired if "cyclegan" in recipe else _image_folder(tmp_path / "img")
+    root = tiny_unpaired if "cyclegan" in recipe else random_image_folder(tmp_path / "img")
     dtypes: set[torch.dtype] = set()
     setup = loop.setup
 
@@ -296,7 +286,7 @@ def test_precision_that_would_silently_run_fp32_is_refused(flags, launcher_preci
 
 
 def test_sync_batchnorm_is_refused_on_cpu_with_a_clear_message(tmp_path):
-    sets = DCGAN + [f'data.root="{_image_folder(tmp_path / "img")}"',
+    sets = DCGAN + [f'data.root="{random_image_folder(tmp_path / "img")}"',
                     f'run_dir="{tmp_path / "run"}"']
     cfg = config.load(ROOT / "recipes" / "dcgan.toml", sets + ["train.sync_batchnorm=true"])
     with pytest.raises(ConfigError, match="train.sync_batchnorm: .*CPU"):
@@ -319,7 +309,7 @@ def test_sync_batchnorm_converts_every_batchnorm_and_keeps_the_parameters():
 def test_dcgan_batchnorm_bf16_under_ddp(tmp_path):
     """BatchNorm nets in bf16 on 2 processes: parameters stay identical. The running
     statistics are each rank's own (no SyncBatchNorm on CPU): only rank 0's are saved."""
-    sets = DCGAN + ["train.batch_size=2", f'data.root="{_image_folder(tmp_path / "img")}"']
+    sets = DCGAN + ["train.batch_size=2", f'data.root="{random_image_folder(tmp_path / "img")}"']
     worker(tmp_path / "dump", "dcgan.toml", sets, "--steps", "3", "--mixed-precision", "bf16",
            "--run-dir", tmp_path / "run", mixed_precision="bf16")
     assert_ranks_identical(tmp_path / "dump", skip=("running_mean", "running_var",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, random_image_folder, run_cli
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
@@ -21,12 +21,7 @@ from translate.nets import build_net
 def run(tmp_path_factory):
     """A dcgan run trained for 2 steps on random 32x32 images (z_dim 8)."""
     base = tmp_path_factory.mktemp("latent")
-    folder = base / "images"
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(8):
-        arr = (torch.rand(32, 32, 3, generator=g) * 255).byte().numpy()
-        Image.fromarray(arr).save(folder / f"{i}.png")
+    folder = random_image_folder(base / "images")
     cfg = config.load(ROOT / "recipes" / "dcgan.toml", [
         "model.ngf=4", "model.ndf=4", "model.image_size=32", "data.crop_size=32",
         "model.z_dim=8", "train.batch_size=4", f'data.root="{folder}"', "train.steps=2",

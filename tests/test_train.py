@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN, run_cli
+from conftest import ROOT, TINY_CYCLEGAN, random_image_folder, run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -15,15 +15,6 @@ from translate import config
 from translate.core.loop import train
 
 RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.toml"))
-
-
-def _image_folder(path: Path, n: int = 8, size: int = 32) -> Path:
-    path.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    for i in range(n):
-        arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(arr).save(path / f"{i}.png")
-    return path
 
 
 def tiny_overrides(recipe: str, data: Path, folder: Path) -> list[str]:
@@ -34,15 +25,15 @@ def tiny_overrides(recipe: str, data: Path, folder: Path) -> list[str]:
         return ["model.hidden=16", "train.batch_size=8"]
     if 'method = "cgan"' in text:  # labels come from class subfolders
         folder = folder.parent / "classes"
-        _image_folder(folder / "a", n=4)
-        _image_folder(folder / "b", n=4)
+        random_image_folder(folder / "a", n=4)
+        random_image_folder(folder / "b", n=4)
     return ["model.ngf=4", "model.ndf=4", "model.image_size=32", "data.crop_size=32",
             "model.z_dim=8", "train.batch_size=4", f'data.root="{folder}"']
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_trains_through_the_cli(recipe, tiny_unpaired, tmp_path):
-    folder = _image_folder(tmp_path / "images")
+    folder = random_image_folder(tmp_path / "images")
     run = tmp_path / "run"
     sets = [a for o in tiny_overrides(recipe, tiny_unpaired, folder) for a in ("--set", o)]
     proc = run_cli("train", f"recipes/{recipe}", *sets, "--steps", "2", "--run-dir", str(run),
@@ -121,7 +112,7 @@ def test_sample_and_interpolate(tmp_path):
     run = tmp_path / "run"
     run_cli("train", "recipes/dcgan.toml", "--set", "model.ngf=4", "--set", "model.ndf=4",
             "--set", "model.image_size=32", "--set", "data.crop_size=32", "--set",
-            "model.z_dim=8", "--data", str(_image_folder(tmp_path / "img")), "--batch-size",
+            "model.z_dim=8", "--data", str(random_image_folder(tmp_path / "img")), "--batch-size",
             "4", "--steps", "2", "--run-dir", str(run))
     run_cli("sample", str(run), "--n", "16", "--out", str(tmp_path / "grid.png"))
     grid = Image.open(tmp_path / "grid.png")
