@@ -88,9 +88,11 @@ def peak_rss_mb() -> float:
 
 
 def native_bf16() -> bool:
-    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 BF16 or AMX); without them every
-    bf16 conv and matmul falls back to slow reference loops."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX): the same test that makes
+    precision "auto" pick bf16, so the bench measures what a user's default would run."""
+    from translate.core.precision import cpu_has_bf16
+
+    return cpu_has_bf16()
 
 
 def _cpu_times() -> tuple[int, int]:
