@@ -59,6 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         value = getattr(args, dest)
         if value is not None:
             overrides.append(f"{key}={_quote(value)}")
+    if args.strict:
+        overrides.append("data.strict=true")
     if args.log_with:
         overrides.append(f"train.log_with={_quote(','.join(args.log_with))}")
     if args.steps is not None:  # an explicit step count wins over the recipe's epochs
@@ -130,9 +132,16 @@ def _add_train(sub) -> None:
                    "under RUN/tracking, wandb offline unless WANDB_MODE is set")
     p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest checkpoint "
                    "of the run folder (auto) or from a checkpoint folder")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image "
+                   "instead of skipping it with a warning (data.strict=true)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no live bar")
     p.set_defaults(func=cmd_train)
+
+
+def tile_size(text: str) -> int | str:
+    """--tile: pixels, or auto."""
+    return text if text == "auto" else int(text)
 
 
 def _add_inference(sub) -> None:
@@ -149,13 +158,17 @@ def _add_inference(sub) -> None:
     p.add_argument("input", help="image file, folder (recursive) or glob")
     p.add_argument("output", help="output folder (mirrors the input's relative paths)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--tile", type=int, help="translate large images in NxN tiles")
-    p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
+    p.add_argument("--tile", type=tile_size, default="auto",
+                   help="translate large images in NxN tiles (default auto: 512 for images "
+                   "above 1024x1024 px, bounding memory; 0: never tile)")
+    p.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels (U-Nets "
+                   "reach further: 96-128)")
     p.add_argument("--resize", type=int, help="resize so the longer side is N pixels")
     p.add_argument("--format", help="output format, e.g. png (default: keep)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--side-by-side", action="store_true", help="also write input|output pairs")
-    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                   help="default: by the MODEL file (.onnx: onnxruntime, .safetensors: torch)")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto",
                    help="torch backend compute precision (auto: bf16 where the CPU/GPU has it)")
     p.add_argument("--workers", type=int, default=2, help="decode/encode threads")
@@ -233,11 +246,20 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _default_showwarning = warnings.showwarning
 
 
+def _no_world_writable() -> None:
+    """Add o+w to the umask, so nothing this process creates (our files or a library's:
+    accelerate, ONNX, TensorBoard) is world-writable even at umask 000. Masks that already
+    have it (022, 077) are unchanged. Set once at start, before any thread exists."""
+    mask = os.umask(0o022)
+    os.umask(mask | 0o002)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
     args = parser().parse_args([a for a in argv if a != "--debug"])
     args.debug = debug
+    _no_world_writable()
     from translate.errors import UserError
 
     shown = warnings.showwarning

@@ -6,6 +6,7 @@
     python datasets/fetch_cyclegan.py maps --url https://mirror.example/maps.zip --sha256 HEX
 
 Standard library plus `rich` (progress bar only), so it runs before the package is installed.
+It downloads only the URL it is given: an HTTP redirect is reported with its target, not followed.
 The zip goes to a hidden temp file next to the destination, is checked (sha256 when known, every
 member's path) and unpacked into a hidden temp folder that is renamed to ROOT/NAME only once
 complete: an interrupted fetch never leaves a half dataset under the final name.
@@ -112,13 +113,25 @@ def resolve_source(args: argparse.Namespace) -> tuple[str, str | None]:
     return url, expected.lower() if expected else None
 
 
+class RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """The script talks only to the URL it is given: a redirect (to another host, or from
+    https to http) is reported with its target instead of being followed."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: BinaryIO, code: int, msg: str,
+                         headers: object, newurl: str) -> urllib.request.Request | None:
+        fp.close()
+        raise FetchError(f"{req.full_url}: the server redirects (HTTP {code}) to {newurl}; not "
+                         "followed, this script only downloads the URL it is given — if you "
+                         "trust that address, pass it with --url (or its folder with --base-url)")
+
+
 def open_url(url: str, timeout: float) -> http.client.HTTPResponse:
     """Open `url`, turning every network failure into one FetchError line."""
     if not url.lower().startswith(("http://", "https://")):
         raise FetchError(f"{url!r} is not an http(s) URL; pass --url http://... or https://...")
     request = urllib.request.Request(url, headers={"User-Agent": "translate-fetch/1"})
     try:
-        return urllib.request.urlopen(request, timeout=timeout)
+        return urllib.request.build_opener(RefuseRedirects).open(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         hint = "check the dataset name and --base-url/--url" if e.code == 404 else "retry later"
         raise FetchError(f"{url}: HTTP {e.code} {e.reason}; {hint}") from None

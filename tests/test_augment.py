@@ -1,10 +1,21 @@
-"""DiffAugment: shapes, gradients, per-sample randomness, seeding, policy names, bf16 autocast."""
+"""DiffAugment on kornia: shapes, gradients, per-sample randomness, seeding, policy names, bf16
+autocast, one draw shared by real and fake, no clipping, and G's gradient through it in CycleGAN."""
 
 import pytest
 import torch
+from torch import Tensor, nn
 
-from translate.augment import POLICIES, diff_augment, parse_policy
+from translate.augment import (
+    POLICIES,
+    apply_params,
+    diff_augment,
+    diff_augment_pair,
+    parse_policy,
+    sample_params,
+)
+from translate.config import apply_overrides, from_dict
 from translate.errors import ConfigError
+from translate.methods.cyclegan import CycleGAN
 
 
 def images(n: int = 4, c: int = 3, h: int = 16, w: int = 24, seed: int = 0) -> torch.Tensor:
@@ -35,6 +46,9 @@ def test_each_policy_changes_images(policy):
 
 def test_translation_shifts_whole_pixels_with_zero_fill():
     x = images(n=8)
+    ((_, drawn),) = sample_params(x.shape, "translation", generator=seeded())
+    for key, limit in (("translate_x", 3), ("translate_y", 2)):  # 1/8 of 24 and 16, rounded
+        assert torch.equal(drawn[key], drawn[key].round()) and drawn[key].abs().max() <= limit
     y = diff_augment(x, "translation", generator=seeded())
     for xi, yi in zip(x, y):
         # Every output pixel is either zero fill or an input pixel moved by one common shift.
@@ -113,3 +127,76 @@ def test_bf16_autocast_on_cpu():
     loss.backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+def test_real_and_fake_share_one_draw():
+    real, fake = images(seed=1), images(seed=2)
+    ra, fa = diff_augment_pair(real, fake, generator=seeded(3))
+    params = sample_params(real.shape, generator=seeded(3))
+    assert torch.equal(ra, apply_params(real, params)) and torch.equal(fa, apply_params(fake, params))
+    assert torch.equal(*diff_augment_pair(real, real.clone(), generator=seeded(4)))
+    # translation + cutout leave the same zeroed pixels in both
+    r, f = diff_augment_pair(real, fake, "translation,cutout", generator=seeded(6))
+    assert (r == 0).any() and torch.equal(r == 0, f == 0)
+    with pytest.raises(ValueError, match="differ in shape"):
+        diff_augment_pair(real, fake[:2])
+
+
+def test_kornia_does_not_clip():
+    x = torch.full((8, 3, 16, 16), 0.98)
+    x[:, 1] = -0.98
+    y = diff_augment(x, generator=seeded())
+    assert y.max() > 1 and y.min() < -1
+
+
+class Identity(nn.Module):
+    """A discriminator that passes its input through, remembering it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.inputs.append(x.detach().clone())
+        return x
+
+
+def tiny_cyclegan(policy: str, *sets: str) -> CycleGAN:
+    return CycleGAN(from_dict(apply_overrides({}, [
+        "model.ngf=4", "model.n_blocks=1", "model.pool_size=0", "model.lambda_cycle=0",
+        "model.lambda_identity=0", f'model.diff_augment="{policy}"', *sets])))
+
+
+def test_d_sees_real_and_fake_through_the_same_augmentation():
+    m = tiny_cyclegan("color,translation,cutout")
+    nets = {**m.nets, "D_a": Identity(), "D_b": Identity()}
+    a = images(n=2, h=16, w=16, seed=1)
+    b = images(n=2, h=16, w=16, seed=2)
+    m.d_loss(nets, {"a": a, "b": b}, {"fake_a": a.clone(), "fake_b": b.clone()})
+    for d, x in (("D_a", a), ("D_b", b)):
+        seen_real, seen_fake = nets[d].inputs
+        assert torch.equal(seen_real, seen_fake)  # same image in, same augmentation applied
+        assert not torch.equal(seen_real, x)      # and it was augmented
+
+
+def test_g_gets_gradients_through_the_augmentation():
+    """With D = identity and only cutout, d adv_ab / d G_ab(a) is zero exactly where the cutout
+    hid the fake from D and non-zero elsewhere; G_ab's weights receive gradients."""
+    m = tiny_cyclegan("cutout")
+    nets = {**m.nets, "D_a": Identity(), "D_b": Identity()}
+    kept: list[Tensor] = []
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        kept.append(output)
+
+    hook = nets["G_ab"].register_forward_hook(keep)
+    a = images(n=2, h=16, w=16, seed=1)
+    out = m.g_loss(nets, {"a": a, "b": images(n=2, h=16, w=16, seed=2)}, {})
+    hook.remove()
+    out["adv_ab"].backward()
+    grad = kept[0].grad
+    hidden = (grad == 0).all(dim=1)  # (N, H, W)
+    assert torch.equal(hidden.sum(dim=(1, 2)), torch.tensor([64, 64]))  # an 8x8 square each
+    weights = [p.grad for p in nets["G_ab"].parameters()]
+    assert all(g is not None for g in weights) and sum(g.abs().sum() for g in weights) > 0

@@ -10,8 +10,12 @@ Every property checked here fails silently in a real run when broken (nothing ra
 - no net holds a gradient after any phase: frozen nets compute none, so none leaks into a later
   step under gradient accumulation;
 - every rank resumes from the checkpoint the main process chose, each with its own image pool;
-- bf16 autocast really runs (gradient penalty and R1 included), and precision settings that
-  would silently fall back to fp32 are refused.
+- bf16 autocast really runs for every method and the unrolled GAN (gradient penalty and R1
+  included), and precision settings that would silently fall back to fp32 are refused.
+
+tests/test_distributed_gaps.py has the rest: R1 and cgan under 2 processes, the barrier before
+end_training, per-rank RNG streams, one writer per run, the global batch in log.jsonl, fp16
+loss scaling of the penalties.
 
 tests/dist_worker.py is `cli.py` plus a dump of each rank's weights after training.
 """
@@ -35,6 +39,7 @@ from torch import nn
 from translate import config
 from translate.core import loop
 from translate.errors import ConfigError
+from translate.methods import gan as gan_mod
 
 WORKER = ROOT / "tests" / "dist_worker.py"
 # norm "none": a conv bias in front of an instance norm has a true gradient of zero, and Adam
@@ -139,7 +144,7 @@ def assert_same_run(run: Path, ref: Path, steps: list[int]) -> None:
     assert [r["step"] for r in la] == [r["step"] for r in lb] == list(range(1, steps[-1] + 1))
     for ra, rb in zip(la, lb):
         for k in rb:
-            if "/" in k:
+            if "/" in k and not k.startswith("run/"):  # run/processes differs by design
                 assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (k, ra["step"])
 
 
@@ -158,6 +163,8 @@ def test_cyclegan_2_processes_equal_1_with_twice_the_batch_across_a_resume(tiny_
     out = worker(tmp_path / "dump3", "cyclegan_demo.toml", sets, "--batch-size", "1",
                  "--steps", "3", "--save-every", "2", "--run-dir", run)
     assert "global batch 1 x 2 processes x 1 accumulation = 2" in out
+    first = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert (first["run/processes"], first["run/global_batch"]) == (2, 2)
     assert_ranks_identical(tmp_path / "dump3")
     # Rank 1 is made to see a stale checkpoint listing (step 2 only, as on a lagging shared
     # file system); it must still resume from the main process's choice, step 3.
@@ -230,20 +237,36 @@ def test_epoch_length_counts_processes_and_accumulation(tiny_unpaired):
 
 DCGAN = ["model.ngf=4", "model.ndf=4", "model.image_size=32", "data.crop_size=32",
          "model.z_dim=8", "train.batch_size=4"]
-BF16_RUNS = {
-    "cyclegan": ("cyclegan_demo.toml", TINY_CYCLEGAN, None),
-    "dcgan": ("dcgan.toml", DCGAN, None),
-    "wgan_gp": ("wgan_gp.toml", DCGAN + ["model.n_critic=2"], "D/gp"),
-    "gan_toy_r1": ("toy_gan_ring.toml", ["model.hidden=16", "train.batch_size=8",
-                                         'model.penalty="r1"'], "D/r1"),
-    "wgan_gp_toy": ("toy_wgan_gp_ring.toml", TOY_WGAN + ["train.batch_size=8"], "D/gp"),
+TOY_GAN = ["model.hidden=16", "train.batch_size=8"]
+BF16_RUNS = {  # name: (recipe, sets, penalty logged, data: "unpaired" / "images" / "classes")
+    "cyclegan": ("cyclegan_demo.toml", TINY_CYCLEGAN, None, "unpaired"),
+    "dcgan": ("dcgan.toml", DCGAN, None, "images"),
+    "wgan_gp": ("wgan_gp.toml", DCGAN + ["model.n_critic=2"], "D/gp", "images"),
+    "gan_toy_r1": ("toy_gan_ring.toml", TOY_GAN + ['model.penalty="r1"'], "D/r1", "images"),
+    "wgan_gp_toy": ("toy_wgan_gp_ring.toml", TOY_WGAN + ["train.batch_size=8"], "D/gp",
+                    "images"),
+    "cgan_r1": ("cgan.toml", DCGAN + ['model.penalty="r1"'], "D/r1", "classes"),
+    "infogan": ("infogan.toml", DCGAN + ["model.cat_dim=3", "model.q_hidden=8"], None,
+                "images"),
+    "unrolled_toy": ("toy_gan_unrolled_ring.toml", TOY_GAN + ["model.unrolled_steps=2"], None,
+                     "images"),
 }
+
+
+def data_root(kind: str, tiny_unpaired: Path, folder: Path) -> Path:
+    if kind == "unpaired":
+        return tiny_unpaired
+    if kind == "classes":  # cgan: one subfolder per class
+        for name in ("a", "b"):
+            random_image_folder(folder / name, n=4)
+        return folder
+    return random_image_folder(folder)
 
 
 @pytest.mark.parametrize("name", list(BF16_RUNS))
 def test_bf16_trains_every_method(name, tiny_unpaired, tmp_path, monkeypatch):
-    recipe, sets, penalty = BF16_RUNS[name]
-    root = tiny_unpaired if "cyclegan" in recipe else random_image_folder(tmp_path / "img")
+    recipe, sets, penalty, kind = BF16_RUNS[name]
+    root = data_root(kind, tiny_unpaired, tmp_path / "img")
     dtypes: set[torch.dtype] = set()
     setup = loop.setup
 
@@ -256,6 +279,15 @@ def test_bf16_trains_every_method(name, tiny_unpaired, tmp_path, monkeypatch):
         return s
 
     monkeypatch.setattr(loop, "setup", observed)
+    unrolled: list[torch.dtype | None] = []  # autocast's dtype when D is unrolled (G phase)
+    unroll = gan_mod.unroll
+
+    def observed_unroll(*args, **kwargs):
+        on = torch.is_autocast_enabled("cpu")
+        unrolled.append(torch.get_autocast_dtype("cpu") if on else None)
+        return unroll(*args, **kwargs)
+
+    monkeypatch.setattr(gan_mod, "unroll", observed_unroll)
     cfg = config.load(ROOT / "recipes" / recipe, sets + [
         f'data.root="{root}"', 'train.mixed_precision="bf16"', "train.steps=2",
         f'run_dir="{tmp_path / "run"}"', "train.log_every=1", "train.sample_every=2"])
@@ -265,6 +297,7 @@ def test_bf16_trains_every_method(name, tiny_unpaired, tmp_path, monkeypatch):
     assert all(torch.isfinite(torch.tensor(v)) for v in result.logs.values()), result.logs
     if penalty:
         assert result.logs[penalty] > 0, result.logs
+    assert unrolled == ([torch.bfloat16] * 2 if "unrolled" in name else []), unrolled
 
 
 @pytest.mark.parametrize("flags,launcher_precision,needle", [

@@ -44,6 +44,7 @@ def test_metadata_describes_the_generator(exported):
     assert meta["from_domain"] == "A" and meta["to_domain"] == "B"
     assert meta["step"] == "3" and meta["recipe"] == "demo" and meta["ema"] == "false"
     assert json.loads(meta["config"])["n_blocks"] == 1
+    assert meta["value_range"] == "[-1, 1]" and meta["translate_version"] == translate.__version__
 
 
 def test_safetensors_round_trip_equals_trained_net(trained_run, exported):
@@ -164,3 +165,103 @@ def test_export_cli_and_missing_run(trained_run, tmp_path):
     assert "G_ba.safetensors" in proc.stdout
     bad = run_cli("export", str(tmp_path / "nope"), check=False)
     assert bad.returncode == 2 and "not a run folder" in bad.stderr
+
+
+# ------------------------------------------------------------ backend choice and the CLI flags
+
+
+def _picture(h: int, w: int) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    return (np.stack([np.sin(5 * x + y), np.cos(3 * y), np.sin(4 * (x - y))], -1) * 127 + 128
+            ).astype(np.uint8)
+
+
+def test_backend_follows_the_model_file_and_mismatches_are_one_line(exported, tmp_path, capsys):
+    import cli
+
+    st, onnx = exported / "G_ab.safetensors", exported / "G_ab.onnx"
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_picture(20, 24)).save(src / "a.png")
+    for model, backend in ((onnx, "onnx"), (st, "torch")):
+        gen = translate.load_generator(model)
+        assert gen.backend == backend and (gen.net is None) == (backend == "onnx")
+    run_cli("apply", str(onnx), str(src), str(tmp_path / "o"), "--no-progress")  # auto: onnx
+    assert Image.open(tmp_path / "o" / "a.png").size == (24, 20)
+    proc = run_cli("apply", str(st), str(src), str(tmp_path / "x"), "--backend", "onnx",
+                   check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--backend onnx needs the .onnx export — pass G_ab.onnx" in proc.stderr
+    for args, words in (((onnx, "--backend", "torch"), "use --backend onnx"),
+                        ((onnx, "--precision", "bf16"), "--precision bf16 is for the torch")):
+        capsys.readouterr()
+        code = cli.main(["apply", str(args[0]), str(src), str(tmp_path / "x"), *args[1:]])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and words in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_onnx_generator_takes_uint8_and_float_arrays(exported):
+    ref = translate.load_generator(exported / "G_ab.safetensors", precision="fp32")
+    gen = translate.load_generator(exported / "G_ab.onnx")
+    img = _picture(30, 22)
+    out = gen(img)
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    assert np.abs(out.astype(int) - ref(img).astype(int)).max() <= 1
+    floats = gen(img.astype(np.float32) / 255)
+    assert floats.dtype == np.float32 and floats.shape == img.shape
+    assert 0 <= floats.min() and floats.max() <= 1
+    assert np.abs(floats * 255 - out).max() <= 0.51  # the same result, before rounding
+    assert gen(np.stack([img, img]).astype(np.float64) / 255).shape == (2, 30, 22, 3)
+    assert np.abs(ref(img.astype(np.float32) / 255) * 255 - ref(img)).max() <= 0.51
+    with pytest.raises(UserError, match="not a int32 array"):
+        gen(img.astype(np.int32))
+
+
+def test_export_check_line_and_rejection(exported, tmp_path, monkeypatch):
+    from translate import onnx_export
+    from translate.export import load_torch_generator
+
+    net, meta = load_torch_generator(exported / "G_ab.safetensors")
+    line = onnx_export.export_onnx(net, meta, tmp_path / "G.onnx")
+    assert "max |onnx - torch| = " in line and float(line.split("= ")[1].split()[0]) < 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["G.onnx"]  # no external data file
+    real = onnx_export._session
+
+    class Off:  # a session whose every output is 1e-3 away from PyTorch's
+        def __init__(self, path):
+            self.inner = real(path)
+
+        def run(self, names, feeds):
+            return [y + 1e-3 for y in self.inner.run(names, feeds)]
+    monkeypatch.setattr(onnx_export, "_session", Off)
+    with pytest.raises(ModelError, match="differs from PyTorch by 1.0") as e:
+        onnx_export.export_onnx(net, meta, tmp_path / "bad.onnx")
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["G.onnx"]
+
+
+def test_export_and_apply_flags_through_the_cli(trained_run, tmp_path):
+    from translate.export import model_info, read_metadata
+    from translate.infer import ModelInfo
+
+    proc = run_cli("export", str(trained_run), "--step", "2", "--ema", "--out",
+                   str(tmp_path / "e"), "--onnx")
+    assert proc.stdout.count("max |onnx - torch| = ") == 2
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [
+        "G_ab.onnx", "G_ab.safetensors", "G_ba.onnx", "G_ba.safetensors"]
+    meta = read_metadata(tmp_path / "e" / "G_ab.safetensors")
+    assert (meta["step"], meta["ema"], meta["value_range"]) == ("2", "true", "[-1, 1]")
+    assert meta["translate_version"] == translate.__version__
+    assert model_info(meta) == ModelInfo(3, 3, 4, 8)
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_picture(40, 300)).save(src / "p.jpg")
+    out = tmp_path / "out"
+    run_cli("apply", str(tmp_path / "e" / "G_ab.safetensors"), str(src), str(out), "--format",
+            "png", "--tile", "64", "--overlap", "16", "--precision", "fp32", "--no-progress")
+    with Image.open(out / "p.png") as im:
+        assert im.format == "PNG" and im.size == (300, 40)
+    bad = run_cli("export", str(trained_run), "--step", "7", "--out", str(tmp_path / "e2"),
+                  check=False)
+    assert bad.returncode == 2 and "no checkpoint for step 7" in bad.stderr

@@ -26,16 +26,23 @@ COUNTS = {"trainA": 3, "trainB": 2, "testA": 1, "testB": 2}
 
 class Server:
     """Serves files from `folder`; /nolength/F omits Content-Length, /short/F sends a truncated
-    body, /stall/F sends half the body and then nothing for 3 s. Records request paths so tests can tell whether a download happened."""
+    body, /stall/F sends half the body and then nothing for 3 s, /redirect/F answers 302 to
+    `redirect_to`. Records request paths so tests can tell whether a download happened."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder, self.requests = folder, []
+        self.folder, self.requests, self.redirect_to = folder, [], ""
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 server.requests.append(self.path)
                 mode, _, name = self.path.strip("/").rpartition("/")
+                if mode == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", server.redirect_to)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 path = server.folder / name
                 if not path.is_file():
                     self.send_error(404, "Not Found")
@@ -65,14 +72,23 @@ class Server:
         return f"{self.base}/{mode + '/' if mode else ''}{name}"
 
 
-@pytest.fixture()
-def server(tmp_path: Path) -> Iterator[Server]:
-    folder = tmp_path / "served"
+def _serve(folder: Path) -> Iterator[Server]:
     folder.mkdir()
     s = Server(folder)
     yield s
     s.httpd.shutdown()
     s.httpd.server_close()
+
+
+@pytest.fixture()
+def server(tmp_path: Path) -> Iterator[Server]:
+    yield from _serve(tmp_path / "served")
+
+
+@pytest.fixture()
+def elsewhere(tmp_path: Path) -> Iterator[Server]:
+    """A second server on another port: where a redirect would lead."""
+    yield from _serve(tmp_path / "elsewhere")
 
 
 def png_bytes(value: int) -> bytes:
@@ -213,6 +229,27 @@ def test_http_404(server: Server, tmp_path: Path) -> None:
     proc = fetch(server, tmp_path / "data", name="nope.zip")
     assert_one_line_error(proc, "HTTP 404", server.url("nope.zip"))
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("target", ["other-port", "same-server"])
+def test_redirects_are_refused_not_followed(server: Server, elsewhere: Server, tmp_path: Path,
+                                            target: str) -> None:
+    for s in (server, elsewhere):
+        make_zip(s.folder / "horse2zebra.zip", dataset_members())
+    there = elsewhere if target == "other-port" else server
+    server.redirect_to = there.url("horse2zebra.zip")
+    root = tmp_path / "data"
+    proc = fetch(server, root, mode="redirect")
+    line = assert_one_line_error(proc, server.url("horse2zebra.zip", "redirect"),
+                                 f"redirects (HTTP 302) to {server.redirect_to}", "--url")
+    assert "not followed" in line
+    assert server.requests == ["/redirect/horse2zebra.zip"]  # asked once, nothing else
+    assert elsewhere.requests == []
+    assert not root.exists()
+    # Guard: the target itself works when passed explicitly, as the message suggests.
+    assert run("horse2zebra", "--url", server.redirect_to, "--root", str(root),
+               cwd=tmp_path).returncode == 0
+    assert counts_on_disk(root / "horse2zebra") == COUNTS
 
 
 def test_connection_refused(tmp_path: Path) -> None:

@@ -185,8 +185,14 @@ def test_decompression_bomb_small_limit(tmp_path):
     Image.fromarray(_ramp(40, 40)).save(tmp_path / "b.png")
     with pytest.raises(ImageError) as err:
         load_image(tmp_path / "b.png", max_pixels=1000)
-    _assert_one_line_error(err, tmp_path / "b.png", "40x40", "1,600", "--max-pixels")
+    _assert_one_line_error(err, tmp_path / "b.png", "40x40", "1,600", "max_pixels=1600")
     assert load_image(tmp_path / "b.png", max_pixels=1600).shape == (40, 40, 3)
+    # The hint names the knob of the command that read the file.
+    for limit, words in [(images.TRAIN_LIMIT, "--set data.max_pixels=1600"),
+                         (images.APPLY_LIMIT, "--max-pixels 1600")]:
+        with pytest.raises(ImageError) as err:
+            load_image(tmp_path / "b.png", max_pixels=1000, limit=limit)
+        _assert_one_line_error(err, tmp_path / "b.png", words)
 
 
 def test_huge_header_gives_our_error_not_pils(tmp_path):
@@ -195,7 +201,7 @@ def test_huge_header_gives_our_error_not_pils(tmp_path):
         warnings.simplefilter("error")
         with pytest.raises(ImageError) as err:
             load_image(tmp_path / "bomb.png")
-    _assert_one_line_error(err, tmp_path / "bomb.png", "20000x10000", "--max-pixels")
+    _assert_one_line_error(err, tmp_path / "bomb.png", "20000x10000", "max_pixels=200000000")
 
 
 def test_permission_denied_real_chmod(tmp_path):

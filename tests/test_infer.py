@@ -152,7 +152,8 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
         with pytest.raises(UserError, match=words):
             translate_folder(lambda x: x, RGB, input_, output, progress=False)
     for kwargs, words in [({"format": "gif"}, "unknown image format"),
-                          ({"batch_size": 0}, "--batch-size"), ({"tile": 0}, "--tile")]:
+                          ({"batch_size": 0}, "--batch-size"), ({"tile": -1}, "--tile"),
+                          ({"tile": "big"}, "--tile big")]:
         with pytest.raises(UserError, match=words):
             translate_folder(lambda x: x, RGB, src, tmp_path / "o", progress=False, **kwargs)
     assert _snapshot(tmp_path) == before + [("link", (tmp_path / "link").stat().st_mtime_ns,

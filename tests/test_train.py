@@ -102,10 +102,13 @@ def test_resume_changes_nothing_when_weights_differ_detects_real_training(tmp_pa
 def test_resume_refuses_another_recipe(tmp_path):
     run = tmp_path / "run"
     train(_cfg("toy_gan_ring.toml", run, 3, ["model.hidden=16"]), progress=False)
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
     proc = run_cli("train", "recipes/toy_gan_ring.toml", "--set", "model.hidden=32",
                    "--run-dir", str(run), "--steps", "4", "--resume", "auto", check=False)
     assert proc.returncode == 2
     assert "different recipe" in proc.stderr and "Traceback" not in proc.stderr
+    # Nothing of the run changed: its checkpoint, and the config.json that export reads.
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
 
 
 def test_sample_and_interpolate(tmp_path):

@@ -2,8 +2,9 @@
 
 import os
 
-# albumentations checks PyPI for updates on import; nothing in this package touches the network.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# albumentations checks PyPI for updates on import; nothing in this package touches the network,
+# so the switch is forced on, even over a NO_ALBUMENTATIONS_UPDATE=0 inherited from the shell.
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 
 __version__ = "0.1.0"
 

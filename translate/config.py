@@ -66,7 +66,7 @@ class DataConfig:
     toy_epoch: int = positive(25_600)     # samples per toy "epoch" (only sets the epoch length)
     num_workers: int = non_negative(0)    # DataLoader worker processes per training process
     max_pixels: int = positive(128_000_000)  # refuse larger images (decompression bombs)
-    strict: bool = False                  # fail on the first unreadable image instead of skipping it
+    strict: bool = False                  # fail on the first unreadable image (train --strict)
     max_items: int = non_negative(0)      # training images kept per domain, spread evenly (0 = all)
 
 

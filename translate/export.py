@@ -37,12 +37,27 @@ def _strip(key: str) -> str:
     return key
 
 
+def split_checkpoint(path: Path, step: int | None) -> tuple[Path, int | None]:
+    """(run folder, step) for `RUN/checkpoints/step_N` (which must agree with `step` when given);
+    any other path is returned as is."""
+    match = checkpoint.STEP_DIR.match(path.name)
+    if not (match and path.parent.name == "checkpoints" and (path / "state.json").is_file()):
+        return path, step
+    found = int(match.group(1))
+    if step is not None and step != found:
+        raise UserError(f"--step {step}: {path} is the checkpoint of step {found}; drop --step "
+                        "or pass the run folder")
+    return path.parent.parent, found
+
+
 def run_generators(run_dir: Path, step: int | None = None, ema: bool = False
                    ) -> tuple[Any, dict[str, nn.Module], Path]:
-    """(config, {name: generator with trained weights}, checkpoint folder) of a run."""
-    run_dir = Path(run_dir)
+    """(config, {name: generator with trained weights}, checkpoint folder) of a run folder, or
+    of one checkpoint folder `RUN/checkpoints/step_N`."""
+    run_dir, step = split_checkpoint(Path(run_dir), step)
     if not (run_dir / "config.json").is_file():
-        raise UserError(f"{run_dir}: not a run folder (no config.json); pass runs/<name>")
+        raise UserError(f"{run_dir}: not a run folder (no config.json); pass runs/<name> or "
+                        "runs/<name>/checkpoints/step_N")
     cfg = config_mod.load_json(run_dir / "config.json")
     found = checkpoint.list_checkpoints(run_dir)
     if step is not None:
@@ -102,7 +117,7 @@ def export_run(run: str | Path, step: int | None = None, ema: bool = False,
                out: str | Path | None = None, onnx: bool = False) -> list[str]:
     """Write each generator of a run; returns printable lines describing what was written."""
     cfg, nets, ckpt = run_generators(Path(run), step, ema)
-    out_dir = Path(out) if out else Path(run) / "export"
+    out_dir = Path(out) if out else ckpt.parents[1] / "export"  # RUN/export, also for a checkpoint
     out_dir.mkdir(parents=True, exist_ok=True)
     state = json.loads((ckpt / "state.json").read_text())
     method = METHODS[cfg.method].build(cfg)
@@ -166,9 +181,10 @@ def load_torch_generator(path: Path) -> tuple[nn.Module, dict[str, str]]:
 
 @dataclass
 class Generator:
-    """A loaded generator. `gen(images)` takes uint8 HxWxC / NxHxWxC arrays (returns the same
-    convention) or float NCHW tensors in [-1, 1] (returns float tensors); any size is padded to
-    the size multiple and cropped back. `gen.forward` is the raw batch function."""
+    """A loaded generator. `gen(images)` takes uint8 HxWxC / NxHxWxC arrays (returns uint8),
+    float HxWxC / NxHxWxC arrays in [0, 1] (returns float32 in [0, 1]) or float NCHW tensors in
+    [-1, 1] (returns float tensors); any size is padded to the size multiple and cropped back.
+    `gen.forward` is the raw batch function; `gen.net` the torch module (None for ONNX)."""
 
     info: ModelInfo
     metadata: dict[str, str]
@@ -176,32 +192,43 @@ class Generator:
     backend: str
     precision: str
 
+    @property
+    def net(self) -> nn.Module | None:
+        # Lets tiling find the norm layers whose statistics it freezes (translate/tiling.py).
+        return getattr(self.forward, "net", None)
+
     def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         if isinstance(images, torch.Tensor):
             return translate_tensor(self.forward, self.info, images.float())
         arr = np.asarray(images)
-        if arr.dtype != np.uint8:
-            raise UserError("load_generator: pass uint8 HxWxC arrays or float NCHW tensors")
-        single = arr.ndim == 3
-        batch = arr[None] if single else arr
-        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        y = translate_tensor(self.forward, self.info, x)
-        out = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        return out[0] if single else out
+        floats = np.issubdtype(arr.dtype, np.floating)
+        if not (arr.dtype == np.uint8 or floats) or arr.ndim not in (3, 4):
+            raise UserError("load_generator: pass HxWxC or NxHxWxC arrays (uint8, or float in "
+                            f"[0, 1]) or float NCHW tensors in [-1, 1], not a {arr.dtype} "
+                            f"array of shape {arr.shape}")
+        batch = torch.from_numpy(np.ascontiguousarray(arr[None] if arr.ndim == 3 else arr))
+        scale = 0.5 if floats else 127.5
+        x = batch.permute(0, 3, 1, 2).float() / scale - 1.0
+        y = translate_tensor(self.forward, self.info, x).clamp(-1, 1).add(1).permute(0, 2, 3, 1)
+        out = y.mul(0.5).numpy() if floats else y.mul(127.5).round().to(torch.uint8).numpy()
+        return out[0] if arr.ndim == 3 else out
 
 
-def _torch_forward(net: nn.Module, precision: str, device: torch.device):
-    net = net.to(device).to(memory_format=torch.channels_last)
+@dataclass(frozen=True)
+class TorchForward:
+    """The torch backend's batch function: channels_last, optional bf16 autocast."""
+
+    net: nn.Module
+    precision: str
+    device: torch.device
 
     @torch.inference_mode()
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device).contiguous(memory_format=torch.channels_last)
-        if precision == "bf16":
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                return net(x).float()
-        return net(x)
-
-    return forward
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return self.net(x).float()
+        return self.net(x)
 
 
 def model_info(meta: dict[str, str]) -> ModelInfo:
@@ -209,15 +236,34 @@ def model_info(meta: dict[str, str]) -> ModelInfo:
                      int(meta["size_multiple"]), int(meta.get("min_size", "1")))
 
 
+def _pick_backend(path: Path, backend: str, precision: str) -> str:
+    """The backend for a model file: chosen by its suffix, or checked against it."""
+    is_onnx = path.suffix.lower() == ".onnx"
+    if backend == "auto":
+        backend = "onnx" if is_onnx else "torch"
+    elif backend == "torch" and is_onnx:
+        raise UserError(f"{path}: an ONNX file runs on onnxruntime — use --backend onnx (or "
+                        "omit --backend), or pass the .safetensors export for --backend torch")
+    elif backend == "onnx" and not is_onnx:
+        raise UserError(f"{path}: --backend onnx needs the .onnx export — pass "
+                        f"{path.with_suffix('.onnx').name} (made by `translate export RUN "
+                        "--onnx`) or omit --backend to run this file with torch")
+    elif backend not in ("torch", "onnx"):
+        raise UserError(f"backend {backend!r}: unknown — use auto, torch or onnx")
+    if backend == "onnx" and precision == "bf16":
+        raise UserError(f"{path}: --precision bf16 is for the torch backend (onnxruntime runs "
+                        "fp32) — drop --precision or pass the .safetensors export")
+    return backend
+
+
 def load_generator(path: str | Path, backend: str = "auto", precision: str = "auto",
                    device: str | None = None) -> Generator:
-    """Load an exported generator (.safetensors or .onnx) for inference."""
+    """Load an exported generator (.safetensors or .onnx) for inference. backend "auto" follows
+    the file suffix; an explicit backend that does not match the file is a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: model file not found; export one with `translate export RUN`")
-    if backend == "auto":
-        backend = "onnx" if path.suffix == ".onnx" else "torch"
-    if backend == "onnx" or path.suffix == ".onnx":
+    if _pick_backend(path, backend, precision) == "onnx":
         from translate.onnx_export import load_onnx
 
         return load_onnx(path, Generator)
@@ -226,4 +272,6 @@ def load_generator(path: str | Path, backend: str = "auto", precision: str = "au
         raise UserError(f"{path}: a latent generator (no input image); use `translate sample`")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = inference_precision(precision, dev)
-    return Generator(model_info(meta), meta, _torch_forward(net, precision, dev), "torch", precision)
+    net = net.to(dev).to(memory_format=torch.channels_last)
+    return Generator(model_info(meta), meta, TorchForward(net, precision, dev), "torch",
+                     precision)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import struct
 import uuid
 from dataclasses import dataclass
@@ -21,6 +22,10 @@ from translate.errors import ImageError, UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 128_000_000  # decompression-bomb guard, in pixels (width * height)
+# How the user raises the pixel limit, in the hint of a refused image ({} = the pixels needed).
+APPLY_LIMIT = "--max-pixels {}"             # translate apply
+TRAIN_LIMIT = "--set data.max_pixels={}"    # translate train (the recipe key)
+PYTHON_LIMIT = "max_pixels={}"              # the Python argument, for other callers
 
 # Our per-call `max_pixels` is the only size limit. PIL's global limit would otherwise warn
 # between 89 and 179 megapixels and raise its own traceback above that, ignoring the user's
@@ -118,23 +123,25 @@ def _is_file(entry: os.DirEntry) -> bool:
 
 
 def load_image(path: str | Path, channels: int = 3,
-               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+               max_pixels: int | None = DEFAULT_MAX_PIXELS, limit: str = PYTHON_LIMIT
+               ) -> np.ndarray:
     """Decode any supported file to a uint8 HxWxC array with C = `channels` (1 or 3).
 
     Alpha is dropped (not composited), EXIF orientation applied, 16-bit and float data scaled
-    to 8 bits. `max_pixels=None` disables the size guard.
+    to 8 bits. `max_pixels=None` disables the size guard; `limit` is how the caller's user
+    raises it (TRAIN_LIMIT, APPLY_LIMIT, ...), named in the error.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    colour, _, _ = _decode(Path(path), max_pixels)
+    colour, _, _ = _decode(Path(path), max_pixels, limit)
     return match_channels(colour, channels)
 
 
-def load_image_rgba(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS
-                    ) -> tuple[np.ndarray, np.ndarray | None, ImageInfo]:
+def load_image_rgba(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                    limit: str = APPLY_LIMIT) -> tuple[np.ndarray, np.ndarray | None, ImageInfo]:
     """Decode for inference: (colour uint8 HxWx3, or HxWx1 for grayscale files; alpha uint8 HxW
     or None; ImageInfo). Grayscale stays 1-channel so the caller can match its model."""
-    return _decode(Path(path), max_pixels)
+    return _decode(Path(path), max_pixels, limit)
 
 
 def match_channels(img: np.ndarray, channels: int) -> np.ndarray:
@@ -150,20 +157,21 @@ def match_channels(img: np.ndarray, channels: int) -> np.ndarray:
     raise ValueError(f"cannot convert {have} channels to {channels}")
 
 
-def _decode(path: Path, max_pixels: int | None) -> tuple[np.ndarray, np.ndarray | None, ImageInfo]:
+def _decode(path: Path, max_pixels: int | None, limit: str
+            ) -> tuple[np.ndarray, np.ndarray | None, ImageInfo]:
     try:
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 raise ImageError(f"{path}: empty file (0 bytes) — re-export or delete it")
             im = Image.open(f)
-            _check_pixels(path, im.size, max_pixels)
+            _check_pixels(path, im.size, max_pixels, limit)
             bit_depth = _bit_depth(im)
             fmt = im.format or "?"
             im.load()  # full decode now, so truncated data fails here, not later
     except ImageError:
         raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
-        raise ImageError(_describe_failure(path, e)) from e
+        raise ImageError(_describe_failure(path, e, limit)) from e
     mode = im.mode
     im = _orient(im)
     try:
@@ -176,13 +184,14 @@ def _decode(path: Path, max_pixels: int | None) -> tuple[np.ndarray, np.ndarray 
     return colour, alpha, info
 
 
-def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
+def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None,
+                  limit: str = APPLY_LIMIT) -> None:
     w, h = size
     if max_pixels is not None and w * h > max_pixels:
         raise ImageError(
             f"{path}: image is {w}x{h} = {w * h:,} pixels, more than the limit of "
             f"{max_pixels:,} (a guard against decompression bombs) — if you trust the file, "
-            f"raise the limit with --max-pixels {w * h}")
+            f"raise the limit with {limit.format(w * h)}")
 
 
 def _bit_depth(im: Image.Image) -> int:
@@ -226,7 +235,7 @@ def _high_gray_to_u8(im: Image.Image) -> np.ndarray:
     return np.rint(np.clip(a / top, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _describe_failure(path: Path, e: BaseException) -> str:
+def _describe_failure(path: Path, e: BaseException, limit: str = APPLY_LIMIT) -> str:
     if isinstance(e, FileNotFoundError):
         return f"{path}: file not found (moved or deleted?) — check the path and run again"
     if isinstance(e, PermissionError):
@@ -237,7 +246,8 @@ def _describe_failure(path: Path, e: BaseException) -> str:
         return (f"{path}: not an image file PIL can read (wrong extension or unknown format) — "
                 "convert it to PNG or JPEG, or remove it")
     if isinstance(e, Image.DecompressionBombError):
-        return f"{path}: {_one_line(e)} — raise the limit with --max-pixels if you trust it"
+        return (f"{path}: {_one_line(e)} — raise the limit with {limit.format('N')} if you "
+                "trust it")
     return (f"{path}: corrupt or truncated image data ({type(e).__name__}: {_one_line(e)}) — "
             "re-download or re-export the file")
 
@@ -265,13 +275,11 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
         raise ImageError(f"{path}: unknown image extension — use one of "
                          f"{', '.join(IMAGE_EXTENSIONS)} or pass a format")
     im = _to_pil(rgb, alpha if fmt in _ALPHA_FORMATS else None, bit_depth, fmt)
-    # Hidden, unique, and short enough for NAME_MAX (255 bytes) even when the name itself is.
-    stem = os.fsdecode(os.fsencode(path.name)[:200])
-    tmp = path.with_name(f".{stem}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(_temp_name(path.name))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # os.open with 0o666 lets the umask decide permissions (mkstemp would force 0o600).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        # The umask decides the rest (mkstemp would force 0o600); never world-writable.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o664)
         with os.fdopen(fd, "wb") as f:
             im.save(f, format=fmt, **_SAVE_OPTIONS.get(fmt, {}))
         os.replace(tmp, path)  # no fsync: a killed process is the case to guard, not power loss
@@ -282,6 +290,43 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
             raise ImageError(f"{path}: cannot write ({_one_line(e)}) — check free disk space "
                              "and folder permissions") from e
         raise
+
+
+_TEMP_STEM_BYTES = 200
+_TEMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp", re.DOTALL)
+
+
+def _temp_name(name: str) -> str:
+    # Hidden, unique, and short enough for NAME_MAX (255 bytes) even when the name itself is.
+    stem = os.fsdecode(os.fsencode(name)[:_TEMP_STEM_BYTES])
+    return f".{stem}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def is_temp_name(name: str) -> bool:
+    """True for exactly the names `save_image` gives its temp files (an image name, or its
+    first 200 bytes, between a dot and `.<8 hex>.tmp`), so a cleanup removes nothing else."""
+    m = _TEMP_NAME.fullmatch(name)
+    if m is None:
+        return False
+    stem = m.group(1)
+    return _is_image_name(stem) or len(os.fsencode(stem)) == _TEMP_STEM_BYTES
+
+
+def clear_stale_temps(folders: set[Path]) -> int:
+    """Delete the temp files a killed `save_image` left in `folders` (not recursive); returns
+    how many. Run before writing, so a rerun leaves no hidden litter behind the killed run."""
+    removed = 0
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:  # not created yet, or unreadable: nothing of ours to clear there
+            continue
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if is_temp_name(entry.name) and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
 
 
 def _to_pil(rgb: np.ndarray, alpha: np.ndarray | None, bit_depth: int, fmt: str) -> Image.Image:

@@ -7,6 +7,9 @@ device) plus a `ModelInfo`, so safetensors, ONNX and in-memory nets share one co
 Choices worth knowing (see `translate_folder`):
 - Output size always equals input size: H and W are mirror-padded to `size_multiple` and
   cropped back. `resize=N` is the only resizing: the longer side becomes N (aspect kept).
+- Memory is bounded: images above 1024x1024 pixels run in 512 px tiles unless told otherwise
+  (`tile`), so a 4096x4096 image stays well under 4 GB; see translate/tiling.py for how norm
+  layers see whole-image statistics then.
 - Gray input to an RGB model is replicated; RGB input to a 1-channel model becomes luma.
 - Alpha is copied through unchanged (where the output format stores alpha).
 - A 16-bit input gives a 16-bit output only when the model output is 1-channel (PIL cannot
@@ -19,7 +22,6 @@ Choices worth knowing (see `translate_folder`):
 
 from __future__ import annotations
 
-import glob
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -46,19 +48,26 @@ from rich.text import Text
 from translate.errors import ImageError, UserError
 from translate.images import (
     DEFAULT_MAX_PIXELS,
-    IMAGE_EXTENSIONS,
-    list_images,
+    clear_stale_temps,
     load_image_rgba,
     match_channels,
     save_image,
     to_uint8,
 )
+from translate.infer_plan import Job, check_format, plan
 
 # The model run lives in translate/tiling.py; re-exported here, where users look for it.
-from translate.tiling import Generator, ModelInfo, _run_padded, translate_tensor
+from translate.tiling import (
+    DEFAULT_OVERLAP,
+    Generator,
+    ModelInfo,
+    Tile,
+    _run_padded,
+    tile_side,
+    translate_tensor,
+)
 
 __all__ = ["ApplyReport", "Generator", "ModelInfo", "translate_folder", "translate_tensor"]
-PAIRS_DIR = "_pairs"
 
 
 @dataclass
@@ -75,87 +84,6 @@ class ApplyReport:
         return self.translated / self.seconds if self.seconds > 0 else 0.0
 
 
-# ---------------------------------------------------------------------------- planning
-
-
-@dataclass(frozen=True)
-class _Job:
-    index: int  # position in input order, to report failures deterministically
-    src: Path
-    dst: Path
-    pair: Path | None  # where the side-by-side image goes, if asked for
-
-
-def _find_inputs(spec: str | Path) -> tuple[Path, list[Path], bool]:
-    """(base folder the relative paths start from, images, the input is one file)."""
-    text = str(spec)
-    if any(c in text for c in "*?[") and not Path(text).exists():
-        base = Path(*_leading_plain_parts(text) or ["."])
-        found: dict[Path, None] = {}
-        for match in sorted(glob.glob(text, recursive=True)):
-            for image in list_images(match)[0]:
-                found.setdefault(image)
-        return base, list(found), False
-    path = Path(spec)
-    if not path.exists():
-        raise UserError(f"{path}: no such file or folder — check the INPUT path")
-    if path.is_file():
-        return path.parent, [path], True
-    return path, list_images(path)[0], False
-
-
-def _leading_plain_parts(pattern: str) -> list[str]:
-    parts = []
-    for part in Path(pattern).parts:
-        if any(c in part for c in "*?["):
-            break
-        parts.append(part)
-    return parts
-
-
-def _plan(spec: str | Path, output: str | Path, fmt: str | None, side_by_side: bool
-          ) -> list[_Job]:
-    """Every (input, output) pair, after every check that can fail before any work is done."""
-    base, sources, single = _find_inputs(spec)
-    if not sources:
-        raise UserError(f"{spec}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}) — "
-                        "check the folder or pattern")
-    out = Path(output)
-    suffix = None if fmt is None else "." + fmt
-    if single and out.suffix.lower() in IMAGE_EXTENSIONS and not out.is_dir():
-        dst = out if suffix is None else out.with_suffix(suffix)
-        if dst.resolve() == sources[0].resolve():
-            raise UserError(f"{dst}: is the input file — choose another OUTPUT")
-        pair = dst.parent / PAIRS_DIR / dst.name if side_by_side else None
-        return [_Job(0, sources[0], dst, pair)]
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is a file — OUTPUT must be a folder for this INPUT")
-    real_base, real_out = base.resolve(), out.resolve()
-    if real_out == real_base or (not single and real_base in real_out.parents):
-        raise UserError(f"{out}: is {'inside ' if not single else ''}the input folder {base} — "
-                        "choose an OUTPUT folder outside it (the input is never written to)")
-    jobs, claimed = [], {}
-    for i, src in enumerate(sources):
-        rel = src.relative_to(base) if not single else Path(src.name)
-        rel = rel if suffix is None else rel.with_suffix(suffix)
-        if rel in claimed:
-            raise UserError(f"{src}: would be written to {out / rel}, as would {claimed[rel]} — "
-                            "rename one of them or drop --format")
-        claimed[rel] = src
-        jobs.append(_Job(i, src, out / rel, out / PAIRS_DIR / rel if side_by_side else None))
-    return jobs
-
-
-def _check_format(fmt: str | None) -> str | None:
-    if fmt is None:
-        return None
-    fmt = fmt.lower().lstrip(".")
-    if "." + fmt not in IMAGE_EXTENSIONS:
-        raise UserError(f"--format {fmt}: unknown image format — use one of "
-                        f"{', '.join(e[1:] for e in IMAGE_EXTENSIONS)}")
-    return fmt
-
-
 # ---------------------------------------------------------------------------- the folder run
 
 
@@ -166,8 +94,9 @@ def translate_folder(
     output: str | Path,  # a folder mirroring INPUT's relative paths (or a file, for one file)
     *,
     batch_size: int = 4,  # images (or tiles) per generator call
-    tile: int | None = None,  # tile side in pixels for images larger than it; None: whole
-    overlap: int = 32,  # pixels shared by neighbouring tiles, blended (at most tile / 2)
+    tile: Tile = "auto",  # tile side for larger images; "auto": 512 above 1024x1024 px;
+                          # None or 0: never tile (whole images, memory grows with size)
+    overlap: int = DEFAULT_OVERLAP,  # pixels shared by neighbouring tiles (at most tile/2)
     resize: int | None = None,  # make the longer side this many pixels first; None: keep size
     format: str | None = None,  # output extension/format, e.g. "png"; None: same as input
     overwrite: bool = False,  # re-translate images whose output exists (else: skipped)
@@ -181,7 +110,8 @@ def translate_folder(
     file is written."""
     start = time.perf_counter()
     _check_settings(batch_size, tile, overlap, resize, workers)
-    jobs = _plan(input, output, _check_format(format), side_by_side)
+    jobs = plan(input, output, check_format(format), side_by_side)
+    clear_stale_temps({p.parent for job in jobs for p in (job.dst, job.pair) if p is not None})
     todo = [job for job in jobs if overwrite or not _exists(job.dst)]
     settings = _Settings(fn, info, batch_size, tile, overlap, resize, max_pixels)
     console = Console(stderr=True)
@@ -210,9 +140,12 @@ def _exists(path: Path) -> bool:
         return False
 
 
-def _check_settings(batch_size: int, tile: int | None, overlap: int, resize: int | None,
+def _check_settings(batch_size: int, tile: Tile, overlap: int, resize: int | None,
                     workers: int) -> None:
-    for flag, value, low in [("--batch-size", batch_size, 1), ("--tile", tile, 1),
+    if isinstance(tile, str) and tile != "auto":
+        raise UserError(f"--tile {tile}: use a number of pixels, auto or 0 (never tile)")
+    for flag, value, low in [("--batch-size", batch_size, 1),
+                             ("--tile", None if isinstance(tile, str) else tile, 0),
                              ("--overlap", overlap, 0), ("--resize", resize, 1),
                              ("--workers", workers, 0)]:
         if value is not None and value < low:
@@ -224,7 +157,7 @@ class _Settings:
     fn: Generator
     info: ModelInfo
     batch_size: int
-    tile: int | None
+    tile: Tile
     overlap: int
     resize: int | None
     max_pixels: int | None
@@ -232,7 +165,7 @@ class _Settings:
 
 @dataclass
 class _Loaded:
-    job: _Job
+    job: Job
     x: torch.Tensor  # 1xCxHxW uint8 with the model's input channels (floats are 4x larger)
     shown: np.ndarray | None  # the input pixels, kept only for side-by-side pairs
     alpha: np.ndarray | None  # HxW uint8, copied to the output untouched
@@ -253,17 +186,17 @@ class _Tally:
         self.translated += 1
         self.bar.advance(self.task)
 
-    def fail(self, job: _Job, reason: str) -> None:
+    def fail(self, job: Job, reason: str) -> None:
         self.failed[job.index] = (job.src, reason)
         if not self.quiet:
             self.bar.console.print(reason, markup=False, highlight=False, soft_wrap=True)
         self.bar.advance(self.task)
 
 
-def _run_jobs(todo: list[_Job], s: _Settings, pool: ThreadPoolExecutor, tally: _Tally,
+def _run_jobs(todo: list[Job], s: _Settings, pool: ThreadPoolExecutor, tally: _Tally,
               lookahead: int) -> None:
     """Decode ahead and encode behind on the pool while the generator runs here."""
-    saves: deque[tuple[_Job, Future]] = deque()
+    saves: deque[tuple[Job, Future]] = deque()
     items = _loaded(todo, s, pool, tally, lookahead)
     try:
         for batch in _batches(items, s):
@@ -283,11 +216,11 @@ def _run_jobs(todo: list[_Job], s: _Settings, pool: ThreadPoolExecutor, tally: _
         _settle(saves, tally, keep=0)  # even when interrupted: finished work is kept
 
 
-def _loaded(todo: list[_Job], s: _Settings, pool: ThreadPoolExecutor, tally: _Tally,
+def _loaded(todo: list[Job], s: _Settings, pool: ThreadPoolExecutor, tally: _Tally,
             lookahead: int) -> Iterator[_Loaded]:
     """Decoded images in input order, `lookahead` decodes in flight; failures go to tally."""
     jobs = iter(todo)
-    loads: deque[tuple[_Job, Future]] = deque()
+    loads: deque[tuple[Job, Future]] = deque()
     try:
         while True:
             while len(loads) < lookahead and (job := next(jobs, None)) is not None:
@@ -312,12 +245,10 @@ def _loaded(todo: list[_Job], s: _Settings, pool: ThreadPoolExecutor, tally: _Ta
 def _batches(items: Iterator[_Loaded], s: _Settings) -> Iterator[list[_Loaded]]:
     """Group images whose padded sizes match into batches; images needing tiles go alone.
     At most ~2 batches wait for company, so odd sizes do not pile up in memory."""
-    m = s.info.size_multiple
-    tile = None if s.tile is None else -(-s.tile // m) * m
     waiting: dict[tuple[int, int], list[_Loaded]] = {}
     for item in items:
         h, w = item.x.shape[2:]
-        if tile is not None and max(h, w) > tile:
+        if tile_side(s.tile, s.info, h, w) is not None:
             yield [item]
             continue
         key = (s.info.padded(h), s.info.padded(w))
@@ -346,7 +277,7 @@ def _to_pixels(y: torch.Tensor, wide: bool) -> np.ndarray:
     return y16.permute(1, 2, 0).numpy().astype(np.uint16)
 
 
-def _load(job: _Job, s: _Settings) -> _Loaded:
+def _load(job: Job, s: _Settings) -> _Loaded:
     colour, alpha, meta = load_image_rgba(job.src, s.max_pixels)
     if s.resize is not None:
         colour, alpha = _resize(colour, alpha, s.resize)
@@ -362,7 +293,7 @@ def _resize(colour: np.ndarray, alpha: np.ndarray | None, longer: int
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
 
     def one(a: np.ndarray) -> np.ndarray:
-        return np.asarray(Image.fromarray(a).resize(size, Image.Resampling.LANCZOS))
+        return np.array(Image.fromarray(a).resize(size, Image.Resampling.LANCZOS))  # writable
     resized = one(colour[..., 0])[..., None] if colour.shape[2] == 1 else one(colour)
     return resized, None if alpha is None else one(alpha)
 
@@ -376,7 +307,7 @@ def _save(item: _Loaded, pixels: np.ndarray) -> None:
     save_image(item.job.dst, pixels, item.alpha, bit_depth=16 if item.wide else 8)
 
 
-def _settle(saves: deque[tuple[_Job, Future]], tally: _Tally, keep: int) -> None:
+def _settle(saves: deque[tuple[Job, Future]], tally: _Tally, keep: int) -> None:
     """Record finished saves in order; block until at most `keep` are outstanding."""
     while saves and (len(saves) > keep or saves[0][1].done()):
         job, future = saves.popleft()

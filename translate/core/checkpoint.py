@@ -18,11 +18,13 @@ not plain data is refused with its name (accelerate would silently skip a bad RN
 the resume would not be exact). Our own files are safetensors and JSON. Loading a checkpoint
 never unpickles arbitrary objects.
 
-Files get the permissions the user's umask gives (safetensors writes 0600 files otherwise).
+Files get the permissions the user's umask gives (safetensors writes 0600 files otherwise),
+never world-writable, even at umask 000.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -128,11 +130,33 @@ def umask() -> int:
     return mask
 
 
+def file_mode() -> int:
+    """The mode of a new output file: what a plain open() gives (0666 minus the umask), minus
+    o+w, so that no output is world-writable even at umask 000."""
+    return 0o666 & ~(umask() | 0o002)
+
+
 def apply_umask(paths: list[Path]) -> None:
-    """Give files the mode a plain open() would: 0666 minus the umask. Never wider."""
-    mode = 0o666 & ~umask()
+    """Give files the mode of `file_mode`. Never wider."""
+    mode = file_mode()
     for p in paths:
         os.chmod(p, mode)
+
+
+# What to do when the run folder cannot be written, by errno (others: `fix_for`'s default).
+_SAVE_FIXES = {
+    errno.ENOSPC: "free disk space",
+    errno.EDQUOT: "free disk space (or raise your quota)",
+    errno.EROFS: "the file system is read-only: remount it read-write, or copy the run folder to "
+                 "a writable disk and pass that as --run-dir",
+    errno.EACCES: "make that folder writable for this user (chmod/chown)",
+    errno.EPERM: "make that folder writable for this user (chmod/chown)",
+}
+
+
+def fix_for(e: BaseException) -> str:
+    """What the user can do about a failed write into the run folder."""
+    return _SAVE_FIXES.get(getattr(e, "errno", None), "free disk space or fix permissions")
 
 
 def _discard(path: Path) -> None:
@@ -212,9 +236,10 @@ def save(
         previous = list_checkpoints(run_dir)
         kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else \
             "no earlier checkpoint exists"
+        fix = fix_for(e)
         raise UserError(
             f"{tmp.parent}: could not write checkpoint step {state.step} ({reason}); "
-            f"{kept}; free disk space or fix permissions, then resume with --resume auto"
+            f"{kept}; {fix}, then resume with --resume auto"
         ) from None
     accelerator.wait_for_everyone()
     return final

@@ -48,13 +48,19 @@ def check_finite(logs: dict[str, Tensor], step: int) -> None:
                            "\"rollback\")")
 
 
-def check_weights(nets: dict[str, torch.nn.Module], step: int) -> None:
+def check_weights(nets: dict[str, torch.nn.Module], ema: dict[str, torch.nn.Module],
+                  phase_of: dict[str, str], step: int) -> None:
     """Refuse to checkpoint NaN weights: they would replace the last good checkpoint as the
-    one `--resume auto` takes."""
-    if not checkpoint.all_finite(nets):
-        raise Diverged(f"step {step}: weights contain NaN/Inf",
-                       "not writing a checkpoint over the last good one; lower the learning "
-                       "rate, then --resume auto")
+    one `--resume auto` takes. The message names the phase that trains the first bad net
+    (`phase_of`: net name -> phase name; an EMA copy counts as its generator)."""
+    named = [(name, name, net) for name, net in nets.items()]
+    named += [(name, f"EMA of {name}", net) for name, net in ema.items()]
+    for name, what, net in named:
+        if not checkpoint.all_finite({name: net}):
+            phase = phase_of.get(name, "?")
+            raise Diverged(f"step {step}, phase {phase}: weights of {what} contain NaN/Inf",
+                           "not writing a checkpoint over the last good one; lower the "
+                           "learning rates (train.lr_d, train.lr_g), then --resume auto")
 
 
 def roll_back(accelerator: Accelerator, run_dir, state: checkpoint.TrainState, error: Diverged,

@@ -19,12 +19,12 @@ from translate import config as config_mod
 from translate import data as data_mod
 from translate import periodic_eval
 from translate.config import RunConfig
-from translate.core import checkpoint, faults, precision, tracking
+from translate.core import checkpoint, faults, penalties, precision, tracking
 from translate.core.ema import ema_update, make_ema
 from translate.core.faults import Diverged
 from translate.core.runlog import RunLog
 from translate.core.schedules import lr_factor
-from translate.errors import ConfigError
+from translate.errors import ConfigError, UserError
 from translate.methods import METHODS
 from translate.methods.base import Phase
 
@@ -132,12 +132,14 @@ def run_phase(accelerator, cfg, phase, opt, nets, batch, prev) -> tuple[dict, li
     logs: dict[str, Tensor] = {}
     handed: list[dict[str, Tensor]] = []
     frozen = [n for n in nets if n not in phase.nets]
+    # fp16's GradScaler (GPU only): penalties scale their own input gradient by it too.
+    scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
     for i, (chunk, p) in enumerate(zip(split(batch, accum), prev)):
         with contextlib.ExitStack() as stack:
             # Micro-batches before the last skip the gradient all-reduce; frozen nets never sync.
             for name in frozen + (list(phase.nets) if i < accum - 1 else []):
                 stack.enter_context(accelerator.no_sync(nets[name]))
-            with accelerator.autocast():
+            with accelerator.autocast(), penalties.loss_scale(scale):
                 out = phase.loss(nets, chunk, p)
             accelerator.backward(out["loss"] / accum)
         for k, v in out.items():
@@ -206,7 +208,6 @@ def setup(cfg: RunConfig) -> Session:
     # Only now, with settings and data known to be usable, does the run folder appear.
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_mod.save(cfg, run_dir / "config.json")
     names = list(method.nets)
     raw = [method.nets[n] for n in names]
     if cfg.train.sync_batchnorm:
@@ -226,7 +227,8 @@ def setup(cfg: RunConfig) -> Session:
 
 
 def _save(s: Session, state: checkpoint.TrainState) -> Path:
-    faults.check_weights({**s.nets, **s.ema}, state.step)
+    phase_of = {n: ph.name for ph in reversed(s.method.phases) for n in ph.nets}
+    faults.check_weights(s.nets, s.ema, phase_of, state.step)
     return checkpoint.save(s.accelerator, s.run_dir, state, s.ema, s.method.state(),
                            s.cfg.train.keep_checkpoints)
 
@@ -275,12 +277,21 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> R
     s = setup(cfg)
     acc, t = s.accelerator, cfg.train
     state, path = _start(s, resume)
+    if acc.is_main_process:  # after the resume checks: a refused resume keeps the old config
+        try:
+            config_mod.save(cfg, s.run_dir / "config.json")
+        except OSError as e:
+            raise UserError(f"{s.run_dir}: cannot write the run's config.json ({e.strerror}); "
+                            f"{checkpoint.fix_for(e)}, then run again") from None
     trackers = tracking.start(acc, cfg, state.step)
     log = RunLog(s.run_dir, acc.is_main_process, s.total, state.step, progress, trackers)
+    # Also in the first log.jsonl record of this start (a resume may change the process count);
+    # per-process batch and accumulation are in config.json.
+    shape = {"run/processes": acc.num_processes,
+             "run/global_batch": t.batch_size * acc.num_processes * t.grad_accum}
     log.print(f"{cfg.method} '{cfg.name}': {data_mod.describe(s.dataset)}; global batch "
               f"{t.batch_size} x {acc.num_processes} processes x {t.grad_accum} accumulation = "
-              f"{t.batch_size * acc.num_processes * t.grad_accum}; {s.total} steps; precision "
-              f"{acc.mixed_precision}"
+              f"{shape['run/global_batch']}; {s.total} steps; precision {acc.mixed_precision}"
               + (f"; resumed from {path}" if path else ""))
     fixed = s.method.fixed_batch(s.dataset, t.n_samples, cfg.seed) if acc.is_main_process else None
     batches = Batches(cfg, s.dataset, acc, state.batches)
@@ -291,7 +302,7 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> R
         with faults.StopRequest() as stop:
             while state.step < s.total:
                 try:
-                    logs, saved = run_step(s, state, batches, log, fixed)
+                    logs, saved = run_step(s, state, batches, log, fixed, shape)
                 except Diverged as e:
                     if t.on_nan != "rollback":
                         raise
@@ -315,10 +326,11 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> R
     return RunResult(s.run_dir, state.step, last_ckpt, {k: float(v) for k, v in logs.items()})
 
 
-def run_step(s: Session, state: checkpoint.TrainState, batches: Batches, log: RunLog, fixed
-             ) -> tuple[dict[str, Tensor], Path | None]:
+def run_step(s: Session, state: checkpoint.TrainState, batches: Batches, log: RunLog, fixed,
+             shape: dict[str, int]) -> tuple[dict[str, Tensor], Path | None]:
     """One step with its bookkeeping: NaN check, log line, samples, checkpoint. Returns the
-    logged values and the checkpoint written at this step, if any."""
+    logged values and the checkpoint written at this step, if any. `shape` goes into the next
+    log record, then is emptied."""
     acc, t = s.accelerator, s.cfg.train
     logs = train_step(s, state, batches)
     state.step += 1
@@ -334,7 +346,8 @@ def run_step(s: Session, state: checkpoint.TrainState, batches: Batches, log: Ru
     log.advance(state.step)
     if log_now:
         scores = _evaluate(s) if eval_now else {}
-        log.log(state.step, {**{k: float(v) for k, v in logs.items()}, **scores})
+        log.log(state.step, {**shape, **{k: float(v) for k, v in logs.items()}, **scores})
+        shape.clear()
     if state.step % t.sample_every == 0 or state.step == s.total:
         _sample(s, log, state.step, fixed)
     saved = None

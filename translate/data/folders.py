@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from translate.config import DataConfig
 from translate.data.transforms import Draw, Preprocess, draw
 from translate.errors import ImageError, UserError
-from translate.images import IMAGE_EXTENSIONS, list_images, load_image, to_tensor
+from translate.images import IMAGE_EXTENSIONS, TRAIN_LIMIT, list_images, load_image, to_tensor
 
 _U64 = (1 << 64) - 1
 _ORDER_STREAM, _ITEM_STREAM = 0, 1
@@ -90,7 +90,8 @@ def scan(folder: Path, data: DataConfig) -> ImageList:
         if reason is None:
             good.append(path)
         elif data.strict:
-            raise ImageError(reason + " (data.strict=true stops on unreadable images)")
+            raise ImageError(reason + " (--strict / data.strict=true stops on unreadable "
+                             "images)")
         else:
             bad.append(reason)
     if not good:
@@ -111,12 +112,14 @@ def header_problem(path: Path, max_pixels: int) -> str | None:
     try:
         with Image.open(path) as im:
             w, h = im.size
+    except PermissionError:
+        return f"{path}: permission denied — make the file readable (chmod +r) or remove it"
     except Exception as e:  # noqa: BLE001 — PIL raises many types (OSError, SyntaxError, ...)
         detail = " ".join(str(e).split()) or type(e).__name__
         return f"{path}: not a readable image ({detail}) — re-export or remove it"
     if w * h > max_pixels:
         return (f"{path}: {w}x{h} pixels is more than data.max_pixels={max_pixels} — "
-                "shrink the image or raise data.max_pixels")
+                f"shrink the image or raise the limit with {TRAIN_LIMIT.format(w * h)}")
     return None
 
 
@@ -155,12 +158,13 @@ class Domain:
                     raise
                 if path not in self.warned:
                     self.warned.add(path)
-                    warnings.warn(f"{e} (using the next image instead; data.strict=true stops "
-                                  "here)", DataWarning, stacklevel=2)
+                    warnings.warn(f"{e} (using the next image instead; --strict / "
+                                  "data.strict=true stops here)", DataWarning, stacklevel=2)
         raise DataError(f"{self.images.folder}: no image could be loaded — check the files")
 
     def _pixels(self, path: Path, d: Draw) -> np.ndarray:
-        img = load_image(path, channels=self.channels, max_pixels=self.max_pixels)
+        img = load_image(path, channels=self.channels, max_pixels=self.max_pixels,
+                         limit=TRAIN_LIMIT)
         try:
             return self.preprocess(img, d)
         except ImageError as e:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI on import
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # albumentations checks PyPI on import
 
 from dataclasses import dataclass
 

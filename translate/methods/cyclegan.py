@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from translate import viz
-from translate.augment import diff_augment
+from translate.augment import diff_augment, diff_augment_pair
 from translate.config import RunConfig, choice, non_negative, positive, probability_target
 from translate.core import objectives
 from translate.errors import ConfigError
@@ -96,9 +96,15 @@ class CycleGAN:
         }
 
     def _aug(self, x: Tensor) -> Tensor:
-        # The same DiffAugment policy on real and fake inputs of D, differentiable, so G learns
-        # through it while D never sees un-augmented images (Zhao et al. 2020).
+        # DiffAugment on every input of D, differentiable, so G learns through it while D never
+        # sees un-augmented images (Zhao et al. 2020).
         return diff_augment(x, self.cfg.diff_augment) if self.cfg.diff_augment else x
+
+    def _aug_pair(self, real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
+        # One draw for both batches: real and fake differ only in content, never in augmentation.
+        if not self.cfg.diff_augment:
+            return real, fake
+        return diff_augment_pair(real, fake, self.cfg.diff_augment)
 
     def g_loss(self, nets: Nets, batch: Batch, prev: dict) -> dict[str, Tensor]:
         m = self.cfg
@@ -120,7 +126,8 @@ class CycleGAN:
         return out
 
     def _d_one(self, D, real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        real_out, fake_out = D(self._aug(real)), D(self._aug(fake))
+        real, fake = self._aug_pair(real, fake)
+        real_out, fake_out = D(real), D(fake)
         # Halved as in the reference: slows D relative to G.
         loss = 0.5 * self.d_obj(real_out, fake_out, self.cfg.real_target)
         return (loss, objectives.real_probability(real_out, self.cfg.objective),
