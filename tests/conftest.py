@@ -58,3 +58,19 @@ TINY_CYCLEGAN = [
     'data.preprocess="crop"', "data.load_size=16", "data.crop_size=16", "train.batch_size=2",
     "model.pool_size=4",
 ]
+
+
+@pytest.fixture(scope="session")
+def generator(tmp_path_factory, tiny_unpaired) -> Path:
+    """G_ab of a 1-step tiny CycleGAN run on tiny_unpaired, exported as safetensors (read-only:
+    tests that damage a model copy it first)."""
+    from translate import config
+    from translate.core.loop import train
+    from translate.export import export_run
+
+    run = tmp_path_factory.mktemp("gen") / "run"
+    cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
+        f'data.root="{tiny_unpaired}"', f'run_dir="{run}"', "train.steps=1"])
+    train(cfg, progress=False)
+    export_run(run)
+    return run / "export" / "G_ab.safetensors"

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN
+from conftest import ROOT
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -37,7 +37,6 @@ from translate.core import checkpoint, loop
 from translate.core.faults import MAX_ROLLBACKS
 from translate.core.loop import train
 from translate.errors import UserError
-from translate.export import export_run
 
 TOY = ["model.hidden=16", "train.batch_size=8"]
 TOY_RECIPE = "recipes/toy_gan_ring.toml"
@@ -563,16 +562,6 @@ def test_a_planted_pickle_through_a_real_process(tmp_path):
 
 
 # ---------------------------------------------------------------------------- apply
-
-
-@pytest.fixture(scope="module")
-def generator(tmp_path_factory, tiny_unpaired) -> Path:
-    run = tmp_path_factory.mktemp("gen") / "run"
-    cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
-        f'data.root="{tiny_unpaired}"', f'run_dir="{run}"', "train.steps=1"])
-    train(cfg, progress=False)
-    export_run(run)
-    return run / "export" / "G_ab.safetensors"
 
 
 def _noise_folder(folder: Path, n: int, size: int) -> Path:

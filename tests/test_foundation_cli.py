@@ -117,6 +117,7 @@ def test_no_progress_prints_one_plain_line_per_logged_step(seed_runs):
     for i, line in enumerate(lines, 1):
         assert re.fullmatch(rf"step {i}  \d+\.\d\d it/s  D/loss {num}  G/loss {num}  .*", line)
     assert "\x1b[" not in proc.stderr and "━" not in proc.stderr  # no bar, no colour codes
+    assert not any("run/" in line for line in lines)  # the run's shape is on the start line only
 
 
 def _run_on_a_terminal(args: list[str], cols: int = 200, timeout: float = 120) -> str:

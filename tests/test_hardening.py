@@ -28,9 +28,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import cli
-from translate import config
-from translate.core.loop import train
-from translate.export import export_run
 from translate.infer import ModelInfo, translate_folder
 
 TINY_SETS = [a for s in TINY_CYCLEGAN for a in ("--set", s)]
@@ -40,16 +37,6 @@ PATH_MAX = os.pathconf("/", "PC_PATH_MAX")  # bytes in a whole path
 
 
 # ---------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def generator(tmp_path_factory, tiny_unpaired) -> Path:
-    run = tmp_path_factory.mktemp("gen") / "run"
-    cfg = config.load(ROOT / RECIPE, TINY_CYCLEGAN + [
-        f'data.root="{tiny_unpaired}"', f'run_dir="{run}"', "train.steps=1"])
-    train(cfg, progress=False)
-    export_run(run)
-    return run / "export" / "G_ab.safetensors"
 
 
 def _noise(h: int, w: int, c: int = 3, seed: int = 0) -> np.ndarray:

@@ -34,7 +34,6 @@ from translate import data as data_mod
 from translate.core import checkpoint, faults
 from translate.core.loop import train
 from translate.errors import ImageError, UserError
-from translate.export import export_run
 from translate.images import TRAIN_LIMIT, _temp_name, is_temp_name
 
 TOY_RECIPE = "recipes/toy_gan_ring.toml"
@@ -105,16 +104,6 @@ def unprivileged(tmp_path_factory) -> Callable[[], None] | None:
     if "PermissionError" not in probe.stderr:
         pytest.skip("cannot start a process that file permissions apply to here")
     return preexec
-
-
-@pytest.fixture(scope="module")
-def generator(tmp_path_factory, tiny_unpaired) -> Path:
-    run = tmp_path_factory.mktemp("gen") / "run"
-    cfg = config.load(ROOT / RECIPE, TINY_CYCLEGAN + [
-        f'data.root="{tiny_unpaired}"', f'run_dir="{run}"', "train.steps=1"])
-    train(cfg, progress=False)
-    export_run(run)
-    return run / "export" / "G_ab.safetensors"
 
 
 def _train_cmd(data: Path, run: Path, *extra: str) -> list[str]:

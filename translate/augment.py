@@ -32,31 +32,20 @@ CUTOUT_RATIO = 0.5  # sides of the zeroed rectangle, as a fraction of the image'
 Params = list[tuple[K.AugmentationBase2D, dict[str, Tensor]]]
 
 
-class _Saturation(K.IntensityAugmentationBase2D):
-    """DiffAugment's saturation: scale each pixel's distance to its channel mean by U(0, 2)."""
+class _ScaleAboutMean(K.IntensityAugmentationBase2D):
+    """DiffAugment's saturation and contrast: scale each value's distance to a mean by a factor
+    drawn from U(low, high), unclamped. Saturation: the mean over channels (each pixel's grey),
+    U(0, 2); contrast: the mean over the whole image, U(0.5, 1.5)."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, low: float, high: float, mean_dims: tuple[int, ...]) -> None:
         super().__init__(p=1.0)
-        self._param_generator = rg.PlainUniformGenerator(((0.0, 2.0), "saturation", None, None))
+        self._param_generator = rg.PlainUniformGenerator(((low, high), name, None, None))
+        self.key, self.mean_dims = name, mean_dims
 
     def apply_transform(self, input: Tensor, params: dict[str, Tensor], flags: dict[str, Any],
                         transform: Tensor | None = None) -> Tensor:
-        factor = params["saturation"].to(input.device, input.dtype).view(-1, 1, 1, 1)
-        mean = input.mean(dim=1, keepdim=True)
-        return (input - mean) * factor + mean
-
-
-class _Contrast(K.IntensityAugmentationBase2D):
-    """DiffAugment's contrast: scale the distance to the image's mean by U(0.5, 1.5)."""
-
-    def __init__(self) -> None:
-        super().__init__(p=1.0)
-        self._param_generator = rg.PlainUniformGenerator(((0.5, 1.5), "contrast", None, None))
-
-    def apply_transform(self, input: Tensor, params: dict[str, Tensor], flags: dict[str, Any],
-                        transform: Tensor | None = None) -> Tensor:
-        factor = params["contrast"].to(input.device, input.dtype).view(-1, 1, 1, 1)
-        mean = input.mean(dim=(1, 2, 3), keepdim=True)
+        factor = params[self.key].to(input.device, input.dtype).view(-1, 1, 1, 1)
+        mean = input.mean(dim=self.mean_dims, keepdim=True)
         return (input - mean) * factor + mean
 
 
@@ -76,7 +65,9 @@ class _PixelTranslate(K.RandomTranslate):
 
 def _color(h: int, w: int) -> list[K.AugmentationBase2D]:
     # Brightness +-0.5 in [-1, 1] units, then saturation x0..2, then contrast x0.5..1.5.
-    return [K.RandomBrightness((0.5, 1.5), clip_output=False, p=1.0), _Saturation(), _Contrast()]
+    return [K.RandomBrightness((0.5, 1.5), clip_output=False, p=1.0),
+            _ScaleAboutMean("saturation", 0.0, 2.0, (1,)),
+            _ScaleAboutMean("contrast", 0.5, 1.5, (1, 2, 3))]
 
 
 def _translation(h: int, w: int) -> list[K.AugmentationBase2D]:

@@ -26,9 +26,10 @@ if TYPE_CHECKING:
 
 
 def format_logs(values: dict[str, float], limit: int = 6) -> str:
-    # Losses first, then the periodic scores (they come rarely and matter most), then the rest.
+    # Losses first, then the periodic scores (they come rarely and matter most), then the rest;
+    # not the run's shape (run/...), which the start line already printed.
     rank = {k: 0 if k.endswith("/loss") else 1 if k.startswith("eval/") else 2 for k in values}
-    keys = sorted(values, key=lambda k: rank[k])
+    keys = sorted((k for k in values if not k.startswith("run/")), key=lambda k: rank[k])
     return "  ".join(f"{k} {values[k]:.3g}" for k in keys[:limit])
 
 
