@@ -174,20 +174,23 @@ SKIPPED_ONLY = "import pytest\n\n\n@pytest.mark.skip(reason='x')\ndef test_skipp
 ONE_PASSES = SKIPPED_ONLY + "\n\ndef test_passes():\n    assert True\n"
 
 
-@pytest.mark.parametrize("source,with_hook,code", [
-    (SKIPPED_ONLY, False, 0),  # plain pytest: every test skipped still exits 0 ...
-    (SKIPPED_ONLY, True, 5),   # ... our conftest turns that into a failure
-    (ONE_PASSES, True, 0),     # one real pass is enough
-], ids=["plain-pytest-all-skipped", "conftest-all-skipped", "conftest-one-passes"])
-def test_a_test_run_in_which_nothing_passed_fails(source, with_hook, code, tmp_path):
-    """`python -m pytest -q` (the README's and .ci/run's command) loads tests/conftest.py; here
+@pytest.mark.parametrize("source,with_hook,workers,code", [
+    (SKIPPED_ONLY, False, [], 0),  # plain pytest: every test skipped still exits 0 ...
+    (SKIPPED_ONLY, True, [], 5),   # ... our conftest turns that into a failure
+    (SKIPPED_ONLY, True, ["-n", "2"], 5),  # also with pytest-xdist workers (the README's -n)
+    (ONE_PASSES, True, [], 0),     # one real pass is enough
+    (ONE_PASSES, True, ["-n", "2"], 0),
+], ids=["plain-pytest-all-skipped", "conftest-all-skipped", "conftest-xdist-all-skipped",
+        "conftest-one-passes", "conftest-xdist-one-passes"])
+def test_a_test_run_in_which_nothing_passed_fails(source, with_hook, workers, code, tmp_path):
+    """`python -m pytest -q -n auto` (the README's and .ci/run's command) loads tests/conftest.py; here
     that same conftest is loaded as a plugin into a run of a folder of our own."""
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     (tmp_path / "test_some.py").write_text(source)
     hook = ["-p", "conftest"] if with_hook else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           *hook, "-c", str(tmp_path / "pytest.ini"), str(tmp_path)],
+                           *workers, *hook, "-c", str(tmp_path / "pytest.ini"), str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
                           check=False)
     assert proc.returncode == code, proc.stdout + proc.stderr
@@ -196,7 +199,7 @@ def test_a_test_run_in_which_nothing_passed_fails(source, with_hook, code, tmp_p
 
 def test_ci_runs_exactly_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert ci == "bash .ci/setup && .venv/bin/python -m pytest -q"
+    assert ci == "bash .ci/setup && .venv/bin/python -m pytest -q -n auto"
     assert ci in (ROOT / "README.md").read_text()
 
 
