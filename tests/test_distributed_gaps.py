@@ -215,7 +215,12 @@ def test_run_phase_gives_the_grad_scalers_scale_to_the_penalties():
     phase = Phase("D", ("D",), d_loss, lr=0.0)
     cfg = SimpleNamespace(train=SimpleNamespace(grad_accum=1, grad_clip=0.0))
     opt = torch.optim.SGD(D.parameters(), lr=0.0)
-    logs, _ = loop.run_phase(acc, cfg, phase, opt, {"D": D}, {"x": real}, [{}])
     x = real.clone().requires_grad_(True)
     exact = r1_penalty(x, _fp32_twin(D)(x), gamma=2.0)
+    logs, _ = loop.run_phase(acc, cfg, phase, opt, {"D": D}, {"x": real}, [{}])
+    torch.testing.assert_close(logs["D/r1"], exact.detach(), rtol=2e-3, atol=0)
+    # Once the scaler has scaled a loss its scale is a tensor, passed on without a host sync.
+    acc.scaler.scale(torch.ones(()))
+    assert isinstance(acc.scaler._scale, torch.Tensor)
+    logs, _ = loop.run_phase(acc, cfg, phase, opt, {"D": D}, {"x": real}, [{}])
     torch.testing.assert_close(logs["D/r1"], exact.detach(), rtol=2e-3, atol=0)

@@ -114,6 +114,9 @@ def test_linear_decay_reaches_zero_inside_a_run(tmp_path, monkeypatch):
     logged = [r["lr_scale"] for r in _losses(run)]
     used = [lr / 2e-4 for n, lr, _ in seen if n == "G"]
     np.testing.assert_allclose(logged, used, rtol=1e-6)  # log.jsonl records the LR in force
+    for name in ("G", "D"):  # and each phase's own LR
+        used = [lr for n, lr, _ in seen if n == name]
+        np.testing.assert_allclose([r[f"lr/{name}"] for r in _losses(run)], used, rtol=1e-6)
 
 
 @pytest.mark.parametrize("keep", [2, 3])

@@ -132,8 +132,11 @@ def run_phase(accelerator, cfg, phase, opt, nets, batch, prev) -> tuple[dict, li
     logs: dict[str, Tensor] = {}
     handed: list[dict[str, Tensor]] = []
     frozen = [n for n in nets if n not in phase.nets]
-    # fp16's GradScaler (GPU only): penalties scale their own input gradient by it too.
-    scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
+    # fp16's GradScaler (GPU only): penalties scale their own input gradient by it too. Its
+    # scale stays a device tensor: get_scale() would sync the GPU every step.
+    scaler = accelerator.scaler
+    scale = 1.0 if scaler is None else \
+        scaler._scale if scaler._scale is not None else scaler.get_scale()
     for i, (chunk, p) in enumerate(zip(split(batch, accum), prev)):
         with contextlib.ExitStack() as stack:
             # Micro-batches before the last skip the gradient all-reduce; frozen nets never sync.
@@ -365,6 +368,7 @@ def train_step(s: Session, state: checkpoint.TrainState, batches: Batches) -> di
     for phase, opt in zip(s.method.phases, s.opts):
         for group in opt.param_groups:
             group["lr"] = phase.lr * scale
+        logs[f"lr/{phase.name}"] = torch.tensor(phase.lr * scale)  # TTUR: each phase's own LR
         set_trainable(s.nets, phase.nets)
         for _ in range(phase.repeats):
             if phase.new_batch or batch is None:

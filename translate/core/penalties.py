@@ -16,13 +16,14 @@ from contextvars import ContextVar
 import torch
 from torch import Tensor, nn
 
-_LOSS_SCALE: ContextVar[float] = ContextVar("loss_scale", default=1.0)
+Scale = float | Tensor  # a GradScaler's scale: a number, or its 1-element device tensor
+_LOSS_SCALE: ContextVar[Scale] = ContextVar("loss_scale", default=1.0)
 
 
 @contextlib.contextmanager
-def loss_scale(scale: float) -> Iterator[None]:
+def loss_scale(scale: Scale) -> Iterator[None]:
     """The GradScaler's current scale for the penalties computed inside (1.0: no scaler)."""
-    token = _LOSS_SCALE.set(float(scale))
+    token = _LOSS_SCALE.set(scale)
     try:
         yield
     finally:
@@ -30,12 +31,12 @@ def loss_scale(scale: float) -> Iterator[None]:
 
 
 def _sq_grad_norm(outputs: Tensor, inputs: Tensor, group: int = 1,
-                  scale: float | None = None) -> Tensor:
+                  scale: Scale | None = None) -> Tensor:
     """Squared gradient norm per D input: per sample, or per group of `group` consecutive
     samples when D judges packed groups (PacGAN). `scale` (None: the one `loss_scale` set)
     multiplies the output before differentiation and divides the gradient after, in float32;
     with 1.0 both are exact no-ops."""
-    scale = _LOSS_SCALE.get() if scale is None else float(scale)
+    scale = _LOSS_SCALE.get() if scale is None else scale
     (grad,) = torch.autograd.grad(
         outputs=outputs.float().sum() * scale, inputs=inputs, create_graph=True
     )
@@ -49,7 +50,7 @@ def gradient_penalty(
     weight: float = 10.0,
     eps: Tensor | None = None,
     group: int = 1,
-    scale: float | None = None,
+    scale: Scale | None = None,
 ) -> Tensor:
     """WGAN-GP (Gulrajani et al. 2017): weight * E[(||grad D(x_hat)|| - 1)^2] on random
     interpolates x_hat = eps * real + (1 - eps) * fake; `eps` (N, 1, ...) is drawn when None.
@@ -66,7 +67,7 @@ def gradient_penalty(
 
 
 def r1_penalty(real: Tensor, real_out: Tensor, gamma: float = 10.0,
-               scale: float | None = None) -> Tensor:
+               scale: Scale | None = None) -> Tensor:
     """R1 (Mescheder et al. 2018): gamma/2 * E[||grad D(real)||^2]. `real` must have been
     passed to D with requires_grad=True and `real_out` be that output. `scale`: the fp16 loss
     scale (see the module note)."""
