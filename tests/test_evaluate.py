@@ -26,6 +26,7 @@ from translate.plot import (
     TITLE_HEIGHT,
     WIDTH,
     add_plot_parser,
+    group_keys,
     nice_ticks,
     parse_log,
     tick_label,
@@ -241,8 +242,12 @@ def test_plot_of_a_run(capsys, cyclegan_run, tmp_path):
     with Image.open(path) as im:
         im.verify()
     img = Image.open(path)
-    # Panels: G, D, eval (the demo recipe's eval/psnr), other (lr_scale), speed (it_s).
+    # Panels: G, D, eval (the demo recipe's eval/psnr), lr (lr/D, lr/G, lr_scale), speed (it_s).
     assert img.size == (WIDTH, TITLE_HEIGHT + 5 * PANEL_HEIGHT) and img.mode == "RGB"
+    log = parse_log((cyclegan_run / "log.jsonl").read_text().splitlines())
+    groups = group_keys(list(log.series))
+    assert list(groups) == ["G", "D", "eval", "lr", "speed (it/s)"], groups
+    assert sorted(groups["lr"]) == ["lr/D", "lr/G", "lr_scale"]
     # Inside the G panel's plot area (left of the legend), the curves are coloured pixels.
     inner = np.asarray(img)[TITLE_HEIGHT + 40:TITLE_HEIGHT + PANEL_HEIGHT - 50,
                             100:WIDTH - 220].reshape(-1, 3).astype(int)

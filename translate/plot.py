@@ -83,10 +83,12 @@ def parse_log(lines: list[str]) -> Log:
 
 
 def group_keys(keys: list[str]) -> dict[str, list[str]]:
-    """Panels in display order: G, D, other prefixes (sorted), unprefixed keys, speed."""
+    """Panels in display order: G, D, other prefixes (sorted; "lr" also takes the schedule's
+    lr_scale), unprefixed keys, speed."""
+    special = {"it_s": "speed (it/s)", "lr_scale": "lr"}
     groups: dict[str, list[str]] = {}
     for k in keys:
-        name = k.split("/", 1)[0] if "/" in k else ("speed (it/s)" if k == "it_s" else "other")
+        name = k.split("/", 1)[0] if "/" in k else special.get(k, "other")
         groups.setdefault(name, []).append(k)
     rank = {"G": 0, "D": 1, "other": 3, "speed (it/s)": 4}
     return {g: groups[g] for g in sorted(groups, key=lambda g: (rank.get(g, 2), g))}
