@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,12 @@ def test_uint8_api_keeps_size_and_convention(exported):
     out = gen(img)
     assert out.dtype == np.uint8 and out.shape == img.shape
     assert gen(img[None]).shape == (1, 33, 47, 3)
+    # A read-only array (np.asarray of a PIL image is one) works, without a warning.
+    frozen = np.asarray(Image.fromarray(img))
+    assert not frozen.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(gen(frozen), out)
 
 
 def test_bf16_inference_stays_within_one_level_of_fp32(exported):

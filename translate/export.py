@@ -206,7 +206,8 @@ class Generator:
             raise UserError("load_generator: pass HxWxC or NxHxWxC arrays (uint8, or float in "
                             f"[0, 1]) or float NCHW tensors in [-1, 1], not a {arr.dtype} "
                             f"array of shape {arr.shape}")
-        batch = torch.from_numpy(np.ascontiguousarray(arr[None] if arr.ndim == 3 else arr))
+        # A copy: arrays such as np.asarray(PIL image) are read-only, which torch warns about.
+        batch = torch.from_numpy(np.array(arr[None] if arr.ndim == 3 else arr))
         scale = 0.5 if floats else 127.5
         x = batch.permute(0, 3, 1, 2).float() / scale - 1.0
         y = translate_tensor(self.forward, self.info, x).clamp(-1, 1).add(1).permute(0, 2, 3, 1)
