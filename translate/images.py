@@ -184,8 +184,8 @@ def _decode(path: Path, max_pixels: int | None, limit: str
     return colour, alpha, info
 
 
-def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None,
-                  limit: str = APPLY_LIMIT) -> None:
+def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None, limit: str
+                  ) -> None:
     w, h = size
     if max_pixels is not None and w * h > max_pixels:
         raise ImageError(
@@ -235,7 +235,7 @@ def _high_gray_to_u8(im: Image.Image) -> np.ndarray:
     return np.rint(np.clip(a / top, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _describe_failure(path: Path, e: BaseException, limit: str = APPLY_LIMIT) -> str:
+def _describe_failure(path: Path, e: BaseException, limit: str) -> str:
     if isinstance(e, FileNotFoundError):
         return f"{path}: file not found (moved or deleted?) — check the path and run again"
     if isinstance(e, PermissionError):

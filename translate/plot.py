@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from translate.core.runlog import RUN_SHAPE
 from translate.errors import UserError
 
 WIDTH = 960  # output width in pixels
@@ -27,7 +28,6 @@ _LEFT, _RIGHT, _TOP, _BOTTOM = 72, 200, 28, 36  # panel margins around the plot 
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
             (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 _SKIP = ("step", "time")  # not curves: the x axis, and wall time (the speed panel shows it)
-_SKIP_PREFIX = "run/"  # not curves either: the run's shape (processes, global batch) at its start
 
 
 # ---------------------------------------------------------------------------- data (pure)
@@ -73,7 +73,7 @@ def parse_log(lines: list[str]) -> Log:
         records.append(rec)
     records.sort(key=lambda r: _number(r["step"]))
     keys = list(dict.fromkeys(k for r in records for k in r
-                              if k not in _SKIP and not k.startswith(_SKIP_PREFIX)))
+                              if k not in _SKIP and not k.startswith(RUN_SHAPE)))
     series = {k: np.array([_number(r.get(k)) for r in records]) for k in keys}
     non_finite = {k: sum(1 for r in records if k in r and not math.isfinite(_number(r[k])))
                   for k in keys}

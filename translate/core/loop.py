@@ -22,7 +22,7 @@ from translate.config import RunConfig
 from translate.core import checkpoint, faults, penalties, precision, tracking
 from translate.core.ema import ema_update, make_ema
 from translate.core.faults import Diverged
-from translate.core.runlog import RunLog
+from translate.core.runlog import RUN_SHAPE, RunLog
 from translate.core.schedules import lr_factor
 from translate.errors import ConfigError, UserError
 from translate.methods import METHODS
@@ -290,8 +290,8 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> R
     log = RunLog(s.run_dir, acc.is_main_process, s.total, state.step, progress, trackers)
     # Also in the first log.jsonl record of this start (a resume may change the process count);
     # per-process batch and accumulation are in config.json.
-    shape = {"run/processes": acc.num_processes,
-             "run/global_batch": t.batch_size * acc.num_processes * t.grad_accum}
+    shape = {f"{RUN_SHAPE}processes": acc.num_processes,
+             f"{RUN_SHAPE}global_batch": t.batch_size * acc.num_processes * t.grad_accum}
     log.print(f"{cfg.method} '{cfg.name}': {data_mod.describe(s.dataset)}; global batch "
               f"{t.batch_size} x {acc.num_processes} processes x {t.grad_accum} accumulation = "
               f"{shape['run/global_batch']}; {s.total} steps; precision {acc.mixed_precision}"

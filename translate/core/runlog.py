@@ -25,11 +25,16 @@ if TYPE_CHECKING:
     from translate.core.tracking import Trackers
 
 
+# Prefix of the keys that describe the run's shape (processes, global batch), logged in the first
+# record of each start: facts about the run, not curves or per-step values.
+RUN_SHAPE = "run/"
+
+
 def format_logs(values: dict[str, float], limit: int = 6) -> str:
     # Losses first, then the periodic scores (they come rarely and matter most), then the rest;
     # not the run's shape (run/...), which the start line already printed.
     rank = {k: 0 if k.endswith("/loss") else 1 if k.startswith("eval/") else 2 for k in values}
-    keys = sorted((k for k in values if not k.startswith("run/")), key=lambda k: rank[k])
+    keys = sorted((k for k in values if not k.startswith(RUN_SHAPE)), key=lambda k: rank[k])
     return "  ".join(f"{k} {values[k]:.3g}" for k in keys[:limit])
 
 
