@@ -4,6 +4,7 @@ RSS, waiting for a quiet machine, and measuring cases in live subprocesses side 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import resource
@@ -12,7 +13,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,16 @@ def wait_for_idle(max_wait_s: float, busy_below: float = 0.15, window_s: float =
         busy = (b1 - b0) / max(t1 - t0, 1)
         if busy < busy_below or time.monotonic() - start >= max_wait_s:
             return busy
+
+
+def map_jobs(fn: Callable[..., Any], jobs: list[tuple], workers: int) -> Iterator[Any]:
+    """fn(*job) for every job, in order; in `workers` fresh processes when > 1 (spawned, so
+    each starts clean and inherits OMP_NUM_THREADS from the environment)."""
+    if workers == 1:
+        yield from (fn(*job) for job in jobs)
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(fn, *zip(*jobs))
 
 
 def machine() -> dict[str, object]:

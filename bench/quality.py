@@ -23,18 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from a checkout that is not pip-installed
-    sys.path.insert(0, str(ROOT))
+for p in (ROOT, ROOT / "bench"):
+    if str(p) not in sys.path:  # run as a script from a checkout that is not pip-installed
+        sys.path.insert(0, str(p))
+
+from _common import map_jobs  # noqa: E402
 
 TOYS = ("ring", "grid")
 METRICS = ("modes", "hq", "rkl")
@@ -161,7 +161,7 @@ def run_toy(args: argparse.Namespace, runs_root: Path) -> list[dict[str, Any]]:
                  args.set or [], args.ema, args.samples)
                 for seed in range(args.seeds) for toy in TOYS]
         runs = []
-        for run in _map(jobs, args.jobs):
+        for run in map_jobs(train_and_score, jobs, args.jobs):
             print(f"{method} {run['toy']} seed {run['seed']}: {run}", file=sys.stderr)
             runs.append(run)
         summary = summarize(runs)
@@ -170,16 +170,6 @@ def run_toy(args: argparse.Namespace, runs_root: Path) -> list[dict[str, Any]]:
         reports.append({"method": method, "seeds": args.seeds, "steps": steps[-1],
                         "samples": args.samples, **summary, "runs": runs})
     return reports
-
-
-def _map(jobs: list[tuple], workers: int) -> Iterator[dict[str, Any]]:
-    """train_and_score over `jobs`, in order; in `workers` fresh processes when > 1 (spawned, so
-    each starts clean and inherits OMP_NUM_THREADS from the environment)."""
-    if workers == 1:
-        yield from (train_and_score(*job) for job in jobs)
-        return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield from pool.map(train_and_score, *zip(*jobs))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -365,3 +365,17 @@ def test_save_never_leaves_a_truncated_config(tmp_path, monkeypatch):
         pass
     monkeypatch.undo()
     assert config.load_json(path) in (old, new)
+
+
+def test_a_run_saved_before_the_padding_key_keeps_its_zero_padding(tmp_path):
+    """New CycleGAN runs reflect-pad their generators; a run whose config.json predates the
+    key was trained with zero padding and must be resumed and exported as such."""
+    cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml")
+    assert cfg.model.padding == "reflect"
+    saved = config.to_dict(cfg)
+    del saved["model"]["padding"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(saved), encoding="utf-8")
+    old = config.load_json(path)
+    assert old.model.padding == "zero"
+    assert dataclasses.replace(old.model, padding="reflect") == cfg.model

@@ -272,3 +272,35 @@ def test_export_and_apply_flags_through_the_cli(trained_run, tmp_path):
     bad = run_cli("export", str(trained_run), "--step", "7", "--out", str(tmp_path / "e2"),
                   check=False)
     assert bad.returncode == 2 and "no checkpoint for step 7" in bad.stderr
+
+
+# Keys that exported generators gained after their first release, with the values that rebuild
+# the nets made before (the nets' constructor defaults are those older architectures).
+LATER_KEYS = {"unet": ("upsample", "padding", "full_res"), "resnet": ("padding",)}
+
+
+@pytest.mark.parametrize("kind,config", [
+    ("unet", {"num_downs": 3, "ngf": 4, "upsample": "transpose", "padding": "zero"}),
+    ("resnet", {"ngf": 4, "n_blocks": 1, "upsample": "transpose", "padding": "zero"}),
+    ("resnet", {"ngf": 4, "n_blocks": 1, "upsample": "resize", "padding": "zero"}),
+])
+def test_exports_from_before_the_artifact_free_options_load_as_trained(kind, config, tmp_path):
+    """A file written before `upsample`/`padding`/`full_res` existed carries a config without
+    them: it must rebuild the transposed-conv, zero-padded net it was trained as."""
+    from translate.export import FORMAT
+    from translate.nets import build_net, init_weights
+
+    torch.manual_seed(0)
+    old = build_net(kind, **config)
+    init_weights(old)
+    stored = {k: v for k, v in old.config.items() if k not in LATER_KEYS[kind]}
+    path = tmp_path / "old.safetensors"
+    save_file(old.state_dict(), str(path), {
+        "format": FORMAT, "name": "G_ab", "kind": kind, "config": json.dumps(stored),
+        "in_channels": "3", "out_channels": "3", "size_multiple": str(old.size_multiple),
+        "min_size": str(old.min_size)})
+    gen = translate.load_generator(path, precision="fp32")
+    assert gen.net.config == old.config
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(gen(x), old.eval()(x), rtol=0, atol=1e-6)

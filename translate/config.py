@@ -311,4 +311,16 @@ def load_json(path: Path) -> RunConfig:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the run's config ({e})") from None
-    return from_dict(raw)
+    return from_dict(with_legacy_keys(raw))
+
+
+def with_legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """A run saved before a model key existed was trained with that key's old behaviour, which
+    the key's default may no longer be: fill in the values of the method config's `LEGACY`."""
+    from translate.methods import METHODS
+
+    model, method = raw.get("model"), raw.get("method", "cyclegan")
+    legacy = getattr(METHODS[method].config, "LEGACY", {}) if method in METHODS else {}
+    if not isinstance(model, dict) or not legacy:
+        return raw
+    return {**raw, "model": {**legacy, **model}}

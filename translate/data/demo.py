@@ -1,10 +1,14 @@
-"""The demo dataset: an unpaired translation task with a known answer, built offline in seconds.
+"""The demo datasets: unpaired translation tasks with a known answer, built offline in seconds.
 
-Domain A is random crops of public-domain photos that ship inside scikit-image. Domain B is
-`demo_transform` (an invertible per-pixel colour mapping) applied to *other* crops, so the
-training data is truly unpaired. The test split holds crops from a held-out strip of every
-photo, with testB = demo_transform(testA) under the same file names: G_ab(testA) can be scored
-against testB pixel by pixel.
+Domain A is random crops of public-domain photos that ship inside scikit-image. Domain B is the
+task's mapping applied to *other* crops, so the training data is truly unpaired. The test split
+holds crops from a held-out strip of every photo, with testB = mapping(testA) under the same
+file names: G_ab(testA) can be scored against testB pixel by pixel. Tasks (TASKS):
+
+- "demo": `demo_transform`, an invertible per-pixel colour mapping (what `translate demo` uses);
+- "morph": `morph_transform`, a grey dilation that thickens bright structures by a pixel, then
+  another colour mapping: the answer changes local shape, not only colour, so a recipe tuned
+  to "demo" alone is caught out.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,12 @@ VERSION = 1  # bump when the content changes, so old builds are rebuilt
 HUE_SHIFT = 80 / 360  # turns of the colour wheel (80 degrees: not a channel permutation)
 SATURATION_GAMMA = 0.75  # s -> s**0.75: more saturated
 VALUE_GAMMA = 0.8  # v -> v**0.8: brighter shadows
+MORPH_HUE_SHIFT = -50 / 360  # the "morph" task's colour step: another hue rotation,
+MORPH_SATURATION_GAMMA = 1.3  # and s -> s**1.3: less saturated
+TASKS = {
+    "demo": "demo_transform: hue +80 degrees, s**0.75, v**0.8 (per pixel, invertible)",
+    "morph": "morph_transform: grey dilation by a 3x3 cross, then hue -50 degrees, s**1.3",
+}
 
 # skimage.data loaders whose files ship in the wheel (no download), with their licences.
 PHOTOS = {
@@ -87,6 +98,28 @@ def demo_inverse(img: np.ndarray) -> np.ndarray:
     return _map_hsv(img, -HUE_SHIFT, 1 / SATURATION_GAMMA, 1 / VALUE_GAMMA)
 
 
+def _dilate_cross(img: np.ndarray) -> np.ndarray:
+    """Grey dilation of each channel by the 3x3 cross (the pixel and its 4 neighbours), with
+    the border replicated: bright lines and spots grow by one pixel, thin dark ones vanish."""
+    p = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    return np.maximum.reduce([p[1:-1, 1:-1], p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2],
+                              p[1:-1, 2:]])
+
+
+def morph_transform(img: np.ndarray) -> np.ndarray:
+    """A -> B of the "morph" task: `_dilate_cross`, then rotate the hue by -50 degrees and
+    desaturate (s**1.3). Not invertible (dilation loses thin dark detail), and not per pixel:
+    a net must look at each pixel's neighbours and change shapes as well as colours."""
+    return _map_hsv(_dilate_cross(img), MORPH_HUE_SHIFT, MORPH_SATURATION_GAMMA, 1.0)
+
+
+def task_transform(task: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The A -> B mapping of a task by name (looked up at call time)."""
+    if task not in TASKS:
+        raise UserError(f"unknown demo task {task!r}; choose from {', '.join(TASKS)}")
+    return {"demo": demo_transform, "morph": morph_transform}[task]
+
+
 # ---------------------------------------------------------------------------- crops
 
 
@@ -128,12 +161,12 @@ def _write(folder: Path, images: list[np.ndarray]) -> None:
 # ---------------------------------------------------------------------------- building
 
 
-def _params(size: int, n_train: int, n_test: int, seed: int) -> dict[str, int]:
-    return {"version": VERSION, "size": size, "n_train": n_train, "n_test": n_test,
-            "seed": seed}
+def _params(size: int, n_train: int, n_test: int, seed: int, task: str) -> dict[str, int | str]:
+    return {"version": VERSION, "task": task, "size": size, "n_train": n_train,
+            "n_test": n_test, "seed": seed}
 
 
-def is_complete(root: Path, params: dict[str, int] | None = None) -> bool:
+def is_complete(root: Path, params: dict[str, int | str] | None = None) -> bool:
     """True if `root` holds a finished demo build (with these parameters, if given)."""
     try:
         found = json.loads((root / MARKER).read_text(encoding="utf-8"))
@@ -142,7 +175,8 @@ def is_complete(root: Path, params: dict[str, int] | None = None) -> bool:
     return params is None or found == params
 
 
-def _fill(folder: Path, size: int, n_train: int, n_test: int, seed: int) -> None:
+def _fill(folder: Path, size: int, n_train: int, n_test: int, seed: int, task: str) -> None:
+    transform = task_transform(task)
     photos = _load_photos()
     parts = [_split_photo(p, size) for p in photos.values()]
     train_regions = [t for t, _ in parts]
@@ -151,16 +185,19 @@ def _fill(folder: Path, size: int, n_train: int, n_test: int, seed: int) -> None
     rng_a, rng_b, rng_test = (np.random.default_rng([seed, i]) for i in (1, 2, 3))
     test_a = _random_crops(test_regions, n_test, size, rng_test)
     _write(folder / "trainA", _random_crops(train_regions, n_train, size, rng_a))
-    _write(folder / "trainB", [demo_transform(x)
+    _write(folder / "trainB", [transform(x)
                                for x in _random_crops(train_regions, n_train, size, rng_b)])
     _write(folder / "testA", test_a)
-    _write(folder / "testB", [demo_transform(x) for x in test_a])
-    (folder / "README.txt").write_text(_readme(size, n_train, n_test, seed), encoding="utf-8")
+    _write(folder / "testB", [transform(x) for x in test_a])
+    (folder / "README.txt").write_text(_readme(size, n_train, n_test, seed, task),
+                                       encoding="utf-8")
 
 
 def build_demo(root: Path = DEMO_ROOT_DEFAULT, size: int = 64, n_train: int = 400,
-               n_test: int = 40, seed: int = 0, force: bool = False) -> Path:
-    """Build the demo dataset at `root` (or return at once if it is already there).
+               n_test: int = 40, seed: int = 0, force: bool = False, task: str = "demo"
+               ) -> Path:
+    """Build a known-truth dataset of `task` (TASKS) at `root`, or return at once if it is
+    already there.
 
     The build happens in a hidden sibling folder that is renamed into place when complete,
     so an interrupted build leaves nothing under `root`.
@@ -170,7 +207,8 @@ def build_demo(root: Path = DEMO_ROOT_DEFAULT, size: int = 64, n_train: int = 40
         raise UserError(f"demo image size {size} is outside 8..128 pixels")
     if n_train < 1 or n_test < 1:
         raise UserError("the demo dataset needs at least 1 training and 1 test image")
-    params = _params(size, n_train, n_test, seed)
+    task_transform(task)  # an unknown task fails before anything is written
+    params = _params(size, n_train, n_test, seed, task)
     if is_complete(root, params) and not force:
         return root
     if root.exists() and not _is_ours(root):
@@ -179,7 +217,7 @@ def build_demo(root: Path = DEMO_ROOT_DEFAULT, size: int = 64, n_train: int = 40
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.with_name(f".{root.name}.building-{uuid.uuid4().hex[:8]}")
     try:
-        _fill(tmp, size, n_train, n_test, seed)
+        _fill(tmp, size, n_train, n_test, seed, task)
         (tmp / MARKER).write_text(json.dumps(params) + "\n", encoding="utf-8")
         _replace_dir(tmp, root, params)
     finally:
@@ -195,7 +233,7 @@ def _is_ours(root: Path) -> bool:
     return all(p.name in allowed for p in root.iterdir())
 
 
-def _replace_dir(tmp: Path, root: Path, params: dict[str, int]) -> None:
+def _replace_dir(tmp: Path, root: Path, params: dict[str, int | str]) -> None:
     old = root.with_name(f".{root.name}.old-{uuid.uuid4().hex[:8]}")
     if root.exists():
         root.rename(old)
@@ -208,21 +246,31 @@ def _replace_dir(tmp: Path, root: Path, params: dict[str, int]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _readme(size: int, n_train: int, n_test: int, seed: int) -> str:
+_ABOUT = {
+    "demo": """demo_transform (translate.data.demo): per pixel in HSV, rotate the hue by 80 degrees,
+s -> s**0.75 (more saturated), v -> v**0.8 (brighter shadows). It is invertible up to 8-bit
+rounding (demo_inverse). A CycleGAN trained on trainA/trainB should learn G_ab ~ demo_transform
+without ever seeing a pair.""",
+    "morph": """morph_transform (translate.data.demo): a grey dilation of each channel by the 3x3 cross
+(bright structures grow by one pixel, thin dark ones vanish), then per pixel in HSV the hue
+rotated by -50 degrees and s -> s**1.3 (less saturated). It changes local shape as well as
+colour and is not invertible.""",
+}
+
+
+def _readme(size: int, n_train: int, n_test: int, seed: int, task: str) -> str:
     credits = "\n".join(f"  - {name}: {who}" for name, who in PHOTOS.items())
-    return f"""translate demo dataset (built by translate.data.demo.build_demo, seed {seed})
+    mapping = TASKS[task].split(":")[0]
+    return f"""translate demo dataset, task "{task}" (built by translate.data.demo.build_demo, seed {seed})
 
 An unpaired image-to-image translation task whose answer is known.
 
   trainA/  {n_train} crops ({size}x{size} PNG) of photos
-  trainB/  {n_train} *other* crops of the same photos, passed through demo_transform
+  trainB/  {n_train} *other* crops of the same photos, passed through {mapping}
   testA/   {n_test} crops from a held-out strip (the right quarter) of every photo
-  testB/   demo_transform(testA), same file names: the ground truth for G_ab(testA)
+  testB/   {mapping}(testA), same file names: the ground truth for G_ab(testA)
 
-demo_transform (translate.data.demo): per pixel in HSV, rotate the hue by 80 degrees,
-s -> s**0.75 (more saturated), v -> v**0.8 (brighter shadows). It is invertible up to 8-bit
-rounding (demo_inverse). A CycleGAN trained on trainA/trainB should learn G_ab ~ demo_transform
-without ever seeing a pair.
+{_ABOUT[task]}
 
 Source photos (from scikit-image's bundled sample data):
 {credits}

@@ -4,7 +4,7 @@ adversarial + cycle-consistency + identity losses, with the reference implementa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +25,20 @@ class CycleGANConfig:
     generator: str = choice("resnet", "resnet", "unet")  # ResNet (paper) or U-Net generators
     n_blocks: int = positive(9)           # ResNet blocks: 9 for 256px, 6 for 128px (paper)
     unet_downs: int = positive(8)         # U-Net downsamplings: 7 for 128px, 8 for 256px
+    unet_full_res: bool = False           # U-Net: a full-resolution last level that sees the input
     ngf: int = positive(64)               # generator width
     ndf: int = positive(64)               # discriminator width
     n_layers_d: int = positive(3)         # PatchGAN depth: 3 gives 70x70 patches
     norm: str = choice("instance", "instance", "batch", "none")
     dropout: float = non_negative(0.0)    # dropout in ResNet blocks / U-Net (reference: off)
-    upsample: str = choice("transpose", "transpose", "resize")  # ResNet: resize = nearest+conv
+    # Generator x2 upsampling, both kinds: "bilinear" (the default) = bilinear x2 + 3x3 conv;
+    # "resize" = nearest x2 + 3x3 conv; "subpixel" = conv + PixelShuffle, ICNR-initialised;
+    # "transpose" = transposed conv (the paper's), which draws checkerboards (Odena et al.
+    # 2016). Only "bilinear" stayed free of a period-2 pattern after training (tests/test_nets).
+    upsample: str = choice("bilinear", "transpose", "resize", "bilinear", "subpixel")
+    # Border padding of the generators' strided convs: "reflect" (the default; the ResNet's other
+    # convs always reflect) or "zero" (the paper's; zero padding draws stripes along the border).
+    padding: str = choice("reflect", "zero", "reflect")
     objective: str = choice("lsgan", *objectives.OBJECTIVES)
     real_target: float = probability_target(1.0)    # one-sided label smoothing (D only)
     lambda_cycle: float = non_negative(10.0)  # weight of each direction's L1 cycle loss
@@ -38,6 +46,9 @@ class CycleGANConfig:
     pool_size: int = non_negative(50)     # image history per direction; 0 disables it
     diff_augment: str = ""                # DiffAugment policy on D's inputs, e.g. "color,translation"
     spectral_norm: bool = False           # spectral normalisation on D's layers
+
+    # What a run's config.json saved before a key existed was trained with (config.load_json).
+    LEGACY: ClassVar[dict[str, Any]] = {"padding": "zero"}
 
 
 def check(cfg: RunConfig) -> None:
@@ -63,9 +74,10 @@ def _generator(m: CycleGANConfig, cin: int, cout: int):
     if m.generator == "resnet":
         return build_net("resnet", in_channels=cin, out_channels=cout, ngf=m.ngf,
                          n_blocks=m.n_blocks, norm=m.norm, dropout=m.dropout,
-                         upsample=m.upsample)
+                         upsample=m.upsample, padding=m.padding)
     return build_net("unet", in_channels=cin, out_channels=cout, num_downs=m.unet_downs,
-                     ngf=m.ngf, norm=m.norm, dropout=m.dropout)
+                     ngf=m.ngf, norm=m.norm, dropout=m.dropout, upsample=m.upsample,
+                     padding=m.padding, full_res=m.unet_full_res)
 
 
 class CycleGAN:

@@ -4,13 +4,18 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from translate.nets.layers import SubPixelUpsample
+
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm, nn.LayerNorm)
 
 
 @torch.no_grad()
 def init_weights(net: nn.Module, gain: float = 0.02) -> None:
-    """Conv/linear weights ~ N(0, gain), norm weights ~ N(1, gain), all biases 0. In place."""
+    """Conv/linear weights ~ N(0, gain), norm weights ~ N(1, gain), all biases 0. In place.
+
+    Sub-pixel upsampling layers then get their ICNR start (their random kernels made equal
+    across the four sub-pixels), which a plain normal draw would undo."""
     for module in net.modules():
         if isinstance(module, _WEIGHTED):
             _weight_tensor(module).normal_(0.0, gain)
@@ -21,6 +26,9 @@ def init_weights(net: nn.Module, gain: float = 0.02) -> None:
             continue
         if module.bias is not None:
             module.bias.zero_()
+    for module in net.modules():
+        if isinstance(module, SubPixelUpsample):
+            module.icnr_()
 
 
 def _weight_tensor(module: nn.Module) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""The net registry and the small blocks several nets share: norm layers by name, spectral norm."""
+"""The net registry and the small blocks several nets share: norm layers by name, spectral norm,
+border padding and upsampling layers by name."""
 
 from collections.abc import Callable
 from typing import TypeVar
 
+import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
@@ -62,3 +64,66 @@ def conv_bias(norm: str) -> bool:
 def maybe_spectral_norm(layer: nn.Module, enabled: bool) -> nn.Module:
     """Wrap a conv or linear layer in spectral normalisation (Miyato et al. 2018) if enabled."""
     return _spectral_norm(layer) if enabled else layer
+
+
+PADDINGS = ("zero", "reflect")
+UPSAMPLES = ("transpose", "resize", "bilinear", "subpixel")
+
+
+def check_choice(value: str, allowed: tuple[str, ...], net: str, option: str) -> None:
+    """Raise ConfigError unless `value` is one of the names `net` accepts for `option`."""
+    if value not in allowed:
+        raise ConfigError(f"{net}: {option} must be one of "
+                          f"{', '.join(repr(n) for n in allowed)}, got {value!r}")
+
+
+def padding_mode(padding: str) -> str:
+    """nn.Conv2d's padding_mode for a border padding name. Zero padding tells every conv where
+    the border is, and a net with several stacked layers learns to draw stripes along it;
+    reflection keeps image statistics at the border (no new parameters, same state dict)."""
+    return {"zero": "zeros", "reflect": "reflect"}[padding]
+
+
+class SubPixelUpsample(nn.Sequential):
+    """x2 by sub-pixel convolution (Shi et al. 2016): a 3x3 conv to 4x the channels, then
+    PixelShuffle. Initialised by ICNR (Aitken et al. 2017, `icnr_`): the four sub-pixel kernels
+    start equal, so at initialisation it is a conv followed by nearest-neighbour resizing and
+    draws no checkerboard."""
+
+    def __init__(self, cin: int, cout: int, bias: bool) -> None:
+        super().__init__(nn.ReflectionPad2d(1), nn.Conv2d(cin, 4 * cout, 3, bias=bias),
+                         nn.PixelShuffle(2))
+        self.icnr_()  # init_weights redraws the kernels and calls this again
+
+    @torch.no_grad()
+    def icnr_(self) -> None:
+        """Copy the kernel of each output channel's first sub-pixel onto the other three."""
+        conv = self[1]
+        # PixelShuffle reads output channel c at sub-pixel k from conv channel 4c + k.
+        conv.weight.copy_(conv.weight[::4].repeat_interleave(4, dim=0))
+        if conv.bias is not None:
+            conv.bias.copy_(conv.bias[::4].repeat_interleave(4))
+
+
+def upsample_x2(how: str, cin: int, cout: int, bias: bool, kernel: int) -> nn.Module:
+    """A x2 upsampling layer by name.
+
+    "transpose": a stride-2 transposed conv of `kernel` (4: pix2pix's U-Net, 3: the CycleGAN
+    ResNet); odd and even output pixels get different kernel taps, the source of checkerboard
+    artifacts (Odena et al. 2016). "bilinear": bilinear x2, then a reflect-padded 3x3 conv;
+    bilinear resizing carries a linear ramp over exactly, so the conv after it sees no period-2
+    pattern to amplify. "resize": the same with nearest-neighbour x2, whose 2x2 blocks turn
+    a ramp into steps that a trained conv can sharpen into stripes. "subpixel":
+    `SubPixelUpsample`, free of checkerboards at initialisation only.
+    """
+    if how == "transpose":
+        # padding 1 with output_padding kernel % 2 gives exactly twice the input side
+        return nn.ConvTranspose2d(cin, cout, kernel, stride=2, padding=1,
+                                  output_padding=kernel % 2, bias=bias)
+    if how == "subpixel":
+        return SubPixelUpsample(cin, cout, bias)
+    # Upsample + ReflectionPad2d + Conv2d as separate modules: the state-dict keys of the
+    # ResNet "resize" exports made before the other choices existed.
+    mode = "bilinear" if how == "bilinear" else "nearest"
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode), nn.ReflectionPad2d(1),
+                         nn.Conv2d(cin, cout, 3, bias=bias))

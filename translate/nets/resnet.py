@@ -3,7 +3,17 @@
 from torch import Tensor, nn
 
 from translate.errors import ConfigError
-from translate.nets.layers import check_norm, conv_bias, make_norm, register
+from translate.nets.layers import (
+    PADDINGS,
+    UPSAMPLES,
+    check_choice,
+    check_norm,
+    conv_bias,
+    make_norm,
+    padding_mode,
+    register,
+    upsample_x2,
+)
 
 _NORMS = ("instance", "batch", "none")
 
@@ -33,19 +43,14 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
-def _upsample(cin: int, cout: int, how: str, bias: bool) -> nn.Module:
-    if how == "transpose":
-        return nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1, bias=bias)
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1),
-                         nn.Conv2d(cin, cout, 3, bias=bias))
-
-
 @register("resnet")
 class ResnetGenerator(nn.Module):
     """Image-to-image generator: 7x7 stem, 2 stride-2 downsamplings, residual blocks, 2 upsamplings.
 
     The 9-block net is the CycleGAN choice for 256x256 images, 6 blocks for 128x128.
     Input H and W must be multiples of 4 (`size_multiple`) to come back at the same size.
+    The defaults build the paper's net (transposed convs, zero-padded downsampling convs): an
+    export whose metadata predates `padding` rebuilds as it was trained.
     """
 
     kind: str
@@ -60,19 +65,20 @@ class ResnetGenerator(nn.Module):
         n_blocks: int = 9,      # residual blocks at 1/4 resolution
         norm: str = "instance",  # "instance", "batch" or "none"
         dropout: float = 0.0,   # dropout probability inside each residual block
-        upsample: str = "transpose",  # "transpose" (paper) or "resize": nearest x2 + 3x3 conv,
-                                      # which avoids checkerboard artifacts (Odena et al. 2016)
+        upsample: str = "transpose",  # "transpose" (paper), "resize" (nearest x2 + 3x3 conv) or
+                                      # "subpixel" (ICNR): the last two avoid checkerboards
+        padding: str = "zero",  # border padding of the stride-2 convs: "zero" (paper), "reflect"
     ) -> None:
         super().__init__()
         check_norm(norm, _NORMS, "resnet")
+        check_choice(upsample, UPSAMPLES, "resnet", "upsample")
+        check_choice(padding, PADDINGS, "resnet", "padding")
         if n_blocks < 0 or not 0.0 <= dropout < 1.0:
             raise ConfigError(f"resnet: need n_blocks >= 0 and 0 <= dropout < 1, got "
                               f"n_blocks={n_blocks}, dropout={dropout}")
-        if upsample not in ("transpose", "resize"):
-            raise ConfigError(f"resnet: upsample must be 'transpose' or 'resize', got {upsample!r}")
         self.config = {"in_channels": in_channels, "out_channels": out_channels, "ngf": ngf,
                        "n_blocks": n_blocks, "norm": norm, "dropout": dropout,
-                       "upsample": upsample}
+                       "upsample": upsample, "padding": padding}
         self.in_channels = in_channels
         self.out_channels = out_channels
         bias = conv_bias(norm)
@@ -85,14 +91,15 @@ class ResnetGenerator(nn.Module):
         ]
         for mult in (1, 2):
             layers += [
-                nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=bias),
+                nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=bias,
+                          padding_mode=padding_mode(padding)),
                 make_norm(norm, ngf * mult * 2),
                 nn.ReLU(inplace=True),
             ]
         layers += [ResidualBlock(ngf * 4, norm, dropout) for _ in range(n_blocks)]
         for mult in (4, 2):
             layers += [
-                _upsample(ngf * mult, ngf * mult // 2, upsample, bias),
+                upsample_x2(upsample, ngf * mult, ngf * mult // 2, bias, kernel=3),
                 make_norm(norm, ngf * mult // 2),
                 nn.ReLU(inplace=True),
             ]

@@ -4,7 +4,17 @@ import torch
 from torch import Tensor, nn
 
 from translate.errors import ConfigError
-from translate.nets.layers import check_norm, conv_bias, make_norm, register
+from translate.nets.layers import (
+    PADDINGS,
+    UPSAMPLES,
+    check_choice,
+    check_norm,
+    conv_bias,
+    make_norm,
+    padding_mode,
+    register,
+    upsample_x2,
+)
 
 _NORMS = ("instance", "batch", "none")
 
@@ -15,7 +25,9 @@ class UnetGenerator(nn.Module):
 
     Channels go ngf, 2ngf, 4ngf, then stay at 8ngf; the bottleneck is 1x1 when the input side is
     2**num_downs (7 for 128x128, 8 for 256x256). As in the reference, dropout (if any) acts on
-    the decoder levels that sit between two 8ngf levels.
+    the decoder levels that sit between two 8ngf levels. The defaults build the reference's net
+    (transposed convs, zero padding): an export whose metadata predates `upsample` and
+    `padding` rebuilds as it was trained.
     """
 
     kind: str
@@ -28,14 +40,22 @@ class UnetGenerator(nn.Module):
         ngf: int = 64,          # filters of the first conv
         norm: str = "instance",  # "instance", "batch" or "none"
         dropout: float = 0.0,   # dropout probability in the inner decoder levels (reference: 0.5)
+        upsample: str = "transpose",  # decoder x2 layers: "transpose" (reference, 4x4), "resize"
+                                      # (nearest x2 + 3x3 conv) or "subpixel" (ICNR); see layers
+        padding: str = "zero",  # border padding of the encoder convs: "zero" (reference), "reflect"
+        full_res: bool = False,  # end in a full-resolution level: the last decoder features,
+                                 # joined with the input image, go through a 3x3 conv
     ) -> None:
         super().__init__()
         check_norm(norm, _NORMS, "unet")
+        check_choice(upsample, UPSAMPLES, "unet", "upsample")
+        check_choice(padding, PADDINGS, "unet", "padding")
         if num_downs < 2 or not 0.0 <= dropout < 1.0:
             raise ConfigError(f"unet: need num_downs >= 2 and 0 <= dropout < 1, got "
                               f"num_downs={num_downs}, dropout={dropout}")
         self.config = {"in_channels": in_channels, "out_channels": out_channels,
-                       "num_downs": num_downs, "ngf": ngf, "norm": norm, "dropout": dropout}
+                       "num_downs": num_downs, "ngf": ngf, "norm": norm, "dropout": dropout,
+                       "upsample": upsample, "padding": padding, "full_res": full_res}
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.size_multiple = 2**num_downs
@@ -44,28 +64,45 @@ class UnetGenerator(nn.Module):
         widths = [ngf * min(2**i, 8) for i in range(num_downs)]
         innermost = num_downs - 1
 
-        self.down = nn.ModuleList([nn.Conv2d(in_channels, ngf, 4, 2, 1, bias=bias)])
+        def down(cin: int, cout: int) -> nn.Conv2d:
+            return nn.Conv2d(cin, cout, 4, 2, 1, bias=bias, padding_mode=padding_mode(padding))
+
+        self.down = nn.ModuleList([down(in_channels, ngf)])
         for i in range(1, num_downs):
-            layers: list[nn.Module] = [
-                nn.LeakyReLU(0.2),
-                nn.Conv2d(widths[i - 1], widths[i], 4, 2, 1, bias=bias),
-            ]
+            layers: list[nn.Module] = [nn.LeakyReLU(0.2), down(widths[i - 1], widths[i])]
             if i != innermost:
                 layers.append(make_norm(norm, widths[i]))
             self.down.append(nn.Sequential(*layers))
 
         # up[i] mirrors down[i]: it reads level i's output (joined with its skip, except at the
         # bottleneck) and writes level i-1's resolution and width.
-        self.up = nn.ModuleList([nn.Sequential(
-            nn.ReLU(),
-            nn.ConvTranspose2d(widths[0] * 2, out_channels, 4, 2, 1),
-            nn.Tanh(),
-        )])
+        if full_res:
+            # The reference's outermost level sees the image only through a stride-2 conv, so
+            # every output pixel is decoded from half-resolution features; here the image
+            # itself joins the last decoder level, and fine detail can pass straight through.
+            self.up = nn.ModuleList([nn.Sequential(
+                nn.ReLU(),
+                upsample_x2(upsample, widths[0] * 2, ngf, bias, kernel=4),
+                make_norm(norm, ngf),
+                nn.ReLU(),
+            )])
+            self.out = nn.Sequential(
+                nn.Conv2d(ngf + in_channels, out_channels, 3, padding=1,
+                          padding_mode=padding_mode(padding)),
+                nn.Tanh(),
+            )
+        else:
+            self.up = nn.ModuleList([nn.Sequential(
+                nn.ReLU(),
+                upsample_x2(upsample, widths[0] * 2, out_channels, True, kernel=4),
+                nn.Tanh(),
+            )])
+            self.out = None
         for i in range(1, num_downs):
             width_in = widths[i] if i == innermost else widths[i] * 2
             layers = [
                 nn.ReLU(),
-                nn.ConvTranspose2d(width_in, widths[i - 1], 4, 2, 1, bias=bias),
+                upsample_x2(upsample, width_in, widths[i - 1], bias, kernel=4),
                 make_norm(norm, widths[i - 1]),
             ]
             if dropout > 0 and i != innermost and widths[i - 1] == ngf * 8:
@@ -73,11 +110,13 @@ class UnetGenerator(nn.Module):
             self.up.append(nn.Sequential(*layers))
 
     def forward(self, x: Tensor) -> Tensor:
-        skips = []
+        image, skips = x, []
         for down in self.down:
             x = down(x)
             skips.append(x)
         x = self.up[-1](skips.pop())
         for up in reversed(self.up[:-1]):
             x = up(torch.cat([skips.pop(), x], dim=1))
+        if self.out is not None:
+            x = self.out(torch.cat([image, x], dim=1))
         return x
