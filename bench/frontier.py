@@ -96,6 +96,7 @@ def train_and_score(recipe: str, task: str, size: int, data_root: Path, run_dir:
 
     from translate import config as config_mod
     from translate.core.loop import train
+    from translate.core.precision import training_precision
     from translate.demo import find_recipe
 
     torch.set_num_threads(threads)
@@ -107,7 +108,8 @@ def train_and_score(recipe: str, task: str, size: int, data_root: Path, run_dir:
     out = {"recipe": recipe, "task": task, "size": size, "extra": list(extra),
            "steps": result.step, "batch": cfg.train.batch_size, "threads": threads,
            "train_seconds": round(seconds, 1), "s_per_step": round(seconds / result.step, 4),
-           "precision": str(cfg.train.mixed_precision), **score_run(run_dir, data_root)}
+           "precision": training_precision(cfg.train.mixed_precision, "no", torch.device("cpu")),
+           **score_run(run_dir, data_root)}
     tmp = saved.with_name(".frontier.json.tmp")
     tmp.write_text(json.dumps(out, indent=2) + "\n")
     tmp.replace(saved)

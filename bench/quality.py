@@ -14,8 +14,12 @@ gan; `all` = every method. Each run reports its wall-clock and CPU seconds (one 
 OMP_NUM_THREADS=1; the CPU time is what a shared machine does not inflate).
 
 Runs go to a temporary folder (deleted) unless `--runs DIR` keeps them; kept runs resume, so an
-interrupted benchmark continues (use a fresh DIR after changing settings). A `--demo` part
-(CycleGAN on the demo data) is planned.
+interrupted benchmark continues (use a fresh DIR after changing settings).
+
+    python bench/quality.py --translation [frontier.py options]
+
+hands over to bench/frontier.py: CycleGAN recipes on the known-truth translation tasks, PSNR and
+SSIM to the truth against training time (the quality/time frontier).
 """
 
 from __future__ import annotations
@@ -193,13 +197,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="end with one JSON line per method")
     args = p.parse_args(argv)
     if not args.toy:
-        p.error("choose a benchmark: --toy (the --demo part is not written yet)")
+        p.error("choose a benchmark: --toy, or --translation (bench/frontier.py)")
     if min(args.seeds, args.samples, args.jobs, args.steps or 1) < 1:
         p.error("--seeds, --samples, --jobs and --steps must be at least 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--translation" in argv:
+        import frontier
+
+        return frontier.main([a for a in argv if a != "--translation"])
     args = parse(argv)
     from translate.errors import UserError
     from translate.evaluate import jsonable

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import sys
 
 import pytest
 from conftest import ROOT
@@ -70,3 +71,64 @@ def test_markdown_table_has_mean_and_stderr_per_cell():
     table = Q.markdown([{"method": "pacgan", "seeds": 2, **Q.summarize(runs)}]).splitlines()
     assert len(table) == 3 and table[2].startswith("| pacgan | 2 | 7.5 ± 0.5 | 98.0% ± 1.0% |")
     assert "0.003 ± 0.001" in table[2] and table[2].endswith("| 6 / nan |")
+
+
+# ---------------------------------------------------------------------------- bench/frontier.py
+
+
+def _frontier():
+    spec = importlib.util.spec_from_file_location("bench_frontier", ROOT / "bench" / "frontier.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+FR = _frontier()
+
+
+@pytest.mark.parametrize("recipe", sorted(FR.RECIPES))
+@pytest.mark.parametrize("task", sorted(FR.TASKS))
+def test_every_frontier_recipe_resolves_on_every_task(recipe, task, tmp_path):
+    size = FR.TASKS[task]
+    cfg = config.load(ROOT / "recipes" / FR.RECIPES[recipe].file,
+                      FR.overrides(recipe, tmp_path / "data", tmp_path / "run", size, ()))
+    assert (cfg.data.crop_size, cfg.data.preprocess, cfg.data.flip) == (size, "crop", True)
+    assert cfg.train.epochs == 0 and cfg.train.steps > 0
+
+
+def test_old_demo_recipe_is_the_one_before_issue_13():
+    cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml", list(FR.OLD_DEMO))
+    m, t = cfg.model, cfg.train
+    assert (m.generator, m.unet_downs, m.ngf, m.ndf, m.n_layers_d) == ("unet", 4, 16, 16, 2)
+    assert (m.upsample, m.padding, m.unet_full_res) == ("transpose", "zero", False)
+    assert (t.steps, t.batch_size, t.lr_g, t.lr_d) == (2000, 4, 2e-4, 2e-4)
+
+
+def test_frontier_trains_scores_and_prints_one_row_per_recipe_and_task(tmp_path, capsys):
+    argv = ["--recipes", "demo,demo_old", "--tasks", "morph", "--size", "16", "--runs",
+            str(tmp_path), "--set", "train.steps=2", "--set", "model.unet_downs=2",
+            "--set", 'train.mixed_precision="no"', "--markdown", "--json"]
+    assert FR.main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    rows = json.loads(out[-1])["rows"]
+    assert [(r["recipe"], r["task"], r["steps"]) for r in rows] == [("demo", "morph", 2),
+                                                                   ("demo_old", "morph", 2)]
+    for r in rows:
+        # both rounded: seconds to 0.1, seconds per step to 0.1 ms
+        assert r["train_seconds"] > 0
+        assert abs(r["s_per_step"] * r["steps"] - r["train_seconds"]) <= 0.06
+        assert 0 < r["ssim"] < 1 and r["psnr"] > 0 and r["cycle_psnr"] > 0
+    table = [line for line in out if line.startswith("| morph |")]
+    assert len(table) == 3 and "do nothing" in table[-1]
+    # A second call reads the finished runs back instead of training them again.
+    assert FR.main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == rows
+
+
+def test_quality_translation_hands_over_to_the_frontier(monkeypatch):
+    seen = []
+    monkeypatch.setattr(FR, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setitem(sys.modules, "frontier", FR)
+    assert Q.main(["--translation", "--tasks", "morph"]) == 0
+    assert seen == [["--tasks", "morph"]]

@@ -35,7 +35,7 @@ class CycleGANConfig:
     # "resize" = nearest x2 + 3x3 conv; "subpixel" = conv + PixelShuffle, ICNR-initialised;
     # "transpose" = transposed conv (the paper's), which draws checkerboards (Odena et al.
     # 2016). Only "bilinear" stayed free of a period-2 pattern after training (tests/test_nets).
-    upsample: str = choice("bilinear", "transpose", "resize", "bilinear", "subpixel")
+    upsample: str = choice("bilinear", "transpose", "resize", "bilinear", "conv_bilinear", "subpixel")
     # Border padding of the generators' strided convs: "reflect" (the default; the ResNet's other
     # convs always reflect) or "zero" (the paper's; zero padding draws stripes along the border).
     padding: str = choice("reflect", "zero", "reflect")

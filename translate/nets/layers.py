@@ -67,7 +67,7 @@ def maybe_spectral_norm(layer: nn.Module, enabled: bool) -> nn.Module:
 
 
 PADDINGS = ("zero", "reflect")
-UPSAMPLES = ("transpose", "resize", "bilinear", "subpixel")
+UPSAMPLES = ("transpose", "resize", "bilinear", "conv_bilinear", "subpixel")
 
 
 def check_choice(value: str, allowed: tuple[str, ...], net: str, option: str) -> None:
@@ -113,7 +113,9 @@ def upsample_x2(how: str, cin: int, cout: int, bias: bool, kernel: int) -> nn.Mo
     artifacts (Odena et al. 2016). "bilinear": bilinear x2, then a reflect-padded 3x3 conv;
     bilinear resizing carries a linear ramp over exactly, so the conv after it sees no period-2
     pattern to amplify. "resize": the same with nearest-neighbour x2, whose 2x2 blocks turn
-    a ramp into steps that a trained conv can sharpen into stripes. "subpixel":
+    a ramp into steps that a trained conv can sharpen into stripes. "conv_bilinear": the 3x3
+    conv first, at the low resolution (4x fewer operations), then bilinear x2: smooth, but
+    no detail finer than the input's; for U-Nets with a full-resolution level. "subpixel":
     `SubPixelUpsample`, free of checkerboards at initialisation only.
     """
     if how == "transpose":
@@ -122,6 +124,9 @@ def upsample_x2(how: str, cin: int, cout: int, bias: bool, kernel: int) -> nn.Mo
                                   output_padding=kernel % 2, bias=bias)
     if how == "subpixel":
         return SubPixelUpsample(cin, cout, bias)
+    if how == "conv_bilinear":
+        return nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(cin, cout, 3, bias=bias),
+                             nn.Upsample(scale_factor=2, mode="bilinear"))
     # Upsample + ReflectionPad2d + Conv2d as separate modules: the state-dict keys of the
     # ResNet "resize" exports made before the other choices existed.
     mode = "bilinear" if how == "bilinear" else "nearest"

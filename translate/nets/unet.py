@@ -43,8 +43,8 @@ class UnetGenerator(nn.Module):
         upsample: str = "transpose",  # decoder x2 layers: "transpose" (reference, 4x4), "resize"
                                       # (nearest x2 + 3x3 conv) or "subpixel" (ICNR); see layers
         padding: str = "zero",  # border padding of the encoder convs: "zero" (reference), "reflect"
-        full_res: bool = False,  # end in a full-resolution level: the last decoder features,
-                                 # joined with the input image, go through a 3x3 conv
+        full_res: bool = False,  # add a level at full resolution: a 3x3 conv of the input whose
+                                 # features skip to the last layers (not in the reference)
     ) -> None:
         super().__init__()
         check_norm(norm, _NORMS, "unet")
@@ -64,12 +64,21 @@ class UnetGenerator(nn.Module):
         widths = [ngf * min(2**i, 8) for i in range(num_downs)]
         innermost = num_downs - 1
 
-        def down(cin: int, cout: int) -> nn.Conv2d:
-            return nn.Conv2d(cin, cout, 4, 2, 1, bias=bias, padding_mode=padding_mode(padding))
+        def conv(cin: int, cout: int, kernel: int, stride: int, bias: bool) -> nn.Conv2d:
+            return nn.Conv2d(cin, cout, kernel, stride, 1, bias=bias,
+                             padding_mode=padding_mode(padding))
 
-        self.down = nn.ModuleList([down(in_channels, ngf)])
+        # full_res adds a level at the input's resolution (as Ronneberger et al.'s U-Net has;
+        # the reference's first conv already halves it): a 3x3 conv whose features skip to a
+        # last 3x3 conv, so each output pixel is decoded with its full-resolution surroundings
+        # rather than from half-resolution features alone.
+        self.stem = conv(in_channels, ngf, 3, 1, True) if full_res else None
+        first: nn.Module = (nn.Sequential(nn.LeakyReLU(0.2), conv(ngf, ngf, 4, 2, bias),
+                                          make_norm(norm, ngf))
+                            if full_res else conv(in_channels, ngf, 4, 2, bias))
+        self.down = nn.ModuleList([first])
         for i in range(1, num_downs):
-            layers: list[nn.Module] = [nn.LeakyReLU(0.2), down(widths[i - 1], widths[i])]
+            layers: list[nn.Module] = [nn.LeakyReLU(0.2), conv(widths[i - 1], widths[i], 4, 2, bias)]
             if i != innermost:
                 layers.append(make_norm(norm, widths[i]))
             self.down.append(nn.Sequential(*layers))
@@ -77,26 +86,18 @@ class UnetGenerator(nn.Module):
         # up[i] mirrors down[i]: it reads level i's output (joined with its skip, except at the
         # bottleneck) and writes level i-1's resolution and width.
         if full_res:
-            # The reference's outermost level sees the image only through a stride-2 conv, so
-            # every output pixel is decoded from half-resolution features; here the image
-            # itself joins the last decoder level, and fine detail can pass straight through.
             self.up = nn.ModuleList([nn.Sequential(
-                nn.ReLU(),
-                upsample_x2(upsample, widths[0] * 2, ngf, bias, kernel=4),
-                make_norm(norm, ngf),
-                nn.ReLU(),
-            )])
-            self.out = nn.Sequential(
-                nn.Conv2d(ngf + in_channels, out_channels, 3, padding=1,
-                          padding_mode=padding_mode(padding)),
-                nn.Tanh(),
-            )
+                nn.ReLU(), upsample_x2(upsample, widths[0] * 2, ngf, bias, kernel=4),
+                make_norm(norm, ngf))])
+            # A per-pixel layer (1x1) before the last 3x3 conv gives each output pixel a
+            # nonlinear function of its surroundings at full resolution; no norm here, so the
+            # same neighbourhood maps alike in every image, as a colour mapping should.
+            self.out = nn.Sequential(nn.ReLU(), nn.Conv2d(2 * ngf, ngf, 1), nn.ReLU(),
+                                     conv(ngf, out_channels, 3, 1, True), nn.Tanh())
         else:
             self.up = nn.ModuleList([nn.Sequential(
-                nn.ReLU(),
-                upsample_x2(upsample, widths[0] * 2, out_channels, True, kernel=4),
-                nn.Tanh(),
-            )])
+                nn.ReLU(), upsample_x2(upsample, widths[0] * 2, out_channels, True, kernel=4),
+                nn.Tanh())])
             self.out = None
         for i in range(1, num_downs):
             width_in = widths[i] if i == innermost else widths[i] * 2
@@ -110,7 +111,9 @@ class UnetGenerator(nn.Module):
             self.up.append(nn.Sequential(*layers))
 
     def forward(self, x: Tensor) -> Tensor:
-        image, skips = x, []
+        if self.stem is not None:
+            x = self.stem(x)
+        full, skips = x, []
         for down in self.down:
             x = down(x)
             skips.append(x)
@@ -118,5 +121,5 @@ class UnetGenerator(nn.Module):
         for up in reversed(self.up[:-1]):
             x = up(torch.cat([skips.pop(), x], dim=1))
         if self.out is not None:
-            x = self.out(torch.cat([image, x], dim=1))
+            x = self.out(torch.cat([full, x], dim=1))
         return x
