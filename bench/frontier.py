@@ -37,7 +37,7 @@ for p in (ROOT, ROOT / "bench"):
     if str(p) not in sys.path:  # run as a script from a checkout that is not pip-installed
         sys.path.insert(0, str(p))
 
-from _common import map_jobs  # noqa: E402
+from _common import map_jobs
 
 
 @dataclass(frozen=True)
@@ -136,8 +136,9 @@ def score_run(run_dir: Path, data_root: Path) -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| task | recipe | px | batch | steps | train s | s/step | PSNR (dB) | SSIM | "
-             "cycle PSNR (dB) |", "|" + "---|" * 10]
+    head = ("| task | recipe | px | batch | steps | train s | s/step | PSNR (dB) | SSIM | "
+            "cycle PSNR (dB) |")
+    lines = [head, "|" + "---|" * 10]
     for task in dict.fromkeys(r["task"] for r in rows):
         mine = [r for r in rows if r["task"] == task]
         for r in mine:

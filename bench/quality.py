@@ -38,7 +38,7 @@ for p in (ROOT, ROOT / "bench"):
     if str(p) not in sys.path:  # run as a script from a checkout that is not pip-installed
         sys.path.insert(0, str(p))
 
-from _common import map_jobs  # noqa: E402
+from _common import map_jobs
 
 TOYS = ("ring", "grid")
 METRICS = ("modes", "hq", "rkl")

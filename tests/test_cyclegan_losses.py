@@ -71,6 +71,38 @@ def test_generator_terms_by_hand():
     assert not out["fake_a"].requires_grad
 
 
+def test_identity_weight_falls_to_zero_by_identity_until():
+    m = method("model.identity_until=0.4")
+    for progress, scale in ((0.0, 1.0), (0.1, 0.75), (0.3, 0.25), (0.4, 0.0), (0.9, 0.0)):
+        out = m.g_loss(stub_nets(), batch(), {"progress": torch.tensor(progress)})
+        assert close(out["idt_a"], scale * 1.5) and close(out["idt_b"], scale * 1.0), progress
+        assert close(out["cycle_a"], 2.0)  # the other terms keep their weights
+    # the default keeps the paper's constant weight whatever the progress
+    late = method().g_loss(stub_nets(), batch(), {"progress": torch.tensor(0.9)})
+    assert close(late["idt_a"], 1.5)
+
+
+def test_the_loop_hands_every_phase_the_progress_of_the_run(tiny_unpaired, tmp_path,
+                                                            monkeypatch):
+    from translate.core.loop import train
+
+    seen: list[tuple[str, float]] = []
+    g_loss, d_loss = CycleGAN.g_loss, CycleGAN.d_loss
+
+    def spy(fn, name):
+        def wrapped(self, nets, batch, prev):
+            seen.append((name, float(prev["progress"])))
+            return fn(self, nets, batch, prev)
+        return wrapped
+
+    monkeypatch.setattr(CycleGAN, "g_loss", spy(g_loss, "G"))
+    monkeypatch.setattr(CycleGAN, "d_loss", spy(d_loss, "D"))
+    cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
+        f'data.root="{tiny_unpaired}"', f'run_dir="{tmp_path / "run"}"', "train.steps=4"])
+    train(cfg, progress=False)
+    assert seen == [(p, s / 4) for s in range(4) for p in ("G", "D")]
+
+
 def test_lambdas_scale_their_terms_only():
     out = method("model.lambda_cycle=3", "model.lambda_identity=0.1").g_loss(
         stub_nets(), batch(), {})

@@ -277,6 +277,20 @@ def test_default_generators_draw_no_checkerboard_and_transposed_ones_do(kind):
             assert checkerboard_peak(net(_smooth())) < CHECKERBOARD
 
 
+CYCLEGAN_RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("cyclegan_*.toml"))
+
+
+@pytest.mark.parametrize("recipe", CYCLEGAN_RECIPES, ids=lambda p: p.stem)
+def test_recipes_draw_checkerboards_only_where_they_reproduce_the_paper(recipe):
+    """The recipes that reproduce the paper keep its transposed convs (and their checkerboards);
+    every other CycleGAN recipe's generator is clean."""
+    torch.manual_seed(0)
+    cfg = config.load(recipe)
+    with torch.no_grad():
+        peak = checkerboard_peak(METHODS["cyclegan"].build(cfg).nets["G_ab"].eval()(_smooth()))
+    assert (peak > CHECKERBOARD) == (cfg.model.upsample == "transpose"), peak
+
+
 @pytest.fixture(scope="module")
 def demo32(tmp_path_factory) -> Path:
     from translate.data.demo import build_demo

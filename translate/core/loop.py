@@ -365,6 +365,8 @@ def train_step(s: Session, state: checkpoint.TrainState, batches: Batches) -> di
     scale = lr_factor(state.step, s.total, t.lr_schedule, s.decay_start) * state.lr_scale
     logs: dict[str, Tensor] = {}
     batch, handed = None, [{}] * t.grad_accum
+    # How far the run is (0 at the first step), for losses whose weights follow the schedule.
+    progress = torch.tensor(state.step / s.total)
     for phase, opt in zip(s.method.phases, s.opts):
         for group in opt.param_groups:
             group["lr"] = phase.lr * scale
@@ -373,7 +375,8 @@ def train_step(s: Session, state: checkpoint.TrainState, batches: Batches) -> di
         for _ in range(phase.repeats):
             if phase.new_batch or batch is None:
                 batch = batches.next()
-            phase_logs, out = run_phase(s.accelerator, s.cfg, phase, opt, s.nets, batch, handed)
+            prev = [{**p, "progress": progress} for p in handed]
+            phase_logs, out = run_phase(s.accelerator, s.cfg, phase, opt, s.nets, batch, prev)
             logs.update(phase_logs)
         handed = out
         if phase.is_generator and s.ema:

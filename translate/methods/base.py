@@ -17,7 +17,8 @@ LossFn = Callable[[Nets, Batch, dict[str, Tensor]], dict[str, Tensor]]
 class Phase:
     """One player's update. `loss(nets, batch, prev)` returns a dict whose "loss" entry is
     backpropagated; 0-dim entries are logged; other tensors are handed to the next phase as
-    `prev` (e.g. CycleGAN's G phase passes its fakes to the D phase)."""
+    `prev` (e.g. CycleGAN's G phase passes its fakes to the D phase). `prev["progress"]` is
+    the fraction of the run done before this step (0-dim), for weights that follow a schedule."""
 
     name: str                      # "D" or "G": also the log prefix
     nets: tuple[str, ...]          # nets this phase trains; all others are frozen during it

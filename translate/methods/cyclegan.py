@@ -12,7 +12,7 @@ from torch import Tensor
 
 from translate import viz
 from translate.augment import diff_augment, diff_augment_pair
-from translate.config import RunConfig, choice, non_negative, positive, probability_target
+from translate.config import RunConfig, choice, fraction, non_negative, positive, probability_target
 from translate.core import objectives
 from translate.errors import ConfigError
 from translate.methods.base import Batch, Nets, Phase
@@ -43,6 +43,10 @@ class CycleGANConfig:
     real_target: float = probability_target(1.0)    # one-sided label smoothing (D only)
     lambda_cycle: float = non_negative(10.0)  # weight of each direction's L1 cycle loss
     lambda_identity: float = non_negative(0.5)  # identity L1 weight, relative to lambda_cycle
+    # Fraction of the run over which the identity weight falls linearly to 0 (0 = constant, as
+    # the paper). The identity loss picks the right one of several consistent mappings early,
+    # but asks G_ab to leave B-like colours alone, which a true mapping does not.
+    identity_until: float = fraction(0.0)
     pool_size: int = non_negative(50)     # image history per direction; 0 disables it
     diff_augment: str = ""                # DiffAugment policy on D's inputs, e.g. "color,translation"
     spectral_norm: bool = False           # spectral normalisation on D's layers
@@ -130,12 +134,18 @@ class CycleGAN:
             "cycle_b": m.lambda_cycle * F.l1_loss(rec_b.float(), b.float()),
         }
         if m.lambda_identity > 0:
-            w = m.lambda_cycle * m.lambda_identity
+            w = m.lambda_cycle * m.lambda_identity * self.identity_scale(prev)
             out["idt_a"] = w * F.l1_loss(nets["G_ba"](a).float(), a.float())
             out["idt_b"] = w * F.l1_loss(nets["G_ab"](b).float(), b.float())
         out["loss"] = sum(out.values())
         out["fake_a"], out["fake_b"] = fake_a.detach(), fake_b.detach()
         return out
+
+    def identity_scale(self, prev: dict) -> Tensor | float:
+        """1, or with identity_until the linear fall to 0 at that fraction of the run."""
+        if self.cfg.identity_until == 0:
+            return 1.0
+        return (1 - prev["progress"] / self.cfg.identity_until).clamp_min(0.0)
 
     def _d_one(self, D, real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         real, fake = self._aug_pair(real, fake)

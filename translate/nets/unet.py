@@ -89,11 +89,8 @@ class UnetGenerator(nn.Module):
             self.up = nn.ModuleList([nn.Sequential(
                 nn.ReLU(), upsample_x2(upsample, widths[0] * 2, ngf, bias, kernel=4),
                 make_norm(norm, ngf))])
-            # A per-pixel layer (1x1) before the last 3x3 conv gives each output pixel a
-            # nonlinear function of its surroundings at full resolution; no norm here, so the
-            # same neighbourhood maps alike in every image, as a colour mapping should.
-            self.out = nn.Sequential(nn.ReLU(), nn.Conv2d(2 * ngf, ngf, 1), nn.ReLU(),
-                                     conv(ngf, out_channels, 3, 1, True), nn.Tanh())
+            self.out = nn.Sequential(nn.ReLU(), conv(2 * ngf, out_channels, 3, 1, True),
+                                     nn.Tanh())
         else:
             self.up = nn.ModuleList([nn.Sequential(
                 nn.ReLU(), upsample_x2(upsample, widths[0] * 2, out_channels, True, kernel=4),
