@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args([a for a in argv if a != "--debug"])
     args.debug = debug
     _no_world_writable()
-    from translate.errors import UserError
+    from translate.errors import ConfigError, UserError
 
     shown = warnings.showwarning
     if not debug:
@@ -271,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         code = getattr(e, "exit_code", 2)  # a requested stop: 128 + signal, as shells report it
-        print(f"error: {e}" if code == 2 else str(e), file=sys.stderr)
+        if not (isinstance(e, ConfigError) and os.environ.get("RANK", "0") != "0"):
+            # Under a launcher every rank reads the same settings: the main one says it once.
+            print(f"error: {e}" if code == 2 else str(e), file=sys.stderr)
         return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

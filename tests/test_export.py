@@ -107,6 +107,22 @@ def test_bf16_inference_stays_within_one_level_of_fp32(exported):
     assert 0 < np.abs(a - b).mean() <= 1.0, np.abs(a - b).mean()  # levels of 255; 0: no bf16
 
 
+def test_auto_inference_precision_follows_the_cpu_kind(cpu_kind, exported, tmp_path):
+    """`auto` (apply's default) is bf16 on a CPU with native bf16 and fp32 elsewhere, through the
+    Python API and the CLI alike; either way within one grey level of fp32 on average."""
+    img = (np.random.default_rng(2).random((40, 48, 3)) * 255).astype(np.uint8)
+    auto = translate.load_generator(exported / "G_ab.safetensors")
+    assert auto.precision == ("bf16" if cpu_kind == "bf16" else "fp32")
+    fp32 = translate.load_generator(exported / "G_ab.safetensors", precision="fp32")
+    assert np.abs(auto(img).astype(float) - fp32(img).astype(float)).mean() <= 1.0
+    (tmp_path / "in").mkdir()
+    Image.fromarray(img).save(tmp_path / "in" / "x.png")
+    run_cli("apply", str(exported / "G_ab.safetensors"), str(tmp_path / "in"),
+            str(tmp_path / "out"), "--no-progress")
+    out = np.asarray(Image.open(tmp_path / "out" / "x.png")).astype(float)
+    assert out.shape == img.shape and np.abs(out - fp32(img).astype(float)).mean() <= 1.0
+
+
 def test_loading_never_unpickles_and_rejects_foreign_files(exported, tmp_path):
     # a safetensors file of another architecture under a valid header
     with safe_open(str(exported / "G_ab.safetensors"), framework="pt") as f:

@@ -48,10 +48,14 @@ def test_every_recipe_trains_through_the_cli(recipe, tiny_unpaired, tmp_path):
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 2
 
 
-def _cfg(recipe: str, run: Path, steps: int, sets: list[str]) -> config.RunConfig:
+def _cfg(recipe: str, run: Path, steps: int, sets: list[str],
+         mixed_precision: str = "no") -> config.RunConfig:
+    """A run whose numbers are compared: its precision is named, never "auto" (which differs
+    between CPUs with and without native bf16)."""
     return config.load(ROOT / "recipes" / recipe, sets + [
         f"train.steps={steps}", f'run_dir="{run}"', "train.save_every=3", "train.log_every=1",
-        "train.sample_every=100", 'train.lr_schedule="constant"'])
+        "train.sample_every=100", 'train.lr_schedule="constant"',
+        f'train.mixed_precision="{mixed_precision}"'])
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
@@ -66,17 +70,19 @@ def _losses(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
 @pytest.mark.parametrize("recipe,sets", [
     ("toy_wgan_gp_ring.toml", ["model.hidden=16", "train.batch_size=8", "train.ema=0.9"]),
     ("cyclegan_demo.toml", TINY_CYCLEGAN),
 ])
-def test_resume_is_exact(recipe, sets, tiny_unpaired, tmp_path):
-    """train(6) == train(3) + resume + train(3): same losses, weights, pools, EMA."""
+def test_resume_is_exact(recipe, sets, mixed_precision, tiny_unpaired, tmp_path):
+    """train(6) == train(3) + resume + train(3): same losses, weights, pools, EMA; in fp32 and
+    in bf16 alike (the same precision on both sides: the same arithmetic in the same order)."""
     sets = sets + [f'data.root="{tiny_unpaired}"'] if "cyclegan" in recipe else sets
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(_cfg(recipe, straight, 6, sets), progress=False)
-    train(_cfg(recipe, split, 3, sets), progress=False)
-    result = train(_cfg(recipe, split, 6, sets), resume="auto", progress=False)
+    train(_cfg(recipe, straight, 6, sets, mixed_precision), progress=False)
+    train(_cfg(recipe, split, 3, sets, mixed_precision), progress=False)
+    result = train(_cfg(recipe, split, 6, sets, mixed_precision), resume="auto", progress=False)
     assert result.step == 6
     a, b = _weights(straight, 6), _weights(split, 6)
     assert a.keys() == b.keys() and len(a) > 0

@@ -142,7 +142,9 @@ def _net_translator(net: nn.Module) -> Translator:
 def _export_translator(path: Path) -> tuple[str, Translator, dict[str, str]]:
     from translate.export import load_generator
 
-    gen = load_generator(path, device="cpu")
+    # Scores are computed in fp32 whatever the CPU: "auto" would be bf16 on one with native
+    # bf16, and an export must score as its run does (`translate eval RUN`, fp32) everywhere.
+    gen = load_generator(path, device="cpu", precision="fp32")
     meta = gen.metadata
     direction = (meta.get("from_domain", "") + meta.get("to_domain", "")).lower()
     if direction not in ("ab", "ba"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,12 +36,13 @@ class RunResult:
     logs: dict[str, float] = field(default_factory=dict)
 
 
-def make_accelerator(cfg: RunConfig) -> Accelerator:
+def make_accelerator(cfg: RunConfig) -> tuple[Accelerator, str]:
+    """The run's Accelerator and why it computes in its precision (for the start line)."""
     on_cpu = not torch.cuda.is_available()
     trackers = tracking.accelerator_kwargs(cfg)  # a tracker that is not installed stops us here
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    mixed = precision.training_precision(cfg.train.mixed_precision, launcher,
-                                         torch.device("cpu" if on_cpu else "cuda"))
+    mixed, why = precision.training_precision(cfg.train.mixed_precision,
+                                              precision.launcher_precision(),
+                                              torch.device("cpu" if on_cpu else "cuda"))
     if on_cpu and mixed == "fp16":
         raise ConfigError("train.mixed_precision: fp16 is not available on CPU (accelerate would "
                           "silently train in fp32); use bf16 or no")
@@ -55,7 +55,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         state_mod.AcceleratorState._reset_state()
     # cpu=True on a CPU machine is what makes `accelerate launch --multi_gpu` processes form one
     # gloo group instead of training independently.
-    return Accelerator(cpu=on_cpu, mixed_precision=mixed, **trackers)
+    return Accelerator(cpu=on_cpu, mixed_precision=mixed, **trackers), why
 
 
 def total_steps(cfg: RunConfig, dataset, world: int) -> tuple[int, int]:
@@ -187,6 +187,7 @@ class Session:
     decay_start: int
     run_dir: Path
     scorer: periodic_eval.Scorer | None = None  # train.eval_every's scores (main process only)
+    precision_why: str = ""  # how the precision was chosen, for the start line
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -200,7 +201,7 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def setup(cfg: RunConfig) -> Session:
-    accelerator = make_accelerator(cfg)
+    accelerator, precision_why = make_accelerator(cfg)
     run_dir = cfg.out_dir
     check_run_dir(run_dir)
     set_seed(cfg.seed)  # identical initial weights on every rank
@@ -226,7 +227,7 @@ def setup(cfg: RunConfig) -> Session:
     ema = {g: make_ema(method.nets[g]) for g in method.generators} if cfg.train.ema > 0 else {}
     total, decay = total_steps(cfg, dataset, accelerator.num_processes)
     return Session(cfg, accelerator, method, nets, list(prepared[len(names):]), ema, dataset,
-                   total, decay, run_dir, scorer)
+                   total, decay, run_dir, scorer, precision_why)
 
 
 def _save(s: Session, state: checkpoint.TrainState) -> Path:
@@ -294,7 +295,7 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> R
              f"{RUN_SHAPE}global_batch": t.batch_size * acc.num_processes * t.grad_accum}
     log.print(f"{cfg.method} '{cfg.name}': {data_mod.describe(s.dataset)}; global batch "
               f"{t.batch_size} x {acc.num_processes} processes x {t.grad_accum} accumulation = "
-              f"{shape['run/global_batch']}; {s.total} steps; precision {acc.mixed_precision}"
+              f"{shape['run/global_batch']}; {s.total} steps; precision {acc.mixed_precision} ({s.precision_why})"
               + (f"; resumed from {path}" if path else ""))
     fixed = s.method.fixed_batch(s.dataset, t.n_samples, cfg.seed) if acc.is_main_process else None
     batches = Batches(cfg, s.dataset, acc, state.batches)
