@@ -4,7 +4,8 @@ continues the run as it was configured.
     no --resume, the folder holds a run     refused: --resume auto, another --run-dir, or
                                             --overwrite (the old run moves to RUN.old-<time>)
     --resume auto                           the newest checkpoint; none there is an error
-    --resume auto-or-new                    the newest checkpoint, else a new run
+    --resume auto-or-new                    the newest checkpoint, else a new run (what a
+                                            start that saved no checkpoint left moves aside)
     --resume PATH                           that checkpoint (or that run's newest); an older
                                             checkpoint of the same folder rewinds the run, and
                                             the later checkpoints move to RUN/rewound-<time>
@@ -59,7 +60,7 @@ class Plan:
 
     checkpoint: Path | None = None   # the checkpoint to resume from; None: a new run
     changes: tuple[str, ...] = ()    # what this start changes against config.json
-    set_aside: bool = False          # --overwrite: move the earlier run to RUN.old-<time>
+    set_aside: str = ""              # why the earlier run moves to RUN.old-<time> ("": stays)
     later: tuple[Path, ...] = ()     # checkpoints after the resumed one (a rewind)
 
 
@@ -93,17 +94,16 @@ def _new_run(target: Path, resume: str | None, overwrite: bool) -> Plan:
     if resume == "auto":
         raise UserError(f"{target}: no checkpoint to resume (is --run-dir right?); "
                         "--resume auto-or-new starts a new run where there is none")
-    if left and not overwrite:
-        what = ", ".join(left)
-        if resume:
-            raise UserError(f"{target}: holds {what} of a run that saved no checkpoint, so "
-                            "there is nothing to resume; start over with --overwrite instead "
-                            f"of --resume (the old files move to {target}.old-<time>) or "
-                            "choose another --run-dir")
-        raise UserError(f"{target}: holds {what} of an earlier run; continue it with --resume "
-                        "auto, choose another --run-dir, or start over with --overwrite (the "
-                        f"old run moves to {target}.old-<time>; nothing is deleted)")
-    return Plan(set_aside=bool(left))
+    if not left:
+        return Plan()
+    if overwrite:
+        return Plan(set_aside="--overwrite")
+    if resume:  # auto-or-new, and what is there never saved a checkpoint (killed early)
+        return Plan(set_aside=f"no checkpoint to resume ({', '.join(left)} of a start that "
+                    "saved none)")
+    raise UserError(f"{target}: holds {', '.join(left)} of an earlier run; continue it with "
+                    "--resume auto, choose another --run-dir, or start over with --overwrite "
+                    f"(the old run moves to {target}.old-<time>; nothing is deleted)")
 
 
 def _same_folder(a: Path | None, b: Path) -> bool:
@@ -217,7 +217,8 @@ def open_folder(cfg: RunConfig, p: Plan) -> list[str]:
     if p.set_aside:
         aside = _stamped(run_dir.absolute().with_name(run_dir.absolute().name + ".old"))
         os.rename(run_dir, aside)
-        notes.append(f"--overwrite: the earlier run in {run_dir} was moved to {aside}")
+        notes.append(f"{p.set_aside}: the earlier run in {run_dir} was moved to {aside}; "
+                     "starting anew")
     if p.later:
         aside = _stamped(run_dir / "rewound")
         aside.mkdir()
