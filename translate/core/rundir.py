@@ -125,17 +125,7 @@ def _resumed(cfg: RunConfig, target: Path, path: Path, processes: int, precision
     if old_file is not None and old_file.is_file():
         old = config_mod.load_json(old_file)
         changes, refused = _compare(old, cfg, state, totals)
-    gb = cfg.train.batch_size * processes * cfg.train.grad_accum
-    if state.global_batch and gb != state.global_batch:
-        per = state.global_batch // (processes * cfg.train.grad_accum)
-        fix = f"--batch-size {per}" if per * processes * cfg.train.grad_accum == \
-            state.global_batch else "the run's number of processes"
-        refused.append(f"global batch {state.global_batch} -> {gb} ({cfg.train.batch_size} per "
-                       f"process x {processes} process{'es' * (processes != 1)} x "
-                       f"{cfg.train.grad_accum} accumulation; keep it with {fix})")
-    if state.precision and precision != state.precision:
-        refused.append(f"precision {state.precision} -> {precision} (keep it with "
-                       f"--mixed-precision {state.precision})")
+    refused += _as_trained(cfg, state, processes, precision)
     if refused:
         recipe = any(r.startswith(("model.", "method ")) for r in refused)
         raise UserError(
@@ -147,6 +137,27 @@ def _resumed(cfg: RunConfig, target: Path, path: Path, processes: int, precision
     later = tuple(c for c in checkpoint.list_checkpoints(target)
                   if checkpoint.step_of(c) > checkpoint.step_of(path)) if same else ()
     return Plan(path, tuple(changes), later=later)
+
+
+def _as_trained(cfg: RunConfig, state: checkpoint.TrainState, processes: int,
+                precision: str) -> list[str]:
+    """How this start differs from what the run trained with: the global batch (the data
+    order and the LR's meaning depend on it, the per-process share does not) and the
+    precision `auto` resolved to (it may resolve otherwise on another machine or launcher).
+    Checkpoints from before these were recorded are judged by their config.json alone."""
+    out = []
+    b, accum = cfg.train.batch_size, cfg.train.grad_accum
+    if state.global_batch and b * processes * accum != state.global_batch:
+        per = state.global_batch // (processes * accum)
+        fix = f"--batch-size {per}" if per * processes * accum == state.global_batch else \
+            "the run's number of processes"
+        out.append(f"global batch {state.global_batch} -> {b * processes * accum} ({b} per "
+                   f"process x {processes} process{'es' * (processes != 1)} x {accum} "
+                   f"accumulation; keep it with {fix})")
+    if state.precision and precision != state.precision:
+        out.append(f"precision {state.precision} -> {precision} (keep it with "
+                   f"--mixed-precision {state.precision})")
+    return out
 
 
 def _compare(old: RunConfig, new: RunConfig, state: checkpoint.TrainState,
