@@ -132,7 +132,8 @@ def _resumed(cfg: RunConfig, target: Path, path: Path, processes: int, precision
             f"{target}: a resume continues the run as its config.json says, and this start "
             f"differs: {'; '.join(refused)}"
             + ("; the run was made by a different recipe or model settings" if recipe else "")
-            + "; drop those options to continue it, or train a new run with another --run-dir")
+            + "; drop those options to continue it, or start a new run (another --run-dir, "
+            "or --overwrite without --resume)")
     checkpoint.read_state(path, checkpoint.fingerprint(cfg.method, cfg.model))
     later = tuple(c for c in checkpoint.list_checkpoints(target)
                   if checkpoint.step_of(c) > checkpoint.step_of(path)) if same else ()
