@@ -37,7 +37,7 @@ from translate import config as config_mod
 from translate.config import RunConfig
 from translate.core import checkpoint
 from translate.core.schedules import lr_factor
-from translate.errors import UserError
+from translate.errors import ConfigError, UserError
 
 # Where the run is written and how it is watched: no effect on the weights.
 FREE = frozenset({
@@ -206,7 +206,8 @@ def plan_on_all(accelerator: Accelerator, cfg: RunConfig, resume: str | None, ov
             answer = [str(e)]
     answer = broadcast_object_list(answer)
     if isinstance(answer[0], str):
-        raise UserError(answer[0])
+        # A ConfigError: the same line on every rank, which the command prints once (main).
+        raise ConfigError(answer[0])
     return answer[0]
 
 
