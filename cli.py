@@ -23,7 +23,7 @@ import warnings
 TRAIN_FLAGS = [
     ("--data", "data", "data.root", str, "dataset root (trainA/trainB) or image folder"),
     ("--steps", "steps", "train.steps", int, "total generator steps"),
-    ("--run-dir", "run_dir", "run_dir", str, "run folder (default runs/<name>)"),
+    ("--run-dir", "run_dir", "run_dir", str, "run folder (default runs/<name>-<data folder>)"),
     ("--batch-size", "batch_size", "train.batch_size", int, "images per process per step"),
     ("--seed", "seed", "seed", int, "random seed (CPU runs repeat exactly)"),
     ("--mixed-precision", "mixed_precision", "train.mixed_precision", str, "auto | no | bf16 | fp16"),
@@ -52,6 +52,7 @@ def _is_unicode(text: str) -> bool:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from translate import config
+    from translate.core import rundir
     from translate.core.loop import train
 
     overrides = list(args.set or [])
@@ -66,10 +67,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.steps is not None:  # an explicit step count wins over the recipe's epochs
         overrides += ["train.epochs=0", "train.epochs_decay=0"]
     cfg = config.load(args.recipe, overrides)
+    if args.resume:  # the run's config.json, changed only by the options given here
+        cfg = rundir.resume_config(cfg, args.resume, overrides)
     if args.dry_run:
         print(json.dumps(config.to_dict(cfg), indent=2))
         return 0
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    again = ["translate", "train", args.recipe, "--run-dir", str(cfg.out_dir), "--resume", "auto"]
+    result = train(cfg, resume=args.resume, progress=not args.no_progress,
+                   overwrite=args.overwrite, again=again)
     if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
         print(f"done: {result.step} steps in {result.run_dir}; checkpoint {result.checkpoint}")
     return 0
@@ -116,7 +121,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from translate.demo import run_demo
 
     run_demo(root=args.root, run_dir=args.run_dir, steps=args.steps, size=args.size,
-             mixed_precision=args.mixed_precision, progress=not args.no_progress)
+             mixed_precision=args.mixed_precision, progress=not args.no_progress,
+             overwrite=args.overwrite)
     return 0
 
 
@@ -130,8 +136,14 @@ def _add_train(sub) -> None:
     p.add_argument("--log-with", action="append", metavar="TRACKER",
                    help="tensorboard, wandb or mlflow (comma-separated or repeated); files go "
                    "under RUN/tracking, wandb offline unless WANDB_MODE is set")
-    p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest checkpoint "
-                   "of the run folder (auto) or from a checkpoint folder")
+    p.add_argument("--resume", metavar="auto|auto-or-new|PATH",
+                   help="continue the run as its config.json says (options given again may "
+                   "extend --steps or change how it is logged and saved, nothing else): auto = "
+                   "the newest checkpoint of the run folder (none there is an error), "
+                   "auto-or-new = the same or a new run where there is none, PATH = a checkpoint "
+                   "or run folder")
+    p.add_argument("--overwrite", action="store_true", help="start over in a run folder that "
+                   "holds a run; the old run is moved to RUN.old-<time>, not deleted")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image "
                    "instead of skipping it with a warning (data.strict=true)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
@@ -206,6 +218,8 @@ def _add_other(sub) -> None:
     p.add_argument("--size", type=int, default=64, help="demo image size")
     p.add_argument("--mixed-precision", choices=("no", "bf16"), help="default: recipe's")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="train the demo anew; the earlier "
+                   "run is moved to RUN.old-<time> (default: continue or reuse it)")
     p.set_defaults(func=cmd_demo)
 
     from translate.evaluate import add_eval_parser

@@ -88,7 +88,7 @@ def train_variant(variant: str, steps: int, seed: int, data_root: Path, run_dir:
     cfg = config_mod.load(find_recipe(RECIPE), overrides)
     resumed = any((run_dir / "checkpoints").glob("step_*"))
     t0 = time.perf_counter()
-    result = train(cfg, resume="auto", progress=False)
+    result = train(cfg, resume="auto-or-new", progress=False)
     seconds = time.perf_counter() - t0
     scores = score_run(run_dir, data_root)
     out = {"variant": variant, "seed": seed, "steps": result.step, "overrides": overrides[3:],

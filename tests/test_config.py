@@ -86,6 +86,27 @@ def test_defaults_resolve_to_a_cyclegan_run():
     assert resolve(["run_dir='elsewhere/r1'"]).out_dir == Path("elsewhere/r1")
 
 
+def test_the_default_run_folder_is_per_recipe_and_data_folder():
+    """One recipe on two datasets, or two recipes on one, never share a folder by default, and
+    no recipe lands in runs/demo (translate demo's own folder)."""
+    def out_dir(recipe: str, *sets: str) -> Path:
+        return config.load(ROOT / "recipes" / recipe, list(sets)).out_dir
+
+    assert out_dir("cyclegan_demo.toml") == Path("runs/cyclegan_demo-demo")
+    assert out_dir("cyclegan_demo.toml", 'data.root="/data/horses/"') == \
+        Path("runs/cyclegan_demo-horses")
+    assert out_dir("cyclegan_demo.toml", 'data.root="~/zebras"') == Path("runs/cyclegan_demo-zebras")
+    assert out_dir("cyclegan_apple2orange.toml", 'data.root="/data/horses"') == \
+        Path("runs/apple2orange-horses")
+    # The data folder's name is left out where it would repeat the recipe's, or where there
+    # is no folder (the toy mixtures).
+    assert out_dir("cyclegan_horse2zebra.toml") == Path("runs/horse2zebra")
+    assert out_dir("toy_gan_ring.toml") == Path("runs/toy_gan_ring")
+    assert out_dir("dcgan.toml", 'data.root="pics"') == Path("runs/dcgan-pics")
+    assert out_dir("cyclegan_demo.toml", 'run_dir="mine"') == Path("mine")  # given: taken
+    assert all(out_dir(p.name).name != "demo" for p in RECIPES)
+
+
 # ----------------------------------------------------------------------------------------------
 # --set overrides.
 

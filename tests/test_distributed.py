@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN, random_image_folder
+from conftest import ROOT, TINY_CYCLEGAN, random_image_folder, run_cli
 from safetensors.torch import load_file
 from torch import nn
 
@@ -177,6 +177,37 @@ def test_cyclegan_2_processes_equal_1_with_twice_the_batch_across_a_resume(tiny_
                  env={"DIST_WORKER_STALE_RANK": "1"})
     assert "resumed from" in out and out.count("done: 6 steps") == 1  # main process only
     assert_ranks_identical(tmp_path / "dump6")
+    assert_same_run(run, tmp_path / "ref", [3, 6])
+
+
+def test_a_resume_in_one_process_keeps_the_global_batch_of_two(tmp_path):
+    """A 2-process run (batch 4 each), trained into again under the launcher without
+    --resume: refused in one line. Resumed in one process: refused, naming the global batch
+    and the --batch-size that keeps it, the run folder unchanged; with that flag, the run ends
+    where one process with batch 8 all along does."""
+    run = tmp_path / "run"
+    sets = TOY_WGAN + COMMON
+    reference("toy_wgan_gp_ring.toml", tmp_path / "ref", sets + ["train.batch_size=8"])
+    worker(tmp_path / "dump3", "toy_wgan_gp_ring.toml", sets, "--batch-size", "4", "--steps",
+           "3", "--save-every", "3", "--run-dir", run)
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    # Trained again into it without --resume, under the launcher: one line (the main
+    # process decides for every rank, and says it once), and not a byte changed.
+    proc = launch(["cli.py", "train", "recipes/toy_wgan_gp_ring.toml", "--run-dir", run,
+                   "--steps", "3"], check=False)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert f"{run}: holds checkpoints, log.jsonl, config.json of an earlier run" in errors[0]
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+    again = ["train", "recipes/toy_wgan_gp_ring.toml", "--run-dir", str(run), "--steps", "6",
+             "--resume", "auto", "--no-progress"]
+    proc = run_cli(*again, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert ("global batch 8 -> 4 (4 per process x 1 process x 1 accumulation; keep it with "
+            "--batch-size 8)") in proc.stderr.strip().splitlines()[-1]
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+    proc = run_cli(*again, "--batch-size", "8")
+    assert "train.batch_size 4 -> 8; train.steps 3 -> 6" in proc.stderr
     assert_same_run(run, tmp_path / "ref", [3, 6])
 
 

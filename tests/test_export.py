@@ -43,7 +43,7 @@ def test_metadata_describes_the_generator(exported):
     assert meta["kind"] == "resnet" and meta["size_multiple"] == "4"
     assert meta["in_channels"] == "3" and meta["out_channels"] == "3"
     assert meta["from_domain"] == "A" and meta["to_domain"] == "B"
-    assert meta["step"] == "3" and meta["recipe"] == "demo" and meta["ema"] == "false"
+    assert meta["step"] == "3" and meta["recipe"] == "cyclegan_demo" and meta["ema"] == "false"
     assert json.loads(meta["config"])["n_blocks"] == 1
     assert meta["value_range"] == "[-1, 1]" and meta["translate_version"] == translate.__version__
 

@@ -2,7 +2,8 @@
 
 A recipe is a TOML file with top-level keys (`name`, `method`, `seed`, `run_dir`) and the tables
 `[model]` (the method's own dataclass), `[data]` and `[train]`. Unknown keys and wrong types are
-errors that name the key. The resolved config is saved as `runs/<name>/config.json`.
+errors that name the key. The resolved config is saved as `RUN/config.json`, where RUN is
+`run_dir` or, by default, `runs/<name>-<data folder>` (see `RunConfig.out_dir`).
 """
 
 from __future__ import annotations
@@ -104,17 +105,26 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "run"                     # run name; the run folder defaults to runs/<name>
+    name: str = "run"                     # run name; the run folder defaults to runs/<name>-<data folder>
     method: str = "cyclegan"              # cyclegan | dcgan | wgan_gp | gan_toy ... (translate.methods)
     seed: int = 0                         # makes a CPU run repeatable
-    run_dir: str = ""                     # "" = runs/<name>
+    run_dir: str = ""                     # "" = runs/<name>-<data folder> (runs/<name> for toy data)
     model: Any = None                     # the method's own config dataclass
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.run_dir or f"runs/{self.name}")
+        """The run folder. By default named after the recipe and the data folder, so that one
+        recipe on two datasets, or two recipes on one, never share a folder; the data folder's
+        name is left out when it is the recipe's own name (horse2zebra on datasets/horse2zebra)
+        and for data without a folder (toy mixtures)."""
+        if self.run_dir:
+            return Path(self.run_dir)
+        root = self.data.root if self.data.kind != "toy" else ""
+        folder = Path(os.path.abspath(os.path.expanduser(root))).name if root else ""
+        return Path("runs") / (self.name if folder in ("", self.name) else
+                               f"{self.name}-{folder}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,10 +315,39 @@ def save(cfg: RunConfig, path: Path) -> None:
     os.replace(tmp, path)  # a failed write never leaves a truncated config.json
 
 
-def load_json(path: Path) -> RunConfig:
-    """The resolved config of an existing run (runs/<name>/config.json)."""
+def load_json(path: Path, overrides: list[str] | None = None) -> RunConfig:
+    """The resolved config of an existing run (RUN/config.json), with `overrides` applied."""
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the run's config ({e})") from None
-    return from_dict(raw)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: not a run config (expected a JSON object)")
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+# Keys holding paths: the same folder spelt another way (relative, absolute, a trailing slash)
+# is no difference.
+_PATH_KEYS = ("data.root", "train.eval_data")
+
+
+def flat(cfg: RunConfig) -> dict[str, Any]:
+    """{"train.lr_g": 0.0002, "name": "demo", ...}: every setting under its dotted key."""
+    out = {}
+    for key, value in to_dict(cfg).items():
+        for sub, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+            out[f"{key}.{sub}" if sub else key] = v
+    return out
+
+
+def differences(old: RunConfig, new: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every setting that differs, in the configs' order."""
+    a, b = flat(old), flat(new)
+    out = []
+    for key in dict.fromkeys([*a, *b]):
+        va, vb = a.get(key), b.get(key)
+        if key in _PATH_KEYS and va and vb and os.path.abspath(va) == os.path.abspath(vb):
+            continue
+        if va != vb:
+            out.append((key, va, vb))
+    return out

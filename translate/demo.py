@@ -68,8 +68,11 @@ def side_by_side(test_a: Path, translated: Path, test_b: Path, out: Path, n: int
 
 
 def run_demo(root: str = "datasets/demo", run_dir: str = "runs/demo", steps: int | None = None,
-             size: int = 64, mixed_precision: str | None = None, progress: bool = True
-             ) -> dict[str, float]:
+             size: int = 64, mixed_precision: str | None = None, progress: bool = True,
+             overwrite: bool = False) -> dict[str, float]:
+    """The demo in `run_dir`, its own folder: a rerun continues (or reuses) the run there as
+    its config.json says; `overwrite` moves it aside and trains anew."""
+    from translate.core import rundir
     from translate.core.loop import train
     from translate.data.demo import build_demo
     from translate.export import export_run, load_generator
@@ -86,7 +89,13 @@ def run_demo(root: str = "datasets/demo", run_dir: str = "runs/demo", steps: int
     if mixed_precision is not None:
         overrides.append(f'train.mixed_precision="{mixed_precision}"')
     cfg = config_mod.load(find_recipe(RECIPE), overrides)
-    result = train(cfg, resume="auto", progress=progress)  # a finished run resumes instantly
+    resume = None if overwrite else "auto-or-new"  # a finished run resumes instantly
+    if resume:
+        cfg = rundir.resume_config(cfg, resume, overrides)
+    again = ["translate", "demo", "--root", str(root), "--run-dir", str(run_dir), "--size",
+             str(size), *(["--steps", str(steps)] if steps is not None else []),
+             *(["--mixed-precision", mixed_precision] if mixed_precision else [])]
+    result = train(cfg, resume=resume, progress=progress, overwrite=overwrite, again=again)
     t_train = time.perf_counter() - t0
     export = Path(run_dir) / "export"
     if _exported_step(export) != result.step:  # a rerun of a finished demo skips the export

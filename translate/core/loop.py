@@ -14,16 +14,15 @@ from accelerate import state as state_mod
 from accelerate.utils import set_seed
 from torch import Tensor, nn
 
-from translate import config as config_mod
 from translate import data as data_mod
 from translate import periodic_eval
 from translate.config import RunConfig
-from translate.core import checkpoint, faults, penalties, precision, tracking
+from translate.core import checkpoint, faults, penalties, precision, rundir, tracking
 from translate.core.ema import ema_update, make_ema
 from translate.core.faults import Diverged
 from translate.core.runlog import RUN_SHAPE, RunLog
 from translate.core.schedules import lr_factor
-from translate.errors import ConfigError, UserError
+from translate.errors import ConfigError
 from translate.methods import METHODS
 from translate.methods.base import Phase
 
@@ -201,6 +200,8 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def setup(cfg: RunConfig) -> Session:
+    """The run's accelerator, nets, optimizers and data. Writes nothing: the run folder is
+    made by `train` once the folder's rules (rundir.plan) allow the start."""
     accelerator, precision_why = make_accelerator(cfg)
     run_dir = cfg.out_dir
     check_run_dir(run_dir)
@@ -209,9 +210,6 @@ def setup(cfg: RunConfig) -> Session:
     method = spec.build(cfg)
     dataset = data_mod.build_dataset(cfg)
     scorer = periodic_eval.build(cfg, accelerator.is_main_process, accelerator.device)
-    # Only now, with settings and data known to be usable, does the run folder appear.
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
     names = list(method.nets)
     raw = [method.nets[n] for n in names]
     if cfg.train.sync_batchnorm:
@@ -263,40 +261,52 @@ def _evaluate(s: Session) -> dict[str, float]:
     return periodic_eval.evaluate(s.scorer, nets)
 
 
-def _start(s: Session, resume: str | None) -> tuple[checkpoint.TrainState, Path | None]:
-    """The state to start from: a checkpoint's, or step 0 with fresh per-rank seeding."""
-    acc = s.accelerator
+def _start(s: Session, path: Path | None) -> tuple[checkpoint.TrainState, Path | None]:
+    """The state to start from: checkpoint `path`'s, or step 0 with fresh per-rank seeding."""
+    acc, t = s.accelerator, s.cfg.train
     fp = checkpoint.fingerprint(s.cfg.method, s.cfg.model)
-    path = checkpoint.resolve_on_all(acc, s.run_dir, resume) if resume else None
     if path is None:
         # Per-rank stream for what is not drawn per sample (dropout, pool, DiffAugment).
         torch.manual_seed(s.cfg.seed + 1000 * acc.process_index)
-        return checkpoint.TrainState(fingerprint=fp), None
-    state, method_state = checkpoint.load(acc, path, fp, s.ema)
-    s.method.load_state(method_state)
+        state = checkpoint.TrainState(fingerprint=fp)
+    else:
+        state, method_state = checkpoint.load(acc, path, fp, s.ema)
+        s.method.load_state(method_state)
+    # What the next resume must keep (rundir.plan checks it): for a resume, the same values.
+    state.precision = acc.mixed_precision
+    state.global_batch = t.batch_size * acc.num_processes * t.grad_accum
     return state, path
 
 
-def train(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> RunResult:
+def train(cfg: RunConfig, resume: str | None = None, progress: bool = True,
+          overwrite: bool = False, again: list[str] | None = None) -> RunResult:
+    """Train `cfg` into its run folder (rundir has the folder's rules).
+
+    resume: None (a new run), "auto" (the newest checkpoint; none is an error), "auto-or-new",
+        or a checkpoint or run folder. A resume continues the run as its config.json says.
+    overwrite: start a new run where one exists; the old one is moved to RUN.old-<time>.
+    again: the command line that continues this run, for the message of a stop (Ctrl-C)."""
     s = setup(cfg)
     acc, t = s.accelerator, cfg.train
-    state, path = _start(s, resume)
-    if acc.is_main_process:  # after the resume checks: a refused resume keeps the old config
-        try:
-            config_mod.save(cfg, s.run_dir / "config.json")
-        except OSError as e:
-            raise UserError(f"{s.run_dir}: cannot write the run's config.json ({e.strerror}); "
-                            f"{checkpoint.fix_for(e)}, then run again") from None
+    plan = rundir.plan_on_all(acc, cfg, resume, overwrite,
+                              lambda c: total_steps(c, s.dataset, acc.num_processes))
+    state, path = _start(s, plan.checkpoint)
+    # Only now, with settings, data and checkpoint known to be usable, is the folder touched.
+    notes = rundir.open_folder(cfg, plan) if acc.is_main_process else []
     trackers = tracking.start(acc, cfg, state.step)
     log = RunLog(s.run_dir, acc.is_main_process, s.total, state.step, progress, trackers)
-    # Also in the first log.jsonl record of this start (a resume may change the process count);
-    # per-process batch and accumulation are in config.json.
+    # Also in the first log.jsonl record of this start (a resume may change the process count
+    # or extend the run); per-process batch and accumulation are in config.json.
     shape = {f"{RUN_SHAPE}processes": acc.num_processes,
-             f"{RUN_SHAPE}global_batch": t.batch_size * acc.num_processes * t.grad_accum}
+             f"{RUN_SHAPE}global_batch": state.global_batch, f"{RUN_SHAPE}steps": s.total}
     log.print(f"{cfg.method} '{cfg.name}': {data_mod.describe(s.dataset)}; global batch "
               f"{t.batch_size} x {acc.num_processes} processes x {t.grad_accum} accumulation = "
-              f"{shape['run/global_batch']}; {s.total} steps; precision {acc.mixed_precision} ({s.precision_why})"
+              f"{state.global_batch}; {s.total} steps; precision {acc.mixed_precision} "
+              f"({s.precision_why})"
               + (f"; resumed from {path}" if path else ""))
+    for note in notes:
+        log.print(note)
+    again_text = rundir.continue_command(again, s.run_dir, acc.num_processes)
     fixed = s.method.fixed_batch(s.dataset, t.n_samples, cfg.seed) if acc.is_main_process else None
     batches = Batches(cfg, s.dataset, acc, state.batches)
     last_ckpt, logs = path, {}
@@ -320,7 +330,7 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> R
                         log.print(f"stopping: saving a checkpoint at step {state.step} "
                                   "(press Ctrl-C again to quit at once)")
                         last_ckpt = _save(s, state)
-                    raise faults.interrupted(signum, state.step, last_ckpt)
+                    raise faults.interrupted(signum, state.step, last_ckpt, again_text)
     finally:
         log.close()
         if trackers is not None:
