@@ -203,11 +203,11 @@ def test_tiled_equals_untiled_with_small_receptive_field():
     tiled = translate_tensor(net, RGB, x, tile=64, overlap=32, batch_size=3)
     assert tiled.shape == whole.shape == (1, 3, 200, 168)
     assert (tiled - whole).abs().max() < 1e-5
-    x = to_tensor(_noise(203, 171))  # padded whole vs unpadded tiles differ at bottom/right
+    x = to_tensor(_noise(203, 171))  # tiles of the padded image: equal up to the edges
     whole = translate_tensor(net, RGB, x)
     tiled = translate_tensor(net, RGB, x, tile=62, overlap=32)  # 62 rounds up to 64
     assert tiled.shape == (1, 3, 203, 171)
-    assert (tiled - whole)[..., :-4, :-4].abs().max() < 1e-5
+    assert (tiled - whole).abs().max() < 1e-5
     # no seam: neighbouring-column steps are no larger than in the untiled result
     assert (tiled.diff(dim=3).abs().max() - whole.diff(dim=3).abs().max()).abs() < 1e-4
 
