@@ -115,7 +115,9 @@ def test_no_progress_prints_one_plain_line_per_logged_step(seed_runs):
     assert len(lines) == 3, proc.stderr
     num = r"-?\d[\d.e+-]*"
     for i, line in enumerate(lines, 1):
-        assert re.fullmatch(rf"step {i}  \d+\.\d\d it/s  D/loss {num}  G/loss {num}  .*", line)
+        assert re.fullmatch(rf"step {i}/3  \d+\.\d\d it/s  eta \d+:\d\d:\d\d  D/loss {num}  "
+                            rf"G/loss {num}  .*", line)
+    assert lines[-1].split()[5] == "0:00:00"  # the last step leaves nothing to wait for
     assert "\x1b[" not in proc.stderr and "━" not in proc.stderr  # no bar, no colour codes
     assert not any("run/" in line for line in lines)  # the run's shape is on the start line only
 
@@ -155,17 +157,23 @@ def _run_on_a_terminal(args: list[str], cols: int = 200, timeout: float = 120) -
     return ANSI.sub("", b"".join(chunks).decode(errors="replace").replace("\r", "\n"))
 
 
-def test_progress_bar_on_a_terminal_shows_step_rate_eta_and_losses(tmp_path):
+@pytest.mark.parametrize("cols", [80, 200])
+def test_progress_bar_on_a_terminal_shows_step_rate_eta_and_losses(tmp_path, cols):
+    """The bar line keeps step count, rate and ETA whole at 80 columns (only the bar shrinks);
+    the latest losses follow on their own line, cut to the width."""
     text = _run_on_a_terminal(["train", "recipes/toy_wgan_gp_ring.toml", *TOY, "--steps",
-                               "30", "--run-dir", str(tmp_path / "run"), "--log-every", "1"])
+                               "30", "--run-dir", str(tmp_path / "run"), "--log-every", "1"],
+                              cols=cols)
     assert "done: 30 steps" in text
-    bars = [x for x in text.splitlines() if re.search(r"step\s+\d+/30", x)]
+    lines = text.splitlines()
+    bars = [i for i, x in enumerate(lines) if re.search(r"step\s+\d+/30", x)]
     assert bars, text
-    final = bars[-1]
-    assert re.search(r"step\s+30/30", final), final
-    assert re.search(r"\d+\.\d\d it/s", final), final
-    assert re.search(r"eta\s+\d+:\d\d:\d\d", final), final  # ETA, after the elapsed time
-    assert re.search(r"D/loss -?\d", final) and re.search(r"G/loss -?\d", final), final
+    final = lines[bars[-1]]
+    losses = next(x for x in lines[bars[-1] + 1:] if x)  # the cursor moves leave empty lines
+    assert re.search(r"step\s+30/30 ━+ \d+\.\d\d it/s \d+:\d\d:\d\d eta \d+:\d\d:\d\d$",
+                     final), final  # elapsed, then the ETA
+    assert len(final) <= cols and len(losses) <= cols, text
+    assert re.match(r"D/loss -?\d\S*  G/loss -?\d", losses), losses
     # The bar replaces the plain per-step lines.
     assert not re.search(r"^step \d+  \d+\.\d\d it/s", text, re.MULTILINE), text
 
