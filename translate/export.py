@@ -131,7 +131,7 @@ def export_run(run: str | Path, step: int | None = None, ema: bool = False,
         tmp.replace(path)
         n = sum(p.numel() for p in net.parameters())
         lines.append(f"wrote {path} ({n / 1e6:.3f} M parameters, step {state['step']})")
-        if onnx and "size_multiple" in meta:
+        if onnx:
             from translate.onnx_export import export_onnx
 
             lines.append(export_onnx(net, meta, out_dir / f"{name}.onnx"))
