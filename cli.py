@@ -81,8 +81,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     path = sample_command(args.run, n=args.n, out=args.out, interpolate=args.interpolate,
                           seed=args.seed, step=args.step, ema=args.ema, linear=args.linear,
                           arithmetic=args.arithmetic, class_name=args.class_name,
-                          vary_code=args.vary_code)
-    print(f"wrote {path}")
+                          vary_code=args.vary_code, separate=args.separate)
+    print(f"wrote {args.n} samples into {path}" if args.separate else f"wrote {path}")
     return 0
 
 
@@ -181,7 +181,11 @@ def _add_other(sub) -> None:
     p = sub.add_parser("sample", help="draw samples from a latent GAN run")
     p.add_argument("run", help="run folder or checkpoint folder")
     p.add_argument("--n", type=int, default=64, help="number of samples")
-    p.add_argument("--out", default="samples.png", help="output PNG")
+    p.add_argument("--out", help="output PNG (default: RUN/samples/<kind>_step<S>_n<N>_seed"
+                   "<SEED>.png, one name per kind of picture)")
+    p.add_argument("--separate", metavar="DIR", help="write the N samples as separate PNGs "
+                   "into DIR instead (<seed>_<i>.png; cgan without --class: DIR/<class>/), "
+                   "e.g. for `translate eval --folders DIR DATA`")
     p.add_argument("--interpolate", action="store_true",
                    help="a latent interpolation strip between random codes instead")
     p.add_argument("--linear", action="store_true",

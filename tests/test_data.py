@@ -179,10 +179,23 @@ def test_preprocess_output_shapes(tmp_path: Path, mode: str, train_hw, test_hw) 
         assert -1.0 <= item["a"].min() and item["a"].max() <= 1.0
 
 
-def test_crop_pads_small_images_and_scale_width_fits_short_ones(tmp_path: Path) -> None:
-    write_png(tmp_path / "small" / "s.png", noise(np.random.default_rng(1), 6, 9))
-    ds = build_dataset(cfg_for(tmp_path / "small", kind="folder", preprocess="crop"))
-    assert ds[0]["x"].shape == (3, 16, 16)
+def test_crop_refuses_images_smaller_than_the_crop_and_scale_width_fits_short_ones(
+        tmp_path: Path) -> None:
+    """preprocess "crop" on an image smaller than crop_size would train on mirrored borders:
+    refused, naming the file and the key, in the API and through the CLI before any run folder
+    exists."""
+    from conftest import run_cli
+
+    write_png(tmp_path / "small" / "big.png", noise(np.random.default_rng(1), 40, 40))
+    write_png(tmp_path / "small" / "s.png", noise(np.random.default_rng(1), 12, 40))
+    with pytest.raises(DataError, match=r"s\.png: 40x12 pixels is smaller than data.crop_size 16"):
+        build_dataset(cfg_for(tmp_path / "small", kind="folder", preprocess="crop"))
+    proc = run_cli("train", "recipes/dcgan.toml", "--data", str(tmp_path / "small"), "--steps",
+                   "1", "--run-dir", str(tmp_path / "run"), "--set", 'data.preprocess="crop"',
+                   "--set", "data.crop_size=32", "--set", "model.image_size=32", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "s.png: 40x12 pixels is smaller than data.crop_size 32" in proc.stderr
+    assert not (tmp_path / "run").exists()
     write_png(tmp_path / "flat" / "f.png", noise(np.random.default_rng(1), 5, 60))
     ds = build_dataset(cfg_for(tmp_path / "flat", kind="folder", preprocess="scale_width_and_crop"))
     assert ds[0]["x"].shape == (3, 16, 16)

@@ -293,8 +293,9 @@ def evaluate(args: Any) -> dict[str, Any]:
             return eval_toy_run(path, args.step, args.ema, args.samples, args.seed)
         if cfg.method != "cyclegan":
             raise UserError(f"{path}: eval scores CycleGAN and toy runs; for a {cfg.method} image "
-                            "run, write samples with `translate sample` and compare folders "
-                            "with `translate eval --folders`")
+                            f"run, write samples with `translate sample {path} --n 1000 "
+                            f"--separate SAMPLES` and compare them with the training images: "
+                            f"`translate eval --folders SAMPLES {cfg.data.root or 'DATA'}`")
     return eval_translation(load_translators(path, args.data, args.step, args.ema), args.split,
                             features, args.batch_size)
 
