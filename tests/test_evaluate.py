@@ -275,6 +275,26 @@ def test_plot_survives_nan_strings_single_points_and_cut_lines(capsys, tmp_path)
     assert Image.open(tmp_path / "plot.png").size == (WIDTH, TITLE_HEIGHT + PANEL_HEIGHT)
 
 
+def test_plot_draws_lr_scale_on_its_own_axis(capsys, tmp_path):
+    """lr/G (2e-4, decaying), lr/D (1e-4) and lr_scale (1 -> 0) in one panel: against one
+    axis both learning rates would lie flat on zero; with lr_scale on the right axis lr/G's
+    line spans the plot area's height."""
+    records = [{"step": s, "lr/G": 2e-4 * (1 - s / 100), "lr/D": 1e-4, "lr_scale": 1 - s / 100}
+               for s in range(0, 101, 10)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert _main(["plot", str(tmp_path)]) == 0
+    img = np.asarray(Image.open(tmp_path / "plot.png")).astype(int)
+    assert img.shape[:2] == (TITLE_HEIGHT + PANEL_HEIGHT, WIDTH)  # one panel: lr
+    area = img[TITLE_HEIGHT + 30:TITLE_HEIGHT + PANEL_HEIGHT - 38, 74:WIDTH - 202]
+    blue = (np.abs(area - np.array([31, 119, 180])).sum(-1) < 60).any(1)  # lr/G, the 1st colour
+    rows = np.flatnonzero(blue)
+    assert rows.size and rows[-1] - rows[0] > 0.8 * area.shape[0], rows
+    orange = (np.abs(area - np.array([255, 127, 14])).sum(-1) < 60).any(1)  # lr/D, flat
+    assert 0 < orange.sum() < 10 and np.flatnonzero(orange).mean() < 0.8 * area.shape[0]
+    ticks = img[TITLE_HEIGHT + 20:TITLE_HEIGHT + PANEL_HEIGHT - 30, WIDTH - 198:WIDTH - 178]
+    assert (ticks.max(-1) < 120).sum() > 15  # the right axis' tick labels (grey text)
+
+
 def test_plot_errors(capsys, tmp_path):
     assert "no training log" in _error(capsys, ["plot", str(tmp_path)])
     (tmp_path / "log.jsonl").write_text("\n{not json\n")

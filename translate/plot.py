@@ -247,7 +247,8 @@ def _draw_panel(d: ImageDraw.ImageDraw, top: float, name: str, keys: list[str], 
     d.text((x0, top + 8 * s), name, fill=(0, 0, 0), font=bold, anchor="lt")
     d.text((x1, y1 + 20 * s), "step", fill=(60, 60, 60), font=small, anchor="rt")
     px = x0 + (log.steps - xr[0]) / (xr[1] - xr[0]) * (x1 - x0)
-    for i, k in enumerate(keys):
+    # The right axis' curves first: where they meet a left-axis curve, that one stays on top.
+    for i, k in sorted(enumerate(keys), key=lambda ik: ik[1] not in right):
         colour = _PALETTE[i % len(_PALETTE)]
         # With smoothing, the raw curve stays visible as a pale line under the smoothed one.
         layers = [(log.series[k], colour, 2 * s)]
