@@ -52,7 +52,7 @@ def _is_unicode(text: str) -> bool:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from translate import config
-    from translate.core.loop import train
+    from translate.core.loop import machine_precision, train
 
     overrides = list(args.set or [])
     for _flag, dest, key, _type, _help in TRAIN_FLAGS:
@@ -66,13 +66,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.steps is not None:  # an explicit step count wins over the recipe's epochs
         overrides += ["train.epochs=0", "train.epochs_decay=0"]
     cfg = config.load(args.recipe, overrides)
+    if args.steps is not None:  # a short run keeps a few log points and sample grids
+        cfg, note = config.fit_intervals(cfg, _keys_given(args))
+        if note and os.environ.get("RANK", "0") == "0":
+            print(note, file=sys.stderr)
     if args.dry_run:
+        machine_precision(cfg)  # refuses what this machine cannot run (fp16 on CPU), as a run does
         print(json.dumps(config.to_dict(cfg), indent=2))
         return 0
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
         print(f"done: {result.step} steps in {result.run_dir}; checkpoint {result.checkpoint}")
     return 0
+
+
+def _keys_given(args: argparse.Namespace) -> set[str]:
+    """The train.* keys the command line sets (by flag or --set), short names."""
+    given = {key.split(".", 1)[1] for _f, dest, key, _t, _h in TRAIN_FLAGS
+             if key.startswith("train.") and getattr(args, dest) is not None}
+    sets = (item.partition("=")[0].strip() for item in args.set or [])
+    return given | {k.split(".", 1)[1] for k in sets if k.startswith("train.")}
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -285,6 +285,29 @@ def check(cfg: RunConfig) -> None:
     METHODS[cfg.method].check(cfg)
 
 
+# What an interval longer than a run given by --steps becomes: a share of the run, so a short
+# run still has a curve to plot (log) and a few grids to look at (samples). Checkpoints and
+# scores need nothing: the last step always saves one and scores.
+FIT_INTERVALS = {"log_every": 10, "sample_every": 4}  # key -> how many per run
+
+
+def fit_intervals(cfg: RunConfig, keep: set[str]) -> tuple[RunConfig, str]:
+    """The config with train.log_every / sample_every that exceed train.steps (and are not in
+    `keep`, the keys the user set) lowered to steps // FIT_INTERVALS[key], and a note saying
+    so ("" when nothing changed). For runs counted in steps (epochs = 0)."""
+    t = cfg.train
+    if t.epochs > 0:
+        return cfg, ""
+    fitted = {key: max(1, t.steps // per_run) for key, per_run in FIT_INTERVALS.items()
+              if key not in keep and getattr(t, key) > t.steps}
+    if not fitted:
+        return cfg, ""
+    note = ", ".join(f"train.{k} {getattr(t, k)} -> {v}" for k, v in fitted.items())
+    return (dataclasses.replace(cfg, train=dataclasses.replace(t, **fitted)),
+            f"note: {t.steps} steps is shorter than the recipe's intervals: {note} (set them "
+            "with --log-every / --sample-every)")
+
+
 def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a TOML recipe (or start from defaults when `path` is None) and apply overrides."""
     raw: dict[str, Any] = {}
