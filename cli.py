@@ -225,7 +225,7 @@ def _add_other(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    from translate.evaluate import add_eval_parser
+    from translate.eval_report import add_eval_parser
     from translate.plot import add_plot_parser
 
     add_eval_parser(sub)
