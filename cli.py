@@ -19,6 +19,10 @@ import os
 import sys
 import warnings
 
+# train.mixed_precision's values (TrainConfig's choices; a test keeps them equal), for the flags
+# that set it. Not read from translate.config: `--help` should not import torch.
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
 # Flags that are shorthands for recipe keys: (flag, dest, recipe key).
 TRAIN_FLAGS = [
     ("--data", "data", "data.root", str, "dataset root (trainA/trainB) or image folder"),
@@ -26,7 +30,7 @@ TRAIN_FLAGS = [
     ("--run-dir", "run_dir", "run_dir", str, "run folder (default runs/<name>)"),
     ("--batch-size", "batch_size", "train.batch_size", int, "images per process per step"),
     ("--seed", "seed", "seed", int, "random seed (CPU runs repeat exactly)"),
-    ("--mixed-precision", "mixed_precision", "train.mixed_precision", str, "auto | no | bf16 | fp16"),
+    ("--mixed-precision", "mixed_precision", "train.mixed_precision", str, " | ".join(PRECISIONS)),
     ("--save-every", "save_every", "train.save_every", int, "steps between checkpoints"),
     ("--sample-every", "sample_every", "train.sample_every", int, "steps between sample grids"),
     ("--log-every", "log_every", "train.log_every", int, "steps between log lines"),
@@ -66,16 +70,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.steps is not None:  # an explicit step count wins over the recipe's epochs
         overrides += ["train.epochs=0", "train.epochs_decay=0"]
     cfg = config.load(args.recipe, overrides)
+    note = ""
     if args.steps is not None:  # a short run keeps a few log points and sample grids
         cfg, note = config.fit_intervals(cfg, _keys_given(args))
-        if note and os.environ.get("RANK", "0") == "0":
-            print(note, file=sys.stderr)
     if args.dry_run:
         machine_precision(cfg)  # refuses what this machine cannot run (fp16 on CPU), as a run does
         print(json.dumps(config.to_dict(cfg), indent=2))
+        if note:
+            print(note, file=sys.stderr)
         return 0
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        if note:  # after the run: a refused run says only why (one line)
+            print(note, file=sys.stderr)
         print(f"done: {result.step} steps in {result.run_dir}; checkpoint {result.checkpoint}")
     return 0
 
@@ -170,7 +177,8 @@ def _add_inference(sub) -> None:
     p.add_argument("model", help="exported generator (.safetensors or .onnx)")
     p.add_argument("input", help="image file, folder (recursive) or glob")
     p.add_argument("output", help="output folder (mirrors the input's relative paths)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="images of one size (or tiles of "
+                   "a large image) per generator call; memory grows with it")
     p.add_argument("--tile", type=tile_size, default="auto",
                    help="translate large images in NxN tiles (default auto: 512 for images "
                    "above 1024x1024 px, bounding memory; 0: never tile)")
@@ -186,7 +194,8 @@ def _add_inference(sub) -> None:
                    help="torch backend compute precision (auto: bf16 where the CPU/GPU has it)")
     p.add_argument("--workers", type=int, default=2, help="decode/encode threads")
     p.add_argument("--max-pixels", type=int, default=128_000_000, help="refuse larger images")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar, summary or per-file lines (failures still listed)")
     p.set_defaults(func=cmd_apply)
 
 
@@ -206,7 +215,8 @@ def _add_other(sub) -> None:
     p.add_argument("--arithmetic", metavar="EXPR",
                    help='latent vector arithmetic, e.g. "3,7,9 - 1,2 + 4,5": means of the codes '
                    "of those samples of the grid drawn with the same --n and --seed")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the latent codes (the same "
+                   "--n and --seed draw the same samples)")
     p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     p.add_argument("--ema", action="store_true", help="use the EMA generator")
     p.add_argument("--class", dest="class_name", metavar="NAME",
@@ -218,11 +228,12 @@ def _add_other(sub) -> None:
     p = sub.add_parser("demo", help="the main job: train a small CycleGAN on the embedded demo "
                        "data, export it, translate the test folder and print scores")
     p.add_argument("--root", default="datasets/demo", help="where the demo data is built")
-    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--run-dir", default="runs/demo", help="the demo's run folder")
     p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     p.add_argument("--size", type=int, default=64, help="demo image size")
-    p.add_argument("--mixed-precision", choices=("no", "bf16"), help="default: recipe's")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--mixed-precision", choices=PRECISIONS,
+                   help="as for train (auto: bf16 where the hardware has it); default: recipe's")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines, no live bar")
     p.set_defaults(func=cmd_demo)
 
     from translate.eval_report import add_eval_parser
@@ -235,13 +246,28 @@ def _add_other(sub) -> None:
     add_invert_parser(sub)
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """--help shows each option's default, unless there is none (None, off) or its help
+    already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default in (None, False, argparse.SUPPRESS) or "default" in text
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="translate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="translate", description=__doc__.split("\n")[0],
+                                formatter_class=_HelpWithDefaults)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_inference(sub)
     _add_other(sub)
+    for command in sub.choices.values():
+        command.formatter_class = _HelpWithDefaults
     return p
 
 

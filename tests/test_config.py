@@ -375,9 +375,9 @@ def test_intervals_longer_than_a_short_run_are_fitted_to_it():
     fitted, note = config.fit_intervals(cfg, set())
     t = fitted.train
     assert (t.log_every, t.sample_every, t.save_every) == (4, 10, 1000)  # the end always saves
-    assert note == ("note: 40 steps is shorter than the recipe's intervals: train.log_every "
-                    "50 -> 4, train.sample_every 500 -> 10 (set them with --log-every / "
-                    "--sample-every)")
+    assert note == ("note: a run of 40 steps is shorter than the recipe's intervals: "
+                    "train.log_every 50 -> 4, train.sample_every 500 -> 10 (set them with "
+                    "--log-every / --sample-every)")
     kept, note = config.fit_intervals(cfg, {"log_every"})
     assert (kept.train.log_every, kept.train.sample_every) == (50, 10) and "log_every" not in note
     assert config.fit_intervals(resolve(["train.steps=3"], TOY), set())[0].train.log_every == 1

@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CYCLEGAN, run_cli
+from conftest import ROOT, TINY_CYCLEGAN, run_cli
 from PIL import Image
 from safetensors import safe_open
 from torch import nn
 
 import translate
+from translate import config, viz
 from translate.export import export_run
+from translate.methods import METHODS
 from translate.nets import build_net
 from translate.nets.resnet import ResidualBlock
 
@@ -161,11 +163,6 @@ def test_cyclegan_trains_with_dropout(tiny_unpaired, tmp_path):
 def test_sample_grid_rows_are_labelled(tiny_unpaired):
     """The training sample grid: real A, translated, reconstructed, then the same for B, each
     row with its label in a margin on the left, the images right of it."""
-    from conftest import ROOT
-
-    from translate import config, viz
-    from translate.methods import METHODS
-
     cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml",
                       TINY_CYCLEGAN + [f'data.root="{tiny_unpaired}"'])
     method = METHODS["cyclegan"].build(cfg)

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN, run_cli
+from conftest import ROOT, TINY_CYCLEGAN, random_image_folder, run_cli
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import translate
 from translate import config
+from translate.core import precision
 from translate.core.loop import train
 from translate.errors import ModelError, UserError
 from translate.export import export_run, run_generators
@@ -273,8 +274,6 @@ def test_float_input_computes_in_fp32_unless_bf16_is_asked(exported, monkeypatch
     """Where `auto` resolves to bf16 (forced here, as on a CPU with native bf16), uint8 images
     use bf16 but float arrays and tensors come back in fp32's fine steps; asking for bf16 by
     name keeps bf16 for floats too."""
-    from translate.core import precision
-
     monkeypatch.setattr(precision, "native_bf16", lambda *a, **k: True)
     path = exported / "G_ab.safetensors"
     auto, fp32 = (translate.load_generator(path, precision=p) for p in ("auto", "fp32"))
@@ -345,8 +344,6 @@ def test_onnx_export_of_a_dcgan_run(tmp_path):
     batch, output images) that onnxruntime runs like the torch generator; loading it for
     apply says what it is instead of a raw error."""
     ort = pytest.importorskip("onnxruntime")
-    from conftest import random_image_folder
-
     data, run = random_image_folder(tmp_path / "img"), tmp_path / "run"
     run_cli("train", "recipes/dcgan.toml", "--data", str(data), "--steps", "2", "--run-dir",
             str(run), "--batch-size", "4", "--no-progress", "--set", "model.ngf=4", "--set",

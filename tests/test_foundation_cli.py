@@ -4,6 +4,8 @@ which no test passed fails, and the albumentations update check forced off."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import fcntl
 import json
 import os
@@ -24,7 +26,9 @@ from conftest import ROOT, random_image_folder, run_cli
 from PIL import Image
 from test_train import _weights
 
+import cli
 from translate import config
+from translate.config import TrainConfig
 from translate.core.loop import train
 from translate.errors import UserError
 from translate.sample import sample_command
@@ -232,3 +236,30 @@ def test_albumentations_update_check_is_forced_off():
     proc = subprocess.run([sys.executable, "-c", SPY], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120, check=True)
     assert proc.stdout.strip() == "('1', False) ['1']", proc.stdout + proc.stderr
+
+
+def test_help_describes_every_option_with_its_default():
+    """Every option of every command has a description, and --help shows its default where it
+    has one; demo --mixed-precision takes what train does (train.mixed_precision's values)."""
+    sub = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings[0]}: no description"
+        text = " ".join(command.format_help().split())
+        for action in command._actions:
+            if action.option_strings and action.default not in (None, False,
+                                                                 argparse.SUPPRESS):
+                assert f"default: {action.default}" in text or "default" in action.help, (
+                    name, action.option_strings)
+    proc = run_cli("apply", "--help")
+    text = " ".join(proc.stdout.split())
+    assert "--batch-size BATCH_SIZE images of one size (or tiles of a large image) per " \
+           "generator call; memory grows with it (default: 4)" in text
+    assert "--overlap OVERLAP tile overlap in pixels" in text and "(default: 64)" in text
+    choices = {f.name: f for f in dataclasses.fields(TrainConfig)}["mixed_precision"]
+    assert set(cli.PRECISIONS) == set(choices.metadata["choices"])
+    for value in cli.PRECISIONS:
+        assert cli.parser().parse_args(["demo", "--mixed-precision", value]).mixed_precision \
+            == value

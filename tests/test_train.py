@@ -195,11 +195,12 @@ def test_cyclegan_options_train_through_the_cli(extra, tiny_unpaired, tmp_path):
 
 def test_a_run_shorter_than_its_log_interval_still_logs_a_curve(tmp_path):
     """--steps 20 with the toy recipe's log_every 250 and sample_every 1000: the run logs every
-    2 steps and samples every 5, says so once, and keeps an interval the user gave."""
+    2 steps and samples every 5, says so once (after the run: a refused run prints only its
+    error line), and keeps an interval the user gave."""
     args = ["train", "recipes/toy_gan_ring.toml", "--set", "model.hidden=16", "--steps", "20",
             "--no-progress"]
     proc = run_cli(*args, "--run-dir", str(tmp_path / "a"))
-    assert proc.stderr.count("note: 20 steps is shorter than the recipe's intervals: "
+    assert proc.stderr.count("note: a run of 20 steps is shorter than the recipe's intervals: "
                              "train.log_every 250 -> 2, train.sample_every 1000 -> 5") == 1
     records = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(2, 21, 2))

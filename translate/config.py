@@ -303,9 +303,9 @@ def fit_intervals(cfg: RunConfig, keep: set[str]) -> tuple[RunConfig, str]:
     if not fitted:
         return cfg, ""
     note = ", ".join(f"train.{k} {getattr(t, k)} -> {v}" for k, v in fitted.items())
-    return (dataclasses.replace(cfg, train=dataclasses.replace(t, **fitted)),
-            f"note: {t.steps} steps is shorter than the recipe's intervals: {note} (set them "
-            "with --log-every / --sample-every)")
+    message = (f"note: a run of {t.steps} steps is shorter than the recipe's intervals: {note} "
+               "(set them with --log-every / --sample-every)")
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, **fitted)), message
 
 
 def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -167,7 +167,8 @@ def add_eval_parser(sub: Any) -> None:
                    help="FID and KID between two image folders instead")
     p.add_argument("--data", metavar="ROOT", help="dataset root with testA/testB (default: "
                    "the run's data.root; needed for an exported generator)")
-    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--split", choices=("test", "train"), default="test",
+                   help="which half of the dataset to score (ROOT/<split>A, <split>B)")
     p.add_argument("--input", metavar="DIR", help="your own aligned pairs: the images to "
                    "translate (with --truth; instead of --data)")
     p.add_argument("--truth", metavar="DIR", help="the true translation of each --input image, "

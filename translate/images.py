@@ -262,6 +262,12 @@ def _one_line(e: BaseException) -> str:
 # ---------------------------------------------------------------------------- saving
 
 
+def stores_alpha(path: str | Path) -> bool:
+    """Whether save_image writes alpha into a file of this name (PNG, WEBP, TIFF do; JPEG and
+    BMP do not)."""
+    return _FORMATS.get(Path(path).suffix.lower()) in _ALPHA_FORMATS
+
+
 def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = None,
                bit_depth: int = 8, format: str | None = None) -> None:
     """Write an image atomically: a hidden temp file in the same folder, then os.replace.
