@@ -20,6 +20,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from translate import config
+from translate.config import RunConfig
 from translate.errors import UserError
 from translate.evaluate import (
     PACGAN_SAMPLES,
@@ -46,13 +48,8 @@ def evaluate(args: Any) -> dict[str, Any]:
     if not args.run:
         raise UserError("nothing to evaluate: pass a run folder, an exported generator, or "
                         "--folders DIR1 DIR2")
-    path = Path(args.run)
-    if not path.exists():
-        raise UserError(f"{path}: no such run folder or model file")
-    if (path / "config.json").is_file():
-        from translate import config as config_mod
-
-        cfg = config_mod.load_json(path / "config.json")
+    path, cfg = _model(args.run)
+    if cfg is not None:
         if cfg.data.kind == "toy":
             return eval_toy_run(path, args.step, args.ema, args.samples, args.seed)
         if cfg.method != "cyclegan":
@@ -64,6 +61,15 @@ def evaluate(args: Any) -> dict[str, Any]:
                             features, args.batch_size)
 
 
+def _model(run: str) -> tuple[Path, RunConfig | None]:
+    """RUN_OR_EXPORT as a path, and the run's config when it is a run folder."""
+    path = Path(run)
+    if not path.exists():
+        raise UserError(f"{path}: no such run folder or model file")
+    found = path / "config.json"
+    return path, config.load_json(found) if found.is_file() else None
+
+
 def _eval_pairs(args: Any, features: str | None) -> dict[str, Any]:
     """`--input DIR --truth DIR`: a CycleGAN run or export on the user's own aligned pairs."""
     if not (args.input and args.truth):
@@ -73,16 +79,10 @@ def _eval_pairs(args: Any, features: str | None) -> dict[str, Any]:
     if not args.run or args.folders or args.data:
         raise UserError("--input/--truth: pass the model (run folder, export folder or file) "
                         "as RUN_OR_EXPORT, and neither --folders nor --data")
-    path = Path(args.run)
-    if not path.exists():
-        raise UserError(f"{path}: no such run folder or model file")
-    if (path / "config.json").is_file():
-        from translate import config as config_mod
-
-        method = config_mod.load_json(path / "config.json").method
-        if method != "cyclegan":
-            raise UserError(f"{path}: --input/--truth score image-to-image (cyclegan) runs, "
-                            f"not {method}")
+    path, cfg = _model(args.run)
+    if cfg is not None and cfg.method != "cyclegan":
+        raise UserError(f"{path}: --input/--truth score image-to-image (cyclegan) runs, not "
+                        f"{cfg.method}")
     tr = load_translators(path, None, args.step, args.ema, need_root=False)
     return eval_pairs(tr, Path(args.input), Path(args.truth), args.direction, features,
                       args.batch_size)
