@@ -19,10 +19,6 @@ import os
 import sys
 import warnings
 
-# train.mixed_precision's values (TrainConfig's choices; a test keeps them equal), for the flags
-# that set it. Not read from translate.config: `--help` should not import torch.
-PRECISIONS = ("auto", "no", "bf16", "fp16")
-
 # Flags that are shorthands for recipe keys: (flag, dest, recipe key).
 TRAIN_FLAGS = [
     ("--data", "data", "data.root", str, "dataset root (trainA/trainB) or image folder"),
@@ -30,7 +26,7 @@ TRAIN_FLAGS = [
     ("--run-dir", "run_dir", "run_dir", str, "run folder (default runs/<name>)"),
     ("--batch-size", "batch_size", "train.batch_size", int, "images per process per step"),
     ("--seed", "seed", "seed", int, "random seed (CPU runs repeat exactly)"),
-    ("--mixed-precision", "mixed_precision", "train.mixed_precision", str, " | ".join(PRECISIONS)),
+    ("--mixed-precision", "mixed_precision", "train.mixed_precision", str, "{precisions}"),
     ("--save-every", "save_every", "train.save_every", int, "steps between checkpoints"),
     ("--sample-every", "sample_every", "train.sample_every", int, "steps between sample grids"),
     ("--log-every", "log_every", "train.log_every", int, "steps between log lines"),
@@ -141,12 +137,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub) -> None:
+    from translate.config import PRECISIONS
+
     p = sub.add_parser("train", help="train a method from a TOML recipe")
     p.add_argument("recipe", help="recipes/<name>.toml")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set train.lr_g=1e-4 (repeatable)")
     for flag, dest, _key, typ, help_ in TRAIN_FLAGS:
-        p.add_argument(flag, dest=dest, type=typ, help=help_)
+        p.add_argument(flag, dest=dest, type=typ,
+                       help=help_.format(precisions=" | ".join(PRECISIONS)))
     p.add_argument("--log-with", action="append", metavar="TRACKER",
                    help="tensorboard, wandb or mlflow (comma-separated or repeated); files go "
                    "under RUN/tracking, wandb offline unless WANDB_MODE is set")
@@ -200,6 +199,8 @@ def _add_inference(sub) -> None:
 
 
 def _add_other(sub) -> None:
+    from translate.config import PRECISIONS
+
     p = sub.add_parser("sample", help="draw samples from a latent GAN run")
     p.add_argument("run", help="run folder or checkpoint folder")
     p.add_argument("--n", type=int, default=64, help="number of samples")

@@ -398,7 +398,7 @@ def test_jpg_output_of_transparent_images_warns_once(tmp_path):
     assert report.translated == 3 and len(seen) == 1
     assert str(seen[0].message).startswith(
         f"2 input images have transparency (first: {src / 'a.png'}) that .jpg files cannot "
-        "store: their outputs have none; use --format png")
+        "store: the outputs have none; use --format png")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         translate_folder(lambda x: -x, RGB, src, tmp_path / "png", format="png", progress=False)

@@ -20,6 +20,8 @@ from typing import Any
 
 from translate.errors import ConfigError
 
+PRECISIONS = ("auto", "no", "bf16", "fp16")  # train.mixed_precision's values (and the flags')
+
 
 def choice(default: Any, *choices: Any) -> Any:
     """A field whose value must be one of `choices` (checked by `validate`)."""
@@ -86,7 +88,7 @@ class TrainConfig:
     decay_start: int = non_negative(0)    # step where linear decay starts (0 = half of the steps)
     ema: float = fraction(0.0)            # EMA decay of generator weights per step (0 = off), e.g. 0.999
     grad_clip: float = non_negative(0.0)  # max gradient norm per phase (0 = off)
-    mixed_precision: str = choice("auto", "auto", "no", "bf16", "fp16")  # autocast dtype; auto: bf16 where the hardware has it natively, else fp32
+    mixed_precision: str = choice("auto", *PRECISIONS)  # autocast dtype; auto: bf16 where the hardware has it natively, else fp32
     channels_last: bool = False           # NHWC memory format for conv nets
     sync_batchnorm: bool = False          # BatchNorm statistics over all processes (GPU only; DCGAN's BatchNorm nets)
     compile: bool = False                 # torch.compile the nets (slow warm-up)

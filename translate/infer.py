@@ -134,11 +134,11 @@ def translate_folder(
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     if tally.alpha_dropped:
-        first = tally.alpha_dropped[0]
-        warnings.warn(f"{len(tally.alpha_dropped)} input images have transparency (first: "
-                      f"{first.src}) that {first.dst.suffix} files cannot store: their outputs "
-                      "have none; use --format png (or webp, tif) to keep it", ApplyWarning,
-                      stacklevel=2)
+        first, n = tally.alpha_dropped[0], len(tally.alpha_dropped)
+        what = "1 input image has" if n == 1 else f"{n} input images have"
+        warnings.warn(f"{what} transparency (first: {first.src}) that {first.dst.suffix} files "
+                      "cannot store: the outputs have none; use --format png (or webp, tif) to "
+                      "keep it", ApplyWarning, stacklevel=2)
     report = ApplyReport(tally.translated, len(jobs) - len(todo),
                          [tally.failed[k] for k in sorted(tally.failed)],
                          time.perf_counter() - start)
