@@ -26,7 +26,7 @@ TRAIN_FLAGS = [
     ("--run-dir", "run_dir", "run_dir", str, "run folder (default runs/<name>-<data folder>)"),
     ("--batch-size", "batch_size", "train.batch_size", int, "images per process per step"),
     ("--seed", "seed", "seed", int, "random seed (CPU runs repeat exactly)"),
-    ("--mixed-precision", "mixed_precision", "train.mixed_precision", str, "auto | no | bf16 | fp16"),
+    ("--mixed-precision", "mixed_precision", "train.mixed_precision", str, "{precisions}"),
     ("--save-every", "save_every", "train.save_every", int, "steps between checkpoints"),
     ("--sample-every", "sample_every", "train.sample_every", int, "steps between sample grids"),
     ("--log-every", "log_every", "train.log_every", int, "steps between log lines"),
@@ -53,7 +53,7 @@ def _is_unicode(text: str) -> bool:
 def cmd_train(args: argparse.Namespace) -> int:
     from translate import config
     from translate.core import rundir
-    from translate.core.loop import train
+    from translate.core.loop import machine_precision, train
 
     overrides = list(args.set or [])
     for _flag, dest, key, _type, _help in TRAIN_FLAGS:
@@ -67,17 +67,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.steps is not None:  # an explicit step count wins over the recipe's epochs
         overrides += ["train.epochs=0", "train.epochs_decay=0"]
     cfg = config.load(args.recipe, overrides)
+    note = ""
     if args.resume:  # the run's config.json, changed only by the options given here
         cfg = rundir.resume_config(cfg, args.resume, overrides)
+    elif args.steps is not None:  # a short run keeps a few log points and sample grids
+        cfg, note = config.fit_intervals(cfg, _keys_given(args))
     if args.dry_run:
+        machine_precision(cfg)  # refuses what this machine cannot run (fp16 on CPU), as a run does
         print(json.dumps(config.to_dict(cfg), indent=2))
+        if note:
+            print(note, file=sys.stderr)
         return 0
     again = ["translate", "train", args.recipe, "--run-dir", str(cfg.out_dir), "--resume", "auto"]
     result = train(cfg, resume=args.resume, progress=not args.no_progress,
                    overwrite=args.overwrite, again=again)
     if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        if note:  # after the run: a refused run says only why (one line)
+            print(note, file=sys.stderr)
         print(f"done: {result.step} steps in {result.run_dir}; checkpoint {result.checkpoint}")
     return 0
+
+
+def _keys_given(args: argparse.Namespace) -> set[str]:
+    """The train.* keys the command line sets (by flag or --set), short names."""
+    given = {key.split(".", 1)[1] for _f, dest, key, _t, _h in TRAIN_FLAGS
+             if key.startswith("train.") and getattr(args, dest) is not None}
+    sets = (item.partition("=")[0].strip() for item in args.set or [])
+    return given | {k.split(".", 1)[1] for k in sets if k.startswith("train.")}
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -86,8 +102,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     path = sample_command(args.run, n=args.n, out=args.out, interpolate=args.interpolate,
                           seed=args.seed, step=args.step, ema=args.ema, linear=args.linear,
                           arithmetic=args.arithmetic, class_name=args.class_name,
-                          vary_code=args.vary_code)
-    print(f"wrote {path}")
+                          vary_code=args.vary_code, separate=args.separate)
+    print(f"wrote {args.n} samples into {path}" if args.separate else f"wrote {path}")
     return 0
 
 
@@ -127,12 +143,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub) -> None:
+    from translate.config import PRECISIONS
+
     p = sub.add_parser("train", help="train a method from a TOML recipe")
     p.add_argument("recipe", help="recipes/<name>.toml")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set train.lr_g=1e-4 (repeatable)")
     for flag, dest, _key, typ, help_ in TRAIN_FLAGS:
-        p.add_argument(flag, dest=dest, type=typ, help=help_)
+        p.add_argument(flag, dest=dest, type=typ,
+                       help=help_.format(precisions=" | ".join(PRECISIONS)))
     p.add_argument("--log-with", action="append", metavar="TRACKER",
                    help="tensorboard, wandb or mlflow (comma-separated or repeated); files go "
                    "under RUN/tracking, wandb offline unless WANDB_MODE is set")
@@ -169,7 +188,8 @@ def _add_inference(sub) -> None:
     p.add_argument("model", help="exported generator (.safetensors or .onnx)")
     p.add_argument("input", help="image file, folder (recursive) or glob")
     p.add_argument("output", help="output folder (mirrors the input's relative paths)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="images of one size (or tiles of "
+                   "a large image) per generator call; memory grows with it")
     p.add_argument("--tile", type=tile_size, default="auto",
                    help="translate large images in NxN tiles (default auto: 512 for images "
                    "above 1024x1024 px, bounding memory; 0: never tile)")
@@ -185,15 +205,22 @@ def _add_inference(sub) -> None:
                    help="torch backend compute precision (auto: bf16 where the CPU/GPU has it)")
     p.add_argument("--workers", type=int, default=2, help="decode/encode threads")
     p.add_argument("--max-pixels", type=int, default=128_000_000, help="refuse larger images")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar, summary or per-file lines (failures still listed)")
     p.set_defaults(func=cmd_apply)
 
 
 def _add_other(sub) -> None:
+    from translate.config import PRECISIONS
+
     p = sub.add_parser("sample", help="draw samples from a latent GAN run")
     p.add_argument("run", help="run folder or checkpoint folder")
     p.add_argument("--n", type=int, default=64, help="number of samples")
-    p.add_argument("--out", default="samples.png", help="output PNG")
+    p.add_argument("--out", help="output PNG (default: RUN/samples/<kind>_step<S>_n<N>_seed"
+                   "<SEED>.png, one name per kind of picture)")
+    p.add_argument("--separate", metavar="DIR", help="write the N samples as separate PNGs "
+                   "into DIR instead (<seed>_<i>.png; cgan without --class: DIR/<class>/), "
+                   "e.g. for `translate eval --folders DIR DATA`")
     p.add_argument("--interpolate", action="store_true",
                    help="a latent interpolation strip between random codes instead")
     p.add_argument("--linear", action="store_true",
@@ -201,7 +228,8 @@ def _add_other(sub) -> None:
     p.add_argument("--arithmetic", metavar="EXPR",
                    help='latent vector arithmetic, e.g. "3,7,9 - 1,2 + 4,5": means of the codes '
                    "of those samples of the grid drawn with the same --n and --seed")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the latent codes (the same "
+                   "--n and --seed draw the same samples)")
     p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     p.add_argument("--ema", action="store_true", help="use the EMA generator")
     p.add_argument("--class", dest="class_name", metavar="NAME",
@@ -213,16 +241,17 @@ def _add_other(sub) -> None:
     p = sub.add_parser("demo", help="the main job: train a small CycleGAN on the embedded demo "
                        "data, export it, translate the test folder and print scores")
     p.add_argument("--root", default="datasets/demo", help="where the demo data is built")
-    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--run-dir", default="runs/demo", help="the demo's run folder")
     p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     p.add_argument("--size", type=int, default=64, help="demo image size")
-    p.add_argument("--mixed-precision", choices=("no", "bf16"), help="default: recipe's")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--mixed-precision", choices=PRECISIONS,
+                   help="as for train (auto: bf16 where the hardware has it); default: recipe's")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines, no live bar")
     p.add_argument("--overwrite", action="store_true", help="train the demo anew; the earlier "
                    "run is moved to RUN.old-<time> (default: continue or reuse it)")
     p.set_defaults(func=cmd_demo)
 
-    from translate.evaluate import add_eval_parser
+    from translate.eval_report import add_eval_parser
     from translate.plot import add_plot_parser
 
     add_eval_parser(sub)
@@ -232,13 +261,28 @@ def _add_other(sub) -> None:
     add_invert_parser(sub)
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """--help shows each option's default, unless there is none (None, off) or its help
+    already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default in (None, False, argparse.SUPPRESS) or "default" in text
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="translate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="translate", description=__doc__.split("\n")[0],
+                                formatter_class=_HelpWithDefaults)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_inference(sub)
     _add_other(sub)
+    for command in sub.choices.values():
+        command.formatter_class = _HelpWithDefaults
     return p
 
 

@@ -212,7 +212,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from translate.errors import UserError
-    from translate.evaluate import jsonable
+    from translate.eval_report import jsonable
 
     try:
         if args.runs is not None:

@@ -386,3 +386,22 @@ def test_save_never_leaves_a_truncated_config(tmp_path, monkeypatch):
         pass
     monkeypatch.undo()
     assert config.load_json(path) in (old, new)
+
+
+def test_intervals_longer_than_a_short_run_are_fitted_to_it():
+    """--steps below the recipe's log/sample intervals: a tenth of the run between log lines,
+    a quarter between sample grids, unless the user set them; epoch runs are left alone."""
+    cfg = resolve(["train.steps=40", "train.log_every=50", "train.sample_every=500",
+                   "train.save_every=1000"], TOY)
+    fitted, note = config.fit_intervals(cfg, set())
+    t = fitted.train
+    assert (t.log_every, t.sample_every, t.save_every) == (4, 10, 1000)  # the end always saves
+    assert note == ("note: a run of 40 steps is shorter than the recipe's intervals: "
+                    "train.log_every 50 -> 4, train.sample_every 500 -> 10 (set them with "
+                    "--log-every / --sample-every)")
+    kept, note = config.fit_intervals(cfg, {"log_every"})
+    assert (kept.train.log_every, kept.train.sample_every) == (50, 10) and "log_every" not in note
+    assert config.fit_intervals(resolve(["train.steps=3"], TOY), set())[0].train.log_every == 1
+    assert config.fit_intervals(fitted, set()) == (fitted, "")  # idempotent
+    epochs = resolve(["train.epochs=2", "train.log_every=50"], TOY)
+    assert config.fit_intervals(epochs, set()) == (epochs, "")

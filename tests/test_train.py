@@ -161,6 +161,7 @@ def test_dry_run_prints_resolved_config():
     (["--batch-size", "0"], "train.batch_size: must be > 0"),
     (["--set", "data.crop_size=300"], "data.crop_size"),
     (["--mixed-precision", "fp16"], "fp16 is not available on CPU"),
+    (["--mixed-precision", "fp16", "--dry-run"], "fp16 is not available on CPU"),
     (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
 ])
 def test_cli_errors_are_one_line(args, needle, tmp_path):
@@ -169,7 +170,7 @@ def test_cli_errors_are_one_line(args, needle, tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
-    assert not (tmp_path / "r" / "checkpoints").exists()
+    assert not (tmp_path / "r" / "checkpoints").exists() and proc.stdout == ""
 
 
 @pytest.mark.parametrize("extra", [
@@ -192,3 +193,22 @@ def test_cyclegan_options_train_through_the_cli(extra, tiny_unpaired, tmp_path):
         key, value = item.split("=", 1)
         section, name = key.split(".")
         assert str(cfg[section][name]).lower() == value.strip('"').lower()
+
+
+def test_a_run_shorter_than_its_log_interval_still_logs_a_curve(tmp_path):
+    """--steps 20 with the toy recipe's log_every 250 and sample_every 1000: the run logs every
+    2 steps and samples every 5, says so once (after the run: a refused run prints only its
+    error line), and keeps an interval the user gave."""
+    args = ["train", "recipes/toy_gan_ring.toml", "--set", "model.hidden=16", "--steps", "20",
+            "--no-progress"]
+    proc = run_cli(*args, "--run-dir", str(tmp_path / "a"))
+    assert proc.stderr.count("note: a run of 20 steps is shorter than the recipe's intervals: "
+                             "train.log_every 250 -> 2, train.sample_every 1000 -> 5") == 1
+    records = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(2, 21, 2))
+    assert len(list((tmp_path / "a" / "samples").glob("step_*.png"))) == 4
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())["train"]
+    assert (saved["log_every"], saved["sample_every"]) == (2, 5)
+    proc = run_cli(*args, "--run-dir", str(tmp_path / "b"), "--log-every", "250")
+    assert "train.log_every" not in proc.stderr
+    assert len((tmp_path / "b" / "log.jsonl").read_text().splitlines()) == 1

@@ -21,6 +21,8 @@ from typing import Any
 
 from translate.errors import ConfigError
 
+PRECISIONS = ("auto", "no", "bf16", "fp16")  # train.mixed_precision's values (and the flags')
+
 
 def choice(default: Any, *choices: Any) -> Any:
     """A field whose value must be one of `choices` (checked by `validate`)."""
@@ -87,7 +89,7 @@ class TrainConfig:
     decay_start: int = non_negative(0)    # step where linear decay starts (0 = half of the steps)
     ema: float = fraction(0.0)            # EMA decay of generator weights per step (0 = off), e.g. 0.999
     grad_clip: float = non_negative(0.0)  # max gradient norm per phase (0 = off)
-    mixed_precision: str = choice("auto", "auto", "no", "bf16", "fp16")  # autocast dtype; auto: bf16 where the hardware has it natively, else fp32
+    mixed_precision: str = choice("auto", *PRECISIONS)  # autocast dtype; auto: bf16 where the hardware has it natively, else fp32
     channels_last: bool = False           # NHWC memory format for conv nets
     sync_batchnorm: bool = False          # BatchNorm statistics over all processes (GPU only; DCGAN's BatchNorm nets)
     compile: bool = False                 # torch.compile the nets (slow warm-up)
@@ -293,6 +295,29 @@ def check(cfg: RunConfig) -> None:
 
     parse_trackers(t.log_with)  # names only: whether each is installed is checked when training
     METHODS[cfg.method].check(cfg)
+
+
+# What an interval longer than a run given by --steps becomes: a share of the run, so a short
+# run still has a curve to plot (log) and a few grids to look at (samples). Checkpoints and
+# scores need nothing: the last step always saves one and scores.
+FIT_INTERVALS = {"log_every": 10, "sample_every": 4}  # key -> how many per run
+
+
+def fit_intervals(cfg: RunConfig, keep: set[str]) -> tuple[RunConfig, str]:
+    """The config with train.log_every / sample_every that exceed train.steps (and are not in
+    `keep`, the keys the user set) lowered to steps // FIT_INTERVALS[key], and a note saying
+    so ("" when nothing changed). For runs counted in steps (epochs = 0)."""
+    t = cfg.train
+    if t.epochs > 0:
+        return cfg, ""
+    fitted = {key: max(1, t.steps // per_run) for key, per_run in FIT_INTERVALS.items()
+              if key not in keep and getattr(t, key) > t.steps}
+    if not fitted:
+        return cfg, ""
+    note = ", ".join(f"train.{k} {getattr(t, k)} -> {v}" for k, v in fitted.items())
+    message = (f"note: a run of {t.steps} steps is shorter than the recipe's intervals: {note} "
+               "(set them with --log-every / --sample-every)")
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, **fitted)), message
 
 
 def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -1,10 +1,6 @@
-"""`translate eval`: score a run, an exported generator, or two image folders.
-
-    translate eval runs/demo                 CycleGAN: PSNR/SSIM vs the known truth (demo data),
-                                             do-nothing baseline, cycle reconstruction
-    translate eval G_ab.safetensors --data D an exported generator on D/testA (or testB)
-    translate eval runs/toy_gan_ring         toy GAN: PacGAN modes / high quality / reverse KL
-    translate eval --folders DIR1 DIR2       FID and KID between two image folders
+"""The evaluations behind `translate eval` (its command line: translate/eval_report.py): a
+CycleGAN run or export on a dataset's test split, on the user's own aligned pairs, a toy run,
+or two image folders.
 
 `--fid-features small|PATH` adds FID/KID of the translations against the target folder. "small"
 is a fixed random conv net: its numbers only compare runs scored the same way, never published
@@ -14,7 +10,6 @@ FID values. PATH is the pytorch-fid Inception weights file (real FID).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.table import Table
 from torch import Tensor, nn
 
 from translate.errors import UserError
@@ -154,8 +147,9 @@ def _export_translator(path: Path) -> tuple[str, Translator, dict[str, str]]:
 
 
 def load_translators(path: Path, data: str | None = None, step: int | None = None,
-                     ema: bool = False) -> Translators:
-    """The generators of a run folder, an export folder (G_ab/G_ba.safetensors) or one file."""
+                     ema: bool = False, need_root: bool = True) -> Translators:
+    """The generators of a run folder, an export folder (G_ab/G_ba.safetensors) or one file.
+    `need_root`: an export must then be given its dataset root (`data`)."""
     from translate.export import run_generators
 
     root = Path(data) if data else None
@@ -177,9 +171,10 @@ def load_translators(path: Path, data: str | None = None, step: int | None = Non
         fns[direction] = fn
         channels[direction[0]] = int(meta["in_channels"])
         channels[direction[1]] = int(meta["out_channels"])
-    if root is None:
+    if root is None and need_root:
         raise UserError(f"{path}: an exported generator does not record its dataset; pass "
-                        "--data ROOT (the folder holding testA and testB)")
+                        "--data ROOT (the folder holding testA and testB), or your own pairs "
+                        "with --input DIR --truth DIR")
     return Translators(fns, channels, root, ", ".join(str(f) for f in files))
 
 
@@ -248,6 +243,70 @@ def eval_translation(tr: Translators, split: str = "test", fid_features: str | N
     return result
 
 
+def pair_folders(input_dir: Path, truth_dir: Path) -> list[tuple[Path, Path]]:
+    """(input, truth) image pairs: the truth of INPUT/sub/x.jpg is TRUTH/sub/x.<any image
+    extension>. Every input needs its truth; truth images without an input are left out."""
+    from translate.images import list_images
+
+    for folder, flag in ((input_dir, "--input"), (truth_dir, "--truth")):
+        if not folder.is_dir():
+            raise UserError(f"{flag} {folder}: folder not found")
+    inputs = list_images(input_dir)[0]
+    if not inputs:
+        raise UserError(f"--input {input_dir}: no images found; put the images to translate "
+                        "there")
+    truths: dict[str, Path] = {}
+    for p in list_images(truth_dir)[0]:
+        key = p.relative_to(truth_dir).with_suffix("").as_posix()
+        if key in truths:
+            raise UserError(f"--truth {truth_dir}: {truths[key].name} and {p.name} are both "
+                            f"the truth of {key}; keep one")
+        truths[key] = p
+    names = [p.relative_to(input_dir).with_suffix("").as_posix() for p in inputs]
+    missing = [p for p, key in zip(inputs, names) if key not in truths]
+    if missing:
+        raise UserError(f"--truth {truth_dir}: no image named like "
+                        f"{missing[0].relative_to(input_dir)} ({len(missing)} of {len(inputs)} "
+                        "inputs lack one); name each truth like its input (any image extension)")
+    return [(p, truths[key]) for p, key in zip(inputs, names)]
+
+
+def eval_pairs(tr: Translators, input_dir: Path, truth_dir: Path, direction: str | None = None,
+               fid_features: str | None = None, batch_size: int = 8) -> dict[str, Any]:
+    """PSNR/SSIM of the translations of INPUT against their aligned truth in TRUTH (and of
+    doing nothing), cycle scores when the other generator is there, FID/KID on request."""
+    from translate.images import load_image, to_tensor
+
+    direction = direction or ("ab" if "ab" in tr.fns else next(iter(tr.fns)))
+    if direction not in tr.fns:
+        raise UserError(f"--direction {direction}: {tr.source} has no G_{direction}; it has "
+                        f"{', '.join('G_' + d for d in tr.fns)}")
+    pairs = pair_folders(Path(input_dir), Path(truth_dir))
+    src = [to_tensor(load_image(a, tr.channels.get(direction[0], 3))) for a, _ in pairs]
+    truth = [to_tensor(load_image(b, tr.channels.get(direction[1], 3))) for _, b in pairs]
+    for (a, b), x, y in zip(pairs, src, truth):
+        if x.shape[-2:] != y.shape[-2:]:
+            raise UserError(f"{b}: {y.shape[-1]}x{y.shape[-2]} pixels, but its input {a} is "
+                            f"{x.shape[-1]}x{x.shape[-2]}; aligned pairs have the same size")
+    if fid_features and len(pairs) < 2:
+        raise UserError(f"--input {input_dir}: FID/KID need at least 2 pairs; add images or "
+                        "drop --fid-features")
+    prefix = "" if direction == "ab" else "ba_"
+    fake = apply_all(tr.fns[direction], src, batch_size)
+    result: dict[str, Any] = {"kind": "translation", "source": tr.source, "split": "pairs",
+                              "data": f"{input_dir} vs {truth_dir}", "truth": True,
+                              f"n_{direction[0]}": len(pairs),
+                              **truth_scores(fake, src, truth, prefix)}
+    back = tr.fns.get(direction[::-1])
+    if back is not None:
+        result.update(cycle_mean(src, apply_all(back, fake, batch_size), prefix))
+    if fid_features:
+        extractor, label = feature_extractor(fid_features)
+        result.update(features=label, **fid_kid(image_features(fake, extractor),
+                                                image_features(truth, extractor), prefix))
+    return result
+
+
 def eval_toy_run(run: Path, step: int | None = None, ema: bool = False,
                  n: int = PACGAN_SAMPLES, seed: int = 0) -> dict[str, Any]:
     """PacGAN scores of a toy run's generator (newest checkpoint unless `step`)."""
@@ -267,126 +326,3 @@ def eval_folders(folder1: Path, folder2: Path, fid_features: str = "small",
     scores = fid_kid_folders(folder1, folder2, extractor, batch_size)
     return {"kind": "folders", "folder1": str(folder1), "folder2": str(folder2),
             "features": label, **scores}
-
-
-def evaluate(args: Any) -> dict[str, Any]:
-    """The result dict of one `translate eval` command line."""
-    features = args.inception_weights or args.fid_features
-    if args.folders:
-        if args.run:
-            raise UserError("pass either RUN_OR_EXPORT or --folders DIR1 DIR2, not both")
-        return eval_folders(Path(args.folders[0]), Path(args.folders[1]), features or "small",
-                            args.batch_size)
-    if args.samples < 1 or args.batch_size < 1:
-        raise UserError("--samples and --batch-size must be at least 1")
-    if not args.run:
-        raise UserError("nothing to evaluate: pass a run folder, an exported generator, or "
-                        "--folders DIR1 DIR2")
-    path = Path(args.run)
-    if not path.exists():
-        raise UserError(f"{path}: no such run folder or model file")
-    if (path / "config.json").is_file():
-        from translate import config as config_mod
-
-        cfg = config_mod.load_json(path / "config.json")
-        if cfg.data.kind == "toy":
-            return eval_toy_run(path, args.step, args.ema, args.samples, args.seed)
-        if cfg.method != "cyclegan":
-            raise UserError(f"{path}: eval scores CycleGAN and toy runs; for a {cfg.method} image "
-                            "run, write samples with `translate sample` and compare folders "
-                            "with `translate eval --folders`")
-    return eval_translation(load_translators(path, args.data, args.step, args.ema), args.split,
-                            features, args.batch_size)
-
-
-# ---------------------------------------------------------------------------- output
-
-
-def jsonable(result: dict[str, Any]) -> dict[str, Any]:
-    """inf/nan become the strings "inf"/"nan" (as in log.jsonl), so the output is strict JSON."""
-    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in result.items()}
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        v = 0.0 if abs(v) < 0.5 * 10**-digits else v  # no "-0.000"
-        return f"{v:.{digits}f}" if abs(v) < 1e4 or not math.isfinite(v) else f"{v:.3g}"
-    return str(v)
-
-
-TRANSLATION_ROWS = [  # label, key suffix, digits; prefixes "" (A->B), "ba_", "baseline_"
-    ("PSNR vs truth (dB)", "psnr", 2),
-    ("SSIM vs truth", "ssim", 3),
-    ("cycle PSNR (dB)", "cycle_psnr", 2),
-    ("cycle L1", "cycle_l1", 4),
-    ("FID", "fid", 3),
-    ("KID", "kid_mean", 4),
-]
-
-
-def result_table(r: dict[str, Any]) -> Table:
-    if r["kind"] == "toy":
-        table = Table(title=f"{r['source']} step {r['step']}: {r['samples']} samples "
-                            f"(PacGAN protocol, {r['toy']})")
-        table.add_column("modes captured", justify="right")
-        table.add_column("high quality", justify="right")
-        table.add_column("reverse KL", justify="right")
-        table.add_row(f"{r['modes']} / {r['n_modes']}", f"{100 * r['hq']:.1f}%", _fmt(r["rkl"]))
-        return table
-    if r["kind"] == "folders":
-        table = Table(title="FID / KID between two folders")
-        table.add_column("")
-        table.add_column("value")
-        table.add_row("folder 1", f"{r['folder1']} ({r['n1']} images)")
-        table.add_row("folder 2", f"{r['folder2']} ({r['n2']} images)")
-        table.add_row("FID", _fmt(r["fid"]))
-        table.add_row("KID", f"{_fmt(r['kid_mean'], 4)} ± {_fmt(r['kid_std'], 4)}")
-        table.add_row("features", r["features"])
-        return table
-    counts = ", ".join(f"{r[f'n_{d}']} {d.upper()}" for d in "ab" if f"n_{d}" in r)
-    table = Table(title=f"{r['source']} on {r['data']} ({r['split']}: {counts})")
-    for name in ("metric", "A->B", "B->A", "do nothing"):
-        table.add_column(name, justify="left" if name == "metric" else "right")
-    for label, key, digits in TRANSLATION_ROWS:
-        cells = [r.get(p + key) for p in ("", "ba_", "baseline_")]
-        if any(c is not None for c in cells):
-            table.add_row(label, *(_fmt(c, digits) for c in cells))
-    notes = [] if r["truth"] else ["no ground truth (PSNR/SSIM need the demo data's testB)"]
-    if "features" in r:
-        notes.append(f"FID/KID features: {r['features']}")
-    table.caption = "; ".join(notes) or None
-    return table
-
-
-def cmd_eval(args: Any) -> int:
-    result = evaluate(args)
-    if args.json:
-        print(json.dumps(jsonable(result)))
-    else:
-        Console().print(result_table(result))
-    return 0
-
-
-def add_eval_parser(sub: Any) -> None:
-    p = sub.add_parser("eval", help="scores: PSNR/SSIM vs truth, cycle, FID/KID, toy modes")
-    p.add_argument("run", nargs="?", metavar="RUN_OR_EXPORT",
-                   help="run folder, export folder or exported generator (.safetensors/.onnx)")
-    p.add_argument("--folders", nargs=2, metavar=("DIR1", "DIR2"),
-                   help="FID and KID between two image folders instead")
-    p.add_argument("--data", metavar="ROOT", help="dataset root with testA/testB (default: "
-                   "the run's data.root; needed for an exported generator)")
-    p.add_argument("--split", choices=("test", "train"), default="test")
-    p.add_argument("--fid-features", metavar="small|PATH", help="add FID/KID: 'small' (a fixed "
-                   "random net, relative measure only) or the pytorch-fid Inception weights file")
-    p.add_argument("--inception-weights", metavar="PATH",
-                   help="Inception weights for FID/KID (same as --fid-features PATH)")
-    p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
-    p.add_argument("--ema", action="store_true", help="use the EMA generator weights")
-    p.add_argument("--samples", type=int, default=PACGAN_SAMPLES, help="toy runs: samples drawn")
-    p.add_argument("--seed", type=int, default=0, help="toy runs: seed of the latent codes")
-    p.add_argument("--batch-size", type=int, default=8, help="images per generator call")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead")
-    p.set_defaults(func=cmd_eval)

@@ -7,6 +7,7 @@ to rebuild and use the net: architecture kind + config, I/O conventions, domains
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from translate import config as config_mod
 from translate.core import checkpoint
 from translate.core.precision import inference_precision
 from translate.errors import ModelError, UserError
+from translate.images import match_channels
 from translate.infer import ModelInfo, translate_tensor
 from translate.methods import METHODS
 from translate.nets import NETS, build_net
@@ -131,7 +133,7 @@ def export_run(run: str | Path, step: int | None = None, ema: bool = False,
         tmp.replace(path)
         n = sum(p.numel() for p in net.parameters())
         lines.append(f"wrote {path} ({n / 1e6:.3f} M parameters, step {state['step']})")
-        if onnx and "size_multiple" in meta:
+        if onnx:
             from translate.onnx_export import export_onnx
 
             lines.append(export_onnx(net, meta, out_dir / f"{name}.onnx"))
@@ -184,6 +186,10 @@ class Generator:
     """A loaded generator. `gen(images)` takes uint8 HxWxC / NxHxWxC arrays (returns uint8),
     float HxWxC / NxHxWxC arrays in [0, 1] (returns float32 in [0, 1]) or float NCHW tensors in
     [-1, 1] (returns float tensors); any size is padded to the size multiple and cropped back.
+    Arrays may be gray, gray+alpha, RGB or RGBA: colour is matched to the model's channels and
+    alpha carried through unchanged, as `translate apply` does. `precision` is what uint8
+    images compute in; float input computes in fp32 unless bf16 was asked for by name (bf16
+    keeps 8 mantissa bits: float output would come out in coarse steps).
     `gen.forward` is the raw batch function; `gen.net` the torch module (None for ONNX)."""
 
     info: ModelInfo
@@ -191,28 +197,52 @@ class Generator:
     forward: Any
     backend: str
     precision: str
+    requested: str = "auto"  # the precision asked for at load_generator
 
     @property
     def net(self) -> nn.Module | None:
         # Lets tiling find the norm layers whose statistics it freezes (translate/tiling.py).
         return getattr(self.forward, "net", None)
 
+    def float_forward(self) -> Any:
+        """The batch function for float input: fp32 unless bf16 was asked for."""
+        if self.precision == "bf16" and self.requested != "bf16":
+            return dataclasses.replace(self.forward, precision="fp32")
+        return self.forward
+
     def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         if isinstance(images, torch.Tensor):
-            return translate_tensor(self.forward, self.info, images.float())
+            return translate_tensor(self.float_forward(), self.info, images.float())
         arr = np.asarray(images)
         floats = np.issubdtype(arr.dtype, np.floating)
         if not (arr.dtype == np.uint8 or floats) or arr.ndim not in (3, 4):
             raise UserError("load_generator: pass HxWxC or NxHxWxC arrays (uint8, or float in "
                             f"[0, 1]) or float NCHW tensors in [-1, 1], not a {arr.dtype} "
                             f"array of shape {arr.shape}")
+        batch = arr[None] if arr.ndim == 3 else arr
+        colour, alpha = _split_channels(batch, self.info.in_channels)
         # A copy: arrays such as np.asarray(PIL image) are read-only, which torch warns about.
-        batch = torch.from_numpy(np.array(arr[None] if arr.ndim == 3 else arr))
-        scale = 0.5 if floats else 127.5
-        x = batch.permute(0, 3, 1, 2).float() / scale - 1.0
-        y = translate_tensor(self.forward, self.info, x).clamp(-1, 1).add(1).permute(0, 2, 3, 1)
+        x = torch.from_numpy(np.array(colour)).permute(0, 3, 1, 2).float()
+        x = x / (0.5 if floats else 127.5) - 1.0
+        fn = self.float_forward() if floats else self.forward
+        y = translate_tensor(fn, self.info, x).clamp(-1, 1).add(1).permute(0, 2, 3, 1)
         out = y.mul(0.5).numpy() if floats else y.mul(127.5).round().to(torch.uint8).numpy()
+        if alpha is not None:
+            out = np.concatenate([out, alpha.astype(out.dtype)], axis=-1)
         return out[0] if arr.ndim == 3 else out
+
+
+def _split_channels(batch: np.ndarray, channels: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(colour matched to the model's `channels`, alpha NxHxWx1 or None) of an NxHxWxC array
+    holding gray (1), gray+alpha (2), RGB (3) or RGBA (4)."""
+    c = batch.shape[-1]
+    if c not in (1, 2, 3, 4):
+        raise UserError(f"load_generator: the last axis must hold 1 (gray), 2 (gray+alpha), 3 "
+                        f"(RGB) or 4 (RGBA) channels, got {c}; pass HxWxC or NxHxWxC arrays, "
+                        "channels last")
+    alpha = batch[..., c - 1:] if c in (2, 4) else None
+    colour = batch[..., :c - 1] if alpha is not None else batch
+    return match_channels(colour, channels), alpha
 
 
 @dataclass(frozen=True)
@@ -272,7 +302,7 @@ def load_generator(path: str | Path, backend: str = "auto", precision: str = "au
     if meta.get("latent") == "true":
         raise UserError(f"{path}: a latent generator (no input image); use `translate sample`")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = inference_precision(precision, dev)
+    resolved = inference_precision(precision, dev)
     net = net.to(dev).to(memory_format=torch.channels_last)
-    return Generator(model_info(meta), meta, TorchForward(net, precision, dev), "torch",
-                     precision)
+    return Generator(model_info(meta), meta, TorchForward(net, resolved, dev), "torch",
+                     resolved, precision)

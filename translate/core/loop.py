@@ -35,10 +35,11 @@ class RunResult:
     logs: dict[str, float] = field(default_factory=dict)
 
 
-def make_accelerator(cfg: RunConfig) -> tuple[Accelerator, str]:
-    """The run's Accelerator and why it computes in its precision (for the start line)."""
+def machine_precision(cfg: RunConfig) -> tuple[str, str]:
+    """The run's autocast mode on this machine ("no", "bf16", "fp16") and why it was chosen,
+    refusing what the machine cannot do. `translate train --dry-run` asks it too, so it refuses
+    what a run would."""
     on_cpu = not torch.cuda.is_available()
-    trackers = tracking.accelerator_kwargs(cfg)  # a tracker that is not installed stops us here
     mixed, why = precision.training_precision(cfg.train.mixed_precision,
                                               precision.launcher_precision(),
                                               torch.device("cpu" if on_cpu else "cuda"))
@@ -48,6 +49,14 @@ def make_accelerator(cfg: RunConfig) -> tuple[Accelerator, str]:
     if on_cpu and cfg.train.sync_batchnorm:
         raise ConfigError("train.sync_batchnorm: torch's SyncBatchNorm refuses CPU tensors (it "
                           "runs on GPUs only); set train.sync_batchnorm = false on CPU")
+    return mixed, why
+
+
+def make_accelerator(cfg: RunConfig) -> tuple[Accelerator, str]:
+    """The run's Accelerator and why it computes in its precision (for the start line)."""
+    on_cpu = not torch.cuda.is_available()
+    trackers = tracking.accelerator_kwargs(cfg)  # a tracker that is not installed stops us here
+    mixed, why = machine_precision(cfg)
     if not (state_mod.PartialState._shared_state and state_mod.PartialState().num_processes > 1):
         # In one process (tests, notebooks) a second run may ask for another precision;
         # accelerate keeps one global state, so start it afresh.

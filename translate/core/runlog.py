@@ -20,6 +20,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
+from rich.text import Text
 
 if TYPE_CHECKING:
     from translate.core.tracking import Trackers
@@ -46,6 +48,25 @@ def _record(line: str) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+class _TrainBar(Progress):
+    """Step count, bar, rate, elapsed time and ETA on one line, the latest losses on the next:
+    the first line fits 80 columns (the bar shrinks), the losses are cut to the width."""
+
+    def __init__(self, console: Console):
+        fixed = Column(no_wrap=True)  # never shortened: only the bar gives way
+        super().__init__(
+            TextColumn("[bold]step", table_column=fixed), MofNCompleteColumn(table_column=fixed),
+            BarColumn(bar_width=None), TextColumn("{task.fields[rate]}", table_column=fixed),
+            TimeElapsedColumn(table_column=fixed), TextColumn("eta", table_column=fixed),
+            TimeRemainingColumn(table_column=fixed), console=console, transient=False)
+
+    def get_renderables(self):
+        yield self.make_tasks_table(self.tasks)
+        for task in self.tasks:
+            if task.fields.get("logs"):
+                yield Text(task.fields["logs"], no_wrap=True, overflow="ellipsis")
+
+
 class RunLog:
     """Main-process only (the loop creates it with enabled=False elsewhere)."""
 
@@ -63,13 +84,9 @@ class RunLog:
         if not enabled:
             return
         self._truncate_after(start)
+        self.total, self.start = total, start
         if self.live:
-            self.bar = Progress(
-                TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
-                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
-                TimeRemainingColumn(), TextColumn("{task.fields[logs]}"),
-                console=self.console, transient=False,
-            )
+            self.bar = _TrainBar(console=self.console)
             self.task = self.bar.add_task("train", total=total, completed=start, rate="", logs="")
             self.bar.start()
 
@@ -116,7 +133,16 @@ class RunLog:
             self.bar.update(self.task, completed=step, rate=f"{rate:.2f} it/s",
                             logs=format_logs(values, 4))
         else:
-            self.print(f"step {step}  {rate:.2f} it/s  {format_logs(values)}")
+            self.print(f"step {step}/{self.total}  {rate:.2f} it/s  eta {self._eta(step, now)}  "
+                       f"{format_logs(values)}")
+
+    def _eta(self, step: int, now: float) -> str:
+        """h:mm:ss left at the mean rate of this start (setup time included, so it errs long)."""
+        done = step - self.start
+        if done <= 0:
+            return "-:--:--"
+        left = round((self.total - step) * (now - self.t0) / done)
+        return f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
 
     def sample(self, step: int, image: np.ndarray) -> Path | None:
         if not self.enabled:

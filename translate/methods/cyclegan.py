@@ -19,6 +19,10 @@ from translate.methods.base import Batch, Nets, Phase
 from translate.methods.pool import ImagePool
 from translate.nets import build_net, init_weights
 
+# Row labels of the sample grids: each domain's real images, their translation, and the
+# translation translated back (the cycle).
+SAMPLE_ROWS = ["real A", "translated", "reconstructed", "real B", "translated", "reconstructed"]
+
 
 @dataclass(frozen=True)
 class CycleGANConfig:
@@ -150,7 +154,7 @@ class CycleGAN:
         a, b = fixed["a"].to(dev), fixed["b"].to(dev)
         fake_b, fake_a = nets["G_ab"](a), nets["G_ba"](b)
         rows = [a, fake_b, nets["G_ba"](fake_b), b, fake_a, nets["G_ab"](fake_a)]
-        return viz.grid([r.float() for r in rows])
+        return viz.grid([r.float() for r in rows], labels=SAMPLE_ROWS)
 
     def state(self) -> dict[str, Tensor]:
         return {"pool_a": self.pool_a.state(), "pool_b": self.pool_b.state()}
