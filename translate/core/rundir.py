@@ -271,15 +271,15 @@ def resume_config(recipe_cfg: RunConfig, resume: str, overrides: list[str]) -> R
     source = _source(recipe_cfg.out_dir, resume)
     if source is None or not (source / "config.json").is_file():
         return recipe_cfg
-    run = config_mod.load_json(source / "config.json")
-    if (run.name, run.method) != (recipe_cfg.name, recipe_cfg.method):
-        raise UserError(f"{source}: made by recipe '{run.name}' ({run.method}), not by this one "
+    cfg = config_mod.load_json(source / "config.json", overrides)
+    if (cfg.name, cfg.method) != (recipe_cfg.name, recipe_cfg.method):
+        raise UserError(f"{source}: made by recipe '{cfg.name}' ({cfg.method}), not by this one "
                         f"('{recipe_cfg.name}', {recipe_cfg.method}); resume it with its own "
-                        "recipe, or train a new run with another --run-dir")
+                        "recipe, or start a new run (another --run-dir, or --overwrite without "
+                        "--resume)")
     if resume not in checkpoint.AUTO and not any(o.startswith("run_dir=") for o in overrides):
-        return replace(config_mod.load_json(source / "config.json", overrides),
-                       run_dir=str(source))  # continue the run the checkpoint belongs to
-    return config_mod.load_json(source / "config.json", overrides)
+        cfg = replace(cfg, run_dir=str(source))  # continue the run the checkpoint belongs to
+    return cfg
 
 
 def continue_command(words: list[str] | None, run_dir: Path, processes: int) -> str:
