@@ -1,7 +1,8 @@
 """`translate eval`: score a run, an exported generator, or two image folders.
 
-    translate eval runs/demo                 CycleGAN: PSNR/SSIM vs the known truth (demo data),
-                                             do-nothing baseline, cycle reconstruction
+    translate eval runs/demo                 CycleGAN, CUT: PSNR/SSIM vs the known truth (demo
+                                             data), do-nothing baseline, cycle reconstruction
+                                             (where the run has G_ba)
     translate eval G_ab.safetensors --data D an exported generator on D/testA (or testB)
     translate eval runs/toy_gan_ring         toy GAN: PacGAN modes / high quality / reverse KL
     translate eval --folders DIR1 DIR2       FID and KID between two image folders
@@ -289,10 +290,12 @@ def evaluate(args: Any) -> dict[str, Any]:
         cfg = config_mod.load_json(path / "config.json")
         if cfg.data.kind == "toy":
             return eval_toy_run(path, args.step, args.ema, args.samples, args.seed)
-        if cfg.method != "cyclegan":
-            raise UserError(f"{path}: eval scores CycleGAN and toy runs; for a {cfg.method} image "
-                            "run, write samples with `translate sample` and compare folders "
-                            "with `translate eval --folders`")
+        from translate.methods import METHODS
+
+        if not METHODS[cfg.method].image_to_image:
+            raise UserError(f"{path}: eval scores image-to-image (cyclegan, cut) and toy runs; "
+                            f"for a {cfg.method} image run, write samples with `translate "
+                            "sample` and compare folders with `translate eval --folders`")
     return eval_translation(load_translators(path, args.data, args.step, args.ema), args.split,
                             features, args.batch_size)
 
