@@ -105,7 +105,7 @@ def test_patch_positions_are_distinct_and_a_function_of_the_sample():
 def test_gradients_reach_g_and_the_heads_and_nothing_else(variant, tiny_unpaired):
     extra = [] if variant == "cut" else ["model.nce_idt=false", "model.lambda_nce=10",
                                          "model.flip_equivariance=true"]
-    cfg, method = tiny_method(tiny_unpaired, *extra)
+    _, method = tiny_method(tiny_unpaired, *extra)
     nets, batch = method.nets, tiny_batch(tiny_unpaired)
     G, H = nets["G_ab"], nets["H"]
     # PatchNCE alone, every net trainable: G and every head get gradients, D none, and the
@@ -137,7 +137,7 @@ def test_flip_equivariance_compares_the_mirrored_output_mirrored_back(tiny_unpai
     """Feature point 0 (the image itself) is exactly flip-equivariant: outputs that are the
     mirrored source, where the sample was flipped, score as the identity once mirrored back,
     and differently without the flags."""
-    cfg, method = tiny_method(tiny_unpaired, "model.nce_layers=[0]")
+    _, method = tiny_method(tiny_unpaired, "model.nce_layers=[0]")
     G, H, batch = method.nets["G_ab"], method.nets["H"], tiny_batch(tiny_unpaired, 4)
     x = batch["a"]
     flipped = torch.tensor([True, False, True, False])
