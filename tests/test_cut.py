@@ -208,9 +208,11 @@ def test_train_resume_export_apply_eval_through_the_cli(variant, tiny_unpaired, 
 def test_2_processes_equal_1_with_twice_the_batch_across_a_resume(variant, tiny_unpaired,
                                                                   tmp_path):
     # norm "none": see test_distributed.CYCLEGAN (Adam and the zero gradient of a conv bias
-    # in front of an instance norm).
-    sets = TINY_CUT + COMMON + ['model.norm="none"', "train.ema=0.9",
-                                 f'data.root="{tiny_unpaired}"']
+    # in front of an instance norm). Without norms the tiny net's deeper features shrink by
+    # ~0.02 per conv, and a head output near normalize's eps (1e-6 at point 3) turns float
+    # summation noise into visible moment differences: the two shallow points only.
+    sets = TINY_CUT + COMMON + ['model.norm="none"', "model.nce_layers=[0, 1]", "train.ema=0.9",
+                                 'train.mixed_precision="no"', f'data.root="{tiny_unpaired}"']
     recipe, run = VARIANTS[variant], tmp_path / "run"
     reference(recipe, tmp_path / "ref", sets + ["train.batch_size=2"])
     out = worker(tmp_path / "dump3", recipe, sets, "--batch-size", "1", "--steps", "3",
