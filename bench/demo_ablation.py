@@ -62,7 +62,7 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {
-    "baseline": Variant((), "full", "the recipe: identity 0.5, pool 50, fp32"),
+    "baseline": Variant((), "full", "the recipe: identity 0.5, pool 50 (precision auto)"),
     "identity0": Variant(("model.lambda_identity=0",), "full", "no identity loss"),
     "pool0": Variant(("model.pool_size=0",), "full", "no image pool (D sees the newest fakes)"),
     "subset10": Variant((f"data.max_items={SUBSET}",), "full", f"{SUBSET} images per domain"),
@@ -76,17 +76,20 @@ VARIANTS: dict[str, Variant] = {
                           "short schedule, bf16 autocast (emulated on this CPU)"),
     "cut": Variant((), "full", "CUT, recipes/cut_demo.toml", "cut_demo.toml"),
     "fastcut": Variant((), "full", "FastCUT, recipes/fastcut_demo.toml", "fastcut_demo.toml"),
-    "cut_paper_nce": Variant(("model.num_patches=256", "model.head_width=256"), "full",
-                             "CUT with the paper's 256 patches and 256-unit heads",
-                             "cut_demo.toml"),
+    "cut_shallow": Variant(("model.nce_layers=[0, 1, 2]",), "full",
+                           "CUT without the 8x8 feature point", "cut_demo.toml"),
+    "fastcut_shallow": Variant(("model.nce_layers=[0, 1, 2]",), "full",
+                               "FastCUT without the 8x8 feature point", "fastcut_demo.toml"),
+    "cut_paper_nce": Variant(("model.nce_layers=[0, 1, 2]", "model.num_patches=256",
+                              "model.head_width=256"), "full",
+                             "CUT without the 8x8 point, with the paper's 256 patches and "
+                             "256-unit heads", "cut_demo.toml"),
     "cut_resnet": Variant(('model.generator="resnet"', "model.n_blocks=3",
                            "model.nce_layers=[0, 1, 2, 3, 5]"), "full",
-                          "CUT with the paper's generator kind: ResNet, 3 blocks, ngf 16",
+                          "CUT with the paper's kind of generator: ResNet, 3 blocks, ngf 16",
                           "cut_demo.toml"),
-    "cut_deep": Variant(("model.nce_layers=[0, 1, 2, 3]",), "full",
-                        "CUT with one more, deeper feature point (8x8)", "cut_demo.toml"),
 }
-DEFAULT_VARIANTS = tuple(VARIANTS)
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if "cut_" not in v)  # the CUT search: on request
 BASELINE = "baseline"  # what --time-fractions budgets are fractions of
 
 
