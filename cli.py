@@ -1,6 +1,6 @@
 """The `translate` command. Thin: parses arguments, calls the package, prints errors as one line.
 
-    translate demo                                  build the demo data, train, export, apply, score
+    translate demo [--method cut]                   build the demo data, train, export, apply, score
     translate train RECIPE [--set k=v ...]          train any method from a TOML recipe
     translate export RUN_DIR [--onnx]               write generators as safetensors (+ ONNX)
     translate apply MODEL INPUT OUTPUT              translate a file, folder or glob of images
@@ -138,7 +138,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(root=args.root, run_dir=args.run_dir, steps=args.steps, size=args.size,
              mixed_precision=args.mixed_precision, progress=not args.no_progress,
-             overwrite=args.overwrite)
+             overwrite=args.overwrite, method=args.method, overrides=args.set or [])
     return 0
 
 
@@ -238,14 +238,22 @@ def _add_other(sub) -> None:
                    help="infogan runs: each row varies code I, z and the other codes fixed")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("demo", help="the main job: train a small CycleGAN on the embedded demo "
-                       "data, export it, translate the test folder and print scores")
+    p = sub.add_parser("demo", help="the main job: train a small CycleGAN (or CUT) on the "
+                       "embedded demo data, export it, translate the test folder and print scores")
     p.add_argument("--root", default="datasets/demo", help="where the demo data is built")
-    p.add_argument("--run-dir", default="runs/demo", help="the demo's run folder")
+    from translate.demo import RECIPES
+
+    p.add_argument("--method", default="cyclegan", choices=tuple(RECIPES),
+                   help="what to train: " + ", ".join(f"{k} (recipes/{v})"
+                                                      for k, v in RECIPES.items()))
+    p.add_argument("--run-dir", help="default: runs/demo (cyclegan), runs/demo_cut, "
+                   "runs/demo_fastcut")
     p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     p.add_argument("--size", type=int, default=64, help="demo image size")
     p.add_argument("--mixed-precision", choices=PRECISIONS,
                    help="as for train (auto: bf16 where the hardware has it); default: recipe's")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set model.num_patches=64 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no live bar")
     p.add_argument("--overwrite", action="store_true", help="train the demo anew; the earlier "
                    "run is moved to RUN.old-<time> (default: continue or reuse it)")

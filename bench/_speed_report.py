@@ -31,7 +31,7 @@ def fill_derived(cases: list[Case], apply_flops: dict[str, float], ceiling: floa
         r["median_s"] = statistics.median(r["times"])
         if c.variant in BASE_VARIANTS:
             r["speedup"] = 1.0
-        r["flops"] = flops.get(c.group)
+        r["flops"] = r.get("flops") or flops.get(c.group)  # CUT in CycleGAN's group: its own
         if r["flops"] and ceiling > 0:
             r["ceiling"] = r["flops"] / r["median_s"] / (ceiling * 1e9)
 
@@ -85,6 +85,11 @@ def summary(cases: list[Case], info: dict[str, Any]) -> dict[str, Any]:
     out.update(train128_fp32_s=fp32.get("median_s"), train128_best_s=top.get("median_s"),
                train128_best_variant=variant, train128_best_speedup=top.get("speedup"),
                train128_peak_rss_mb=top.get("rss_mb"), train128_fp32_peak_rss_mb=fp32.get("rss_mb"))
+    for name in ("cut", "fastcut"):  # timed beside the CycleGAN fp32 step (issue #14)
+        r = by_key.get(f"train128b1/{name}", {})
+        out.update({f"train128_{name}_s": r.get("median_s"),
+                    f"train128_{name}_speedup_over_cyclegan": r.get("speedup"),
+                    f"train128_{name}_peak_rss_mb": r.get("rss_mb")})
     a32 = by_key.get("apply256/torch fp32", {})
     variant, top = best("apply256")
     out.update(apply256_fp32_img_s=1 / a32["median_s"] if "median_s" in a32 else None,

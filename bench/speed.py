@@ -9,6 +9,8 @@ jobs on a shared machine come and go. Measured:
 - a full CycleGAN iteration with the paper's nets (ResNet-9 ngf 64, 70x70 PatchGAN) through the
   real loop (translate.core.loop.setup + train_step) at 128 and 256 px, batch 1 and 4, for
   fp32 eager, bf16 autocast, channels_last and torch.compile; the demo recipe the same way;
+- a CUT and a FastCUT iteration with the paper's nets at 128 px batch 1 (fp32), each stepped in
+  alternation with the CycleGAN fp32 step of that size;
 - a DCGAN and a WGAN-GP iteration (5 critic steps) at 64 px, batch 64;
 - `apply` end to end (translate_folder on PNGs: decode, generator, encode) at 256 and 1024 px
   for the torch fp32, torch bf16 and onnx backends.
@@ -173,6 +175,8 @@ def train_cases(work: Path, quick: bool, native_bf16: bool, repeats: int) -> lis
             else cheap  # 64 px: only there to stand beside the reference's 64 px number
         add(f"train{size}b{batch}", f"cyclegan {size}px b{batch}", "cyclegan_horse2zebra.toml",
             data, variants)
+        if (size, batch) == (128, 1):
+            cases += cut_cases(work, quick, repeats, data)
     add("demo64b4", "cyclegan demo 64px b4", "cyclegan_demo.toml",
         [f'data.root="{work / "unpaired64"}"', "train.eval_every=0"], every)  # no truth here
     for method in ("dcgan", "wgan_gp"):
@@ -181,6 +185,29 @@ def train_cases(work: Path, quick: bool, native_bf16: bool, repeats: int) -> lis
         add(f"{method}64b64", f"{method} 64px b64", f"{method}.toml",
             [f'data.root="{work / "folder64"}"', "train.batch_size=64"],
             ["fp32"] if quick else variants)
+    return cases
+
+
+CUT_VARIANTS = {  # issue #14: beside CycleGAN's fp32 step, in its group (timed side by side)
+    "cut": [],
+    "fastcut": ["model.lambda_nce=10", "model.nce_idt=false", "model.flip_equivariance=true"],
+}
+
+
+def cut_cases(work: Path, quick: bool, repeats: int, data: list[str]) -> list[Case]:
+    """One CUT and one FastCUT iteration of recipes/cut_horse2zebra.toml (ResNet-9 ngf 64,
+    70x70 PatchGAN, PatchNCE on 5 feature points) in the 128 px batch 1 group: their speed-up
+    is over the CycleGAN fp32 step taken beside them."""
+    cases = []
+    for name, sets in CUT_VARIANTS.items():
+        key = f"train128b1/{name}"
+        spec = {"recipe": "cut_horse2zebra.toml", "variant": "fp32", "count_flops": True,
+                "overrides": [*data, *sets, "data.num_workers=0",
+                              f'run_dir="{work / "runs" / key.replace("/", "_")}"'],
+                "warmup": 1 if quick else 2, "repeats": repeats,
+                "budget": 20.0 if quick else 150.0}
+        cases.append(Case(key, "train", spec, f"{name} 128px b1 (speed-up: over cyclegan)",
+                          f"{name} fp32"))
     return cases
 
 

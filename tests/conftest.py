@@ -75,6 +75,14 @@ TINY_CYCLEGAN = [
 ]
 
 
+# The same for CUT recipes: a ResNet whose 4 feature points all have >= 16 positions at 16 px.
+TINY_CUT = [
+    'model.generator="resnet"', "model.ngf=4", "model.ndf=4", "model.n_blocks=1", "model.n_layers_d=1",
+    "model.nce_layers=[0, 1, 2, 3]", "model.num_patches=16", "model.head_width=8",
+    'data.preprocess="crop"', "data.load_size=16", "data.crop_size=16", "train.batch_size=2",
+]
+
+
 @pytest.fixture(scope="session")
 def generator(tmp_path_factory, tiny_unpaired) -> Path:
     """G_ab of a 1-step tiny CycleGAN run on tiny_unpaired, exported as safetensors (read-only:

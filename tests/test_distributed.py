@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN, random_image_folder, run_cli
+from conftest import ROOT, TINY_CUT, TINY_CYCLEGAN, random_image_folder, run_cli
 from safetensors.torch import load_file
 from torch import nn
 
@@ -317,6 +317,7 @@ DCGAN = ["model.ngf=4", "model.ndf=4", "model.image_size=32", "data.crop_size=32
 TOY_GAN = ["model.hidden=16", "train.batch_size=8"]
 BF16_RUNS = {  # name: (recipe, sets, penalty logged, data: "unpaired" / "images" / "classes")
     "cyclegan": ("cyclegan_demo.toml", TINY_CYCLEGAN, None, "unpaired"),
+    "cut": ("cut_demo.toml", TINY_CUT, None, "unpaired"),
     "dcgan": ("dcgan.toml", DCGAN, None, "images"),
     "wgan_gp": ("wgan_gp.toml", DCGAN + ["model.n_critic=2"], "D/gp", "images"),
     "gan_toy_r1": ("toy_gan_ring.toml", TOY_GAN + ['model.penalty="r1"'], "D/r1", "images"),

@@ -101,6 +101,39 @@ def test_resnet_one_channel_and_tanh_range():
     assert y.abs().max() <= 1
 
 
+@pytest.mark.parametrize("kind,config", [
+    ("resnet", {"ngf": 4, "n_blocks": 2, "norm": "none"}),
+    ("unet", {"ngf": 4, "num_downs": 3, "norm": "none"}),
+])
+def test_encoder_feature_points(kind, config):
+    """forward(x, features): the encoder's outputs at the chosen points (CUT's PatchNCE), of the
+    widths and strides the net declares, the very tensors the translation passes through, and
+    not overwritten by an in-place ReLU (norm "none" puts one right after a feature point)."""
+    torch.manual_seed(0)
+    net = build_net(kind, **config)
+    x = torch.randn(2, 3, 16, 24)
+    points = list(range(len(net.feature_channels)))
+    seen: list[torch.Tensor] = []
+    layers = net.model if kind == "resnet" else net.down
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out.clone()))
+             for m in layers]
+    full = net(x)
+    for h in hooks:
+        h.remove()
+    feats = net(x, points)
+    assert torch.equal(net(x), full) and torch.equal(feats[0], x)
+    for i, f in zip(points, feats):
+        stride = net.feature_strides[i]
+        assert f.shape == (2, net.feature_channels[i], 16 // stride, 24 // stride), i
+    # Each feature is what the full forward computed there (recorded before any later layer).
+    ends = net.feature_ends if kind == "resnet" else range(len(net.down) + 1)
+    for i, end in zip(points[1:], list(ends)[1:]):
+        assert torch.equal(feats[i], seen[end - 1]), i
+    if kind == "resnet":
+        assert (feats[1] < 0).any()  # the conv output before its ReLU
+    assert [f.shape for f in net(x, [2, 0])] == [feats[2].shape, feats[0].shape]
+
+
 @pytest.mark.parametrize("num_downs", [3, 5])
 def test_unet_size_multiple(num_downs):
     net = build_net("unet", ngf=4, num_downs=num_downs)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN, random_image_folder, run_cli
+from conftest import ROOT, TINY_CUT, TINY_CYCLEGAN, random_image_folder, run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -21,6 +21,8 @@ def tiny_overrides(recipe: str, data: Path, folder: Path) -> list[str]:
     text = (ROOT / "recipes" / recipe).read_text()
     if 'method = "cyclegan"' in text:
         return TINY_CYCLEGAN + [f'data.root="{data}"']
+    if 'method = "cut"' in text:
+        return TINY_CUT + [f'data.root="{data}"']
     if 'net = "mlp"' in text:
         return ["model.hidden=16", "train.batch_size=8"]
     if 'method = "cgan"' in text:  # labels come from class subfolders

@@ -23,6 +23,7 @@ from rich.table import Table
 from translate import config
 from translate.config import RunConfig
 from translate.errors import UserError
+from translate.methods import METHODS
 from translate.evaluate import (
     PACGAN_SAMPLES,
     eval_folders,
@@ -52,8 +53,9 @@ def evaluate(args: Any) -> dict[str, Any]:
     if cfg is not None:
         if cfg.data.kind == "toy":
             return eval_toy_run(path, args.step, args.ema, args.samples, args.seed)
-        if cfg.method != "cyclegan":
-            raise UserError(f"{path}: eval scores CycleGAN and toy runs; for a {cfg.method} image "
+        if not METHODS[cfg.method].image_to_image:
+            raise UserError(f"{path}: eval scores image-to-image (cyclegan, cut) and toy runs; "
+                            f"for a {cfg.method} image "
                             f"run, write samples with `translate sample {path} --n 1000 "
                             f"--separate SAMPLES` and compare them with the training images: "
                             f"`translate eval --folders SAMPLES {cfg.data.root or 'DATA'}`")
@@ -80,8 +82,8 @@ def _eval_pairs(args: Any, features: str | None) -> dict[str, Any]:
         raise UserError("--input/--truth: pass the model (run folder, export folder or file) "
                         "as RUN_OR_EXPORT, and neither --folders nor --data")
     path, cfg = _model(args.run)
-    if cfg is not None and cfg.method != "cyclegan":
-        raise UserError(f"{path}: --input/--truth score image-to-image (cyclegan) runs, not "
+    if cfg is not None and not METHODS[cfg.method].image_to_image:
+        raise UserError(f"{path}: --input/--truth score image-to-image (cyclegan, cut) runs, not "
                         f"{cfg.method}")
     tr = load_translators(path, None, args.step, args.ema, need_root=False)
     return eval_pairs(tr, Path(args.input), Path(args.truth), args.direction, features,

@@ -1,5 +1,5 @@
 """The evaluations behind `translate eval` (its command line: translate/eval_report.py): a
-CycleGAN run or export on a dataset's test split, on the user's own aligned pairs, a toy run,
+CycleGAN or CUT run or export on a dataset's test split, on the user's own aligned pairs, a toy run,
 or two image folders.
 
 `--fid-features small|PATH` adds FID/KID of the translations against the target folder. "small"

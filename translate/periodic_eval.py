@@ -3,8 +3,8 @@ scores it, on the live nets of the main process, so quality curves sit next to t
 log.jsonl, the progress line, the trackers and `translate plot`.
 
     toy runs                     eval/modes, eval/hq, eval/rkl   PacGAN protocol, 2,500 samples
-    CycleGAN on the demo data    eval/psnr                       G_ab(testA) vs the true testB
-    CycleGAN on other data       eval/kid                        G_ab(testA) vs train.eval_data
+    CycleGAN, CUT on the demo    eval/psnr                       G_ab(testA) vs the true testB
+    CycleGAN, CUT on other data  eval/kid                        G_ab(testA) vs train.eval_data
                                                                  (default ROOT/testB)
     latent GANs on image folders eval/kid                        G(z) vs train.eval_data
 

@@ -76,7 +76,7 @@ def sample_command(run: str | Path, n: int = 64, out: str | Path | None = None,
     cfg, nets, ckpt = run_generators(Path(run), step, ema)
     if "G" not in nets or not hasattr(nets["G"], "z_dim"):
         raise UserError(f"{run}: `sample` draws from latent GANs (dcgan, wgan_gp, gan); for "
-                        "CycleGAN use `translate apply`")
+                        "image-to-image runs (cyclegan, cut) use `translate apply`")
     if n < 1:
         raise UserError(f"--n: must be at least 1, got {n}")
     check_codes(cfg, class_name, vary_code)

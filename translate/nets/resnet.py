@@ -1,5 +1,7 @@
 """The CycleGAN ResNet generator (Zhu et al. 2017, after Johnson et al. 2016)."""
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 from translate.errors import ConfigError
@@ -46,6 +48,11 @@ class ResnetGenerator(nn.Module):
 
     The 9-block net is the CycleGAN choice for 256x256 images, 6 blocks for 128x128.
     Input H and W must be multiples of 4 (`size_multiple`) to come back at the same size.
+
+    Its encoder doubles as a feature extractor (CUT's PatchNCE, Park et al. 2020): feature point
+    0 is the input, 1 and 2 the outputs of the two downsampling convs (before their norm), and
+    2 + k the output of residual block k; `feature_channels` and `feature_strides` give each
+    point's width and its downsampling factor, so heads on them can be built before any forward.
     """
 
     kind: str
@@ -83,13 +90,20 @@ class ResnetGenerator(nn.Module):
             make_norm(norm, ngf),
             nn.ReLU(inplace=True),
         ]
+        ends = [0]  # feature point i is the output of layers[:ends[i]]
         for mult in (1, 2):
-            layers += [
-                nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=bias),
-                make_norm(norm, ngf * mult * 2),
-                nn.ReLU(inplace=True),
-            ]
-        layers += [ResidualBlock(ngf * 4, norm, dropout) for _ in range(n_blocks)]
+            layers.append(nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1,
+                                    bias=bias))
+            ends.append(len(layers))
+            # Not in place: with norm "none" the ReLU would overwrite the conv output that is a
+            # feature point.
+            layers += [make_norm(norm, ngf * mult * 2), nn.ReLU()]
+        for _ in range(n_blocks):
+            layers.append(ResidualBlock(ngf * 4, norm, dropout))
+            ends.append(len(layers))
+        self.feature_ends = tuple(ends)
+        self.feature_channels = (in_channels, ngf * 2, *[ngf * 4] * (n_blocks + 1))
+        self.feature_strides = (1, 2, *[4] * (n_blocks + 1))
         for mult in (4, 2):
             layers += [
                 _upsample(ngf * mult, ngf * mult // 2, upsample, bias),
@@ -99,5 +113,16 @@ class ResnetGenerator(nn.Module):
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+    def forward(self, x: Tensor, features: Sequence[int] | None = None) -> Tensor | list[Tensor]:
+        """The translation of x; with `features`, instead the encoder's outputs at those feature
+        points, in that order (only the layers up to the deepest point run). Both go through
+        forward so that a DDP or compiled wrapper sees every call."""
+        if features is None:
+            return self.model(x)
+        ends = [self.feature_ends[i] for i in features]
+        found = {0: x}
+        for n, layer in enumerate(self.model[:max(ends)], start=1):
+            x = layer(x)
+            if n in ends:
+                found[n] = x
+        return [found[e] for e in ends]

@@ -1,5 +1,7 @@
 """The pix2pix / CycleGAN U-Net generator (Isola et al. 2017, after Ronneberger et al. 2015)."""
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -16,6 +18,9 @@ class UnetGenerator(nn.Module):
     Channels go ngf, 2ngf, 4ngf, then stay at 8ngf; the bottleneck is 1x1 when the input side is
     2**num_downs (7 for 128x128, 8 for 256x256). As in the reference, dropout (if any) acts on
     the decoder levels that sit between two 8ngf levels.
+
+    Its encoder doubles as a feature extractor (CUT's PatchNCE): feature point 0 is the input and
+    point i the output of encoder level i (what its skip carries), at 1/2**i of the input size.
     """
 
     kind: str
@@ -43,6 +48,8 @@ class UnetGenerator(nn.Module):
         bias = conv_bias(norm)
         widths = [ngf * min(2**i, 8) for i in range(num_downs)]
         innermost = num_downs - 1
+        self.feature_channels = (in_channels, *widths)
+        self.feature_strides = tuple(2**i for i in range(num_downs + 1))
 
         self.down = nn.ModuleList([nn.Conv2d(in_channels, ngf, 4, 2, 1, bias=bias)])
         for i in range(1, num_downs):
@@ -72,7 +79,15 @@ class UnetGenerator(nn.Module):
                 layers.append(nn.Dropout(dropout))
             self.up.append(nn.Sequential(*layers))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, features: Sequence[int] | None = None) -> Tensor | list[Tensor]:
+        """The translation of x; with `features`, instead the encoder's outputs at those feature
+        points, in that order (only the levels up to the deepest point run). Both go through
+        forward so that a DDP or compiled wrapper sees every call."""
+        if features is not None:
+            found = [x]
+            for down in self.down[:max(features)]:
+                found.append(down(found[-1]))
+            return [found[i] for i in features]
         skips = []
         for down in self.down:
             x = down(x)
