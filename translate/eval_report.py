@@ -23,7 +23,6 @@ from rich.table import Table
 from translate import config
 from translate.config import RunConfig
 from translate.errors import UserError
-from translate.methods import METHODS
 from translate.evaluate import (
     PACGAN_SAMPLES,
     eval_folders,
@@ -32,6 +31,7 @@ from translate.evaluate import (
     eval_translation,
     load_translators,
 )
+from translate.methods import METHODS
 
 
 def evaluate(args: Any) -> dict[str, Any]:
