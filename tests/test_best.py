@@ -113,7 +113,8 @@ def test_a_kill_while_the_best_is_written_leaves_the_previous_best(tiny_unpaired
     root = best.root(run)
 
     def mid_save() -> bool:  # a complete best exists and the next one is being written
-        return best.find(run) is not None and any(root.glob(".tmp-step_*"))
+        return (best.find(run) is not None and any(root.glob(".tmp-step_*"))
+                and bool(checkpoint.list_checkpoints(run)))  # and a rolling one to resume
 
     job.wait_until(mid_save, timeout=240, what="a second best checkpoint in progress")
     before = best.find(run)
@@ -126,8 +127,7 @@ def test_a_kill_while_the_best_is_written_leaves_the_previous_best(tiny_unpaired
         load_file(str(f))
     run_cli("export", str(run), "--best", "--out", str(tmp_path / "export"))
     # The resumed run clears the leftover and keeps the best over the whole log.
-    rolling = checkpoint.list_checkpoints(run)  # maybe none yet: then it starts afresh
-    steps = (int(rolling[-1].name[5:]) if rolling else 0) + 6
+    steps = int(checkpoint.list_checkpoints(run)[-1].name[5:]) + 6
     args[args.index("--steps") + 1] = str(steps)
     done = run_cli(*args, "--resume", "auto", check=False)
     assert done.returncode == 0, done.stderr
