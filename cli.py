@@ -7,6 +7,7 @@
     translate sample RUN_OR_CHECKPOINT              sample grid / interpolation of a latent GAN
     translate eval RUN | --folders A B              scores (PSNR/SSIM, FID/KID, toy modes)
     translate plot RUN_DIR                          loss and metric curves as a PNG
+    translate doctor RUN_DIR                        health timeline, best steps, warnings
     translate invert RUN IMAGE --out OUT.png        the latent code of an image (GAN inversion)
 """
 
@@ -110,7 +111,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from translate.export import export_run
 
-    for line in export_run(args.run, step=args.step, ema=args.ema, out=args.out, onnx=args.onnx):
+    for line in export_run(args.run, step=args.step, ema=args.ema, out=args.out, onnx=args.onnx,
+                           best=args.best):
         print(line)
     return 0
 
@@ -180,6 +182,8 @@ def _add_inference(sub) -> None:
     p.add_argument("run", help="run folder (runs/<name>)")
     p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument("--best", action="store_true", help="the best checkpoint (train.keep_best) "
+                   "instead of the newest")
     p.add_argument("--out", help="output folder (default RUN/export)")
     p.add_argument("--onnx", action="store_true", help="also write <name>.onnx, checked vs torch")
     p.set_defaults(func=cmd_export)
@@ -259,11 +263,13 @@ def _add_other(sub) -> None:
                    "run is moved to RUN.old-<time> (default: continue or reuse it)")
     p.set_defaults(func=cmd_demo)
 
+    from translate.doctor import add_doctor_parser
     from translate.eval_report import add_eval_parser
     from translate.plot import add_plot_parser
 
     add_eval_parser(sub)
     add_plot_parser(sub)
+    add_doctor_parser(sub)
     from translate.invert import add_invert_parser
 
     add_invert_parser(sub)

@@ -165,6 +165,38 @@ def test_eval_fid_features_small(capsys, cyclegan_run):
     assert r["fid"] >= -1e-6
 
 
+def test_eval_writes_its_protocol_and_warns_that_fid_on_few_images_is_biased(
+        capsys, cyclegan_run, tmp_path):
+    from translate.protocol import extractor_sha256
+
+    assert _main(["eval", str(cyclegan_run), "--fid-features", "small", "--json"]) == 0
+    captured = capsys.readouterr()
+    r = json.loads(captured.out)
+    p = r["protocol"]
+    assert p["checkpoint"] == "step 2, the newest (last)"
+    assert p["images"] == {"testA": 4, "testB": 4} and p["image_size"] == "16x16 px"
+    assert p["features_sha256"] == extractor_sha256("small") and "8-bit" in p["resize"]
+    assert "subsets" in p["kid_interval"]
+    for prefix in ("", "ba_", "baseline_"):
+        assert r[prefix + "kid_lo"] <= r[prefix + "kid_hi"]
+    assert r["warnings"] == [line.removeprefix("warning: ")
+                             for line in captured.err.strip().splitlines()]
+    assert "FID on few images (testA 4, testB 4): below 2,000" in r["warnings"][0]
+    # Scores still printed, and the table mode prints the protocol under the table.
+    assert _main(["eval", str(cyclegan_run), "--fid-features", "small", "--step", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "FID" in out and "protocol: checkpoint: step 2, chosen with --step" in out
+    # Without FID there is no warning, and the protocol still names the checkpoint.
+    plain = _json(capsys, ["eval", str(cyclegan_run), "--json"])
+    assert plain["warnings"] == [] and plain["protocol"]["checkpoint"].startswith("step 2")
+    # The hash of an Inception weights file is the file's.
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"not really weights")
+    import hashlib
+
+    assert extractor_sha256(str(weights)) == hashlib.sha256(b"not really weights").hexdigest()
+
+
 def test_eval_errors_are_one_line(capsys, tmp_path, cyclegan_run):
     assert str(tmp_path / "nope") in _error(capsys, ["eval", str(tmp_path / "nope")])
     assert "not a run folder" in _error(capsys, ["eval", str(tmp_path)])
@@ -294,11 +326,12 @@ def test_plot_of_a_run(capsys, cyclegan_run, tmp_path):
     with Image.open(path) as im:
         im.verify()
     img = Image.open(path)
-    # Panels: G, D, eval (the demo recipe's eval/psnr), lr (lr/D, lr/G, lr_scale), speed (it_s).
-    assert img.size == (WIDTH, TITLE_HEIGHT + 5 * PANEL_HEIGHT) and img.mode == "RGB"
+    # Panels: G, D, eval (the demo recipe's eval/psnr), health (the health monitor's values),
+    # lr (lr/D, lr/G, lr_scale), speed (it_s).
+    assert img.size == (WIDTH, TITLE_HEIGHT + 6 * PANEL_HEIGHT) and img.mode == "RGB"
     log = parse_log((cyclegan_run / "log.jsonl").read_text().splitlines())
     groups = group_keys(list(log.series))
-    assert list(groups) == ["G", "D", "eval", "lr", "speed (it/s)"], groups
+    assert list(groups) == ["G", "D", "eval", "health", "lr", "speed (it/s)"], groups
     assert sorted(groups["lr"]) == ["lr/D", "lr/G", "lr_scale"]
     # Inside the G panel's plot area (left of the legend), the curves are coloured pixels.
     inner = np.asarray(img)[TITLE_HEIGHT + 40:TITLE_HEIGHT + PANEL_HEIGHT - 50,

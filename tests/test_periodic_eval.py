@@ -117,6 +117,10 @@ def test_image_gan_kid_needs_held_out_images(tiny_unpaired, tmp_path):
     run_cli(*args, "--run-dir", str(run), "--set", f'train.eval_data="{tiny_unpaired / "testA"}"')
     last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 2 and math.isfinite(last["eval/kid"])
+    assert last["eval/kid_lo"] <= last["eval/kid_hi"]  # its subset-bootstrap interval
+    protocol = json.loads((run / "eval_protocol.json").read_text())
+    assert protocol["images"] == {"generated": 4, "reference": 4}
+    assert protocol["image_size"] == "32x32 px" and len(protocol["features_sha256"]) == 64
 
 
 @pytest.mark.slow

@@ -103,6 +103,10 @@ class TrainConfig:
     eval_every: int = non_negative(0)     # steps between scores during training (0 = off; translate.periodic_eval)
     eval_data: str = ""                   # held-out images for KID ("" = none; CycleGAN: ROOT/testB)
     eval_features: str = "small"          # KID features: "small" (random net, relative only) or Inception weights path
+    keep_best: str = ""                   # score whose best checkpoint is kept in checkpoints/best, e.g. "eval/psnr" ("" = off)
+    health: bool = True                   # health checks: health/* values and warnings (translate/health.py)
+    health_every: int = non_negative(0)   # steps between health checks (0 = at each sample_every)
+    health_patience: int = positive(3)    # checks in a row a condition must hold before its warning
 
 
 @dataclass(frozen=True)
@@ -281,6 +285,8 @@ def check(cfg: RunConfig) -> None:
     if t.lr_schedule == "constant" and t.epochs_decay > 0:
         raise ConfigError("train.epochs_decay: needs train.lr_schedule = 'linear' (with a "
                           "constant schedule the decay epochs would run at full LR)")
+    if t.keep_best:
+        _check_keep_best(t)
     d = cfg.data
     if d.kind == "toy" and d.max_items > 0:
         raise ConfigError("data.max_items: the toy data has no image files to subset; set it to 0 "
@@ -318,6 +324,17 @@ def fit_intervals(cfg: RunConfig, keep: set[str]) -> tuple[RunConfig, str]:
     message = (f"note: a run of {t.steps} steps is shorter than the recipe's intervals: {note} "
                "(set them with --log-every / --sample-every)")
     return dataclasses.replace(cfg, train=dataclasses.replace(t, **fitted)), message
+
+
+def _check_keep_best(t: TrainConfig) -> None:
+    from translate.core.best import DIRECTIONS
+
+    if t.keep_best not in DIRECTIONS:
+        raise ConfigError(f"train.keep_best: {t.keep_best!r} is not a score whose better "
+                          f"direction is known; use one of {', '.join(DIRECTIONS)} (or \"\")")
+    if t.eval_every == 0:
+        raise ConfigError(f"train.keep_best: {t.keep_best} needs periodic scores; set "
+                          "train.eval_every (e.g. --eval-every 100)")
 
 
 def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

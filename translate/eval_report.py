@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from translate.evaluate import (
     load_translators,
 )
 from translate.methods import METHODS
+from translate.protocol import lines as protocol_lines
 
 
 def evaluate(args: Any) -> dict[str, Any]:
@@ -52,15 +54,18 @@ def evaluate(args: Any) -> dict[str, Any]:
     path, cfg = _model(args.run)
     if cfg is not None:
         if cfg.data.kind == "toy":
-            return eval_toy_run(path, args.step, args.ema, args.samples, args.seed)
+            return eval_toy_run(path, args.step, args.ema, args.samples, args.seed, args.best)
         if not METHODS[cfg.method].image_to_image:
             raise UserError(f"{path}: eval scores image-to-image (cyclegan, cut) and toy runs; "
                             f"for a {cfg.method} image "
                             f"run, write samples with `translate sample {path} --n 1000 "
                             f"--separate SAMPLES` and compare them with the training images: "
                             f"`translate eval --folders SAMPLES {cfg.data.root or 'DATA'}`")
-    return eval_translation(load_translators(path, args.data, args.step, args.ema), args.split,
-                            features, args.batch_size)
+    if args.best and cfg is None:
+        raise UserError(f"{path}: --best picks a run's checkpoint; pass the run folder")
+    return eval_translation(load_translators(path, args.data, args.step, args.ema,
+                                             best=args.best), args.split, features,
+                            args.batch_size)
 
 
 def _model(run: str) -> tuple[Path, RunConfig | None]:
@@ -85,7 +90,8 @@ def _eval_pairs(args: Any, features: str | None) -> dict[str, Any]:
     if cfg is not None and not METHODS[cfg.method].image_to_image:
         raise UserError(f"{path}: --input/--truth score image-to-image (cyclegan, cut) runs, not "
                         f"{cfg.method}")
-    tr = load_translators(path, None, args.step, args.ema, need_root=False)
+    tr = load_translators(path, None, args.step, args.ema, need_root=False,
+                          best=args.best and cfg is not None)
     return eval_pairs(tr, Path(args.input), Path(args.truth), args.direction, features,
                       args.batch_size)
 
@@ -115,6 +121,8 @@ TRANSLATION_ROWS = [  # label, key suffix, digits; prefixes "" (A->B), "ba_", "b
     ("cycle L1", "cycle_l1", 4),
     ("FID", "fid", 3),
     ("KID", "kid_mean", 4),
+    ("KID 95% low", "kid_lo", 4),
+    ("KID 95% high", "kid_hi", 4),
 ]
 
 
@@ -134,7 +142,8 @@ def result_table(r: dict[str, Any]) -> Table:
         table.add_row("folder 1", f"{r['folder1']} ({r['n1']} images)")
         table.add_row("folder 2", f"{r['folder2']} ({r['n2']} images)")
         table.add_row("FID", _fmt(r["fid"]))
-        table.add_row("KID", f"{_fmt(r['kid_mean'], 4)} ± {_fmt(r['kid_std'], 4)}")
+        table.add_row("KID", f"{_fmt(r['kid_mean'], 4)} (95% interval {_fmt(r['kid_lo'], 4)} "
+                      f"to {_fmt(r['kid_hi'], 4)})")
         table.add_row("features", r["features"])
         return table
     counts = ", ".join(f"{r[f'n_{d}']} {d.upper()}" for d in "ab" if f"n_{d}" in r)
@@ -146,18 +155,21 @@ def result_table(r: dict[str, Any]) -> Table:
         if any(c is not None for c in cells):
             table.add_row(label, *(_fmt(c, digits) for c in cells))
     notes = [] if r["truth"] else ["no ground truth (PSNR/SSIM need the demo data's testB)"]
-    if "features" in r:
-        notes.append(f"FID/KID features: {r['features']}")
-    table.caption = "; ".join(notes) or None
+    table.caption = "; ".join(notes) or None  # the features are in the protocol lines
     return table
 
 
 def cmd_eval(args: Any) -> int:
     result = evaluate(args)
+    for line in result.get("warnings", []):
+        print(f"warning: {line}", file=sys.stderr)
     if args.json:
         print(json.dumps(jsonable(result)))
     else:
-        Console().print(result_table(result))
+        console = Console()
+        console.print(result_table(result))
+        for line in protocol_lines(result["protocol"]):
+            console.print(f"protocol: {line}", highlight=False, soft_wrap=True)
     return 0
 
 
@@ -183,6 +195,8 @@ def add_eval_parser(sub: Any) -> None:
                    help="Inception weights for FID/KID (same as --fid-features PATH)")
     p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     p.add_argument("--ema", action="store_true", help="use the EMA generator weights")
+    p.add_argument("--best", action="store_true", help="the run's best checkpoint "
+                   "(train.keep_best) instead of the newest")
     p.add_argument("--samples", type=int, default=PACGAN_SAMPLES, help="toy runs: samples drawn")
     p.add_argument("--seed", type=int, default=0, help="toy runs: seed of the latent codes")
     p.add_argument("--batch-size", type=int, default=8, help="images per generator call")

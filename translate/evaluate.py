@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from translate.errors import UserError
+from translate.protocol import describe, fid_warning
 
 Translator = Callable[[Tensor], Tensor]  # NCHW in [-1, 1] -> same N, H, W, clamped to [-1, 1]
 PACGAN_SAMPLES = 2500  # generator samples per evaluation in PacGAN's protocol
@@ -35,6 +35,7 @@ class Translators:
     channels: dict[str, int]  # "a", "b": channels the images of each domain are loaded with
     root: Path | None  # dataset root holding testA/testB, if known
     source: str  # for the report, e.g. "runs/demo step 5000"
+    checkpoint: str = ""  # which weights: "step 5000, the newest (last)", "..., the best by ..."
 
 
 # ---------------------------------------------------------------------------- scores (pure)
@@ -94,35 +95,41 @@ def cycle_mean(xs: list[Tensor], recs: list[Tensor], prefix: str = "") -> dict[s
     return {f"{prefix}{k}": float(np.mean([p[k] for p in per])) for k in per[0]}
 
 
-def image_features(xs: list[Tensor], extractor: Callable, batch_size: int = 32) -> np.ndarray:
-    """(N, D) features of 1xCxHxW images, resized to the first one's size (bilinear) to batch."""
-    size = xs[0].shape[-2:]
-    ready = [x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x for x in xs]
-    ready = [x if x.shape[-2:] == size else
-             F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True) for x in ready]
+def image_features(xs: list[Tensor], extractor: Callable, batch_size: int = 32,
+                   size: tuple[int, int] | None = None) -> np.ndarray:
+    """(N, D) features of 1xCxHxW images, through translate.metrics.metric_images at `size`
+    (default: the first image's size, so that they batch)."""
+    from translate.metrics import metric_images
+
+    size = size or tuple(xs[0].shape[-2:])
+    ready = [metric_images(x, size) for x in xs]
     with torch.inference_mode():
         return np.concatenate([extractor(torch.cat(ready[i:i + batch_size])).double().numpy()
                                for i in range(0, len(ready), batch_size)])
 
 
 def fid_kid(f1: np.ndarray, f2: np.ndarray, prefix: str = "") -> dict[str, float]:
-    from translate.metrics import fid_from_features, kid_from_features
+    from translate.metrics import fid_from_features, kid_from_features, kid_interval
 
     kid, kid_std = kid_from_features(f1, f2)
+    low, high, _ = kid_interval(f1, f2)
     return {f"{prefix}fid": fid_from_features(f1, f2), f"{prefix}kid_mean": kid,
-            f"{prefix}kid_std": kid_std}
+            f"{prefix}kid_std": kid_std, f"{prefix}kid_lo": low, f"{prefix}kid_hi": high}
 
 
 # ---------------------------------------------------------------------------- loading
+
+
+def feature_label(spec: str) -> str:
+    return SMALL_FEATURES if spec == "small" else f"Inception v3 ({Path(spec).name})"
 
 
 def feature_extractor(spec: str) -> tuple[Callable, str]:
     """"small" -> the fixed random conv net; anything else is a path to Inception weights."""
     from translate.fid import load_inception, small_feature_net
 
-    if spec == "small":
-        return small_feature_net(), SMALL_FEATURES
-    return load_inception(spec), f"Inception v3 ({Path(spec).name})"
+    extractor = small_feature_net() if spec == "small" else load_inception(spec)
+    return extractor, feature_label(spec)
 
 
 def _net_translator(net: nn.Module) -> Translator:
@@ -147,35 +154,41 @@ def _export_translator(path: Path) -> tuple[str, Translator, dict[str, str]]:
 
 
 def load_translators(path: Path, data: str | None = None, step: int | None = None,
-                     ema: bool = False, need_root: bool = True) -> Translators:
+                     ema: bool = False, need_root: bool = True, best: bool = False
+                     ) -> Translators:
     """The generators of a run folder, an export folder (G_ab/G_ba.safetensors) or one file.
-    `need_root`: an export must then be given its dataset root (`data`)."""
+    `need_root`: an export must then be given its dataset root (`data`); `best`: the run's
+    checkpoints/best."""
     from translate.export import run_generators
+    from translate.protocol import checkpoint_of
 
     root = Path(data) if data else None
     if (path / "config.json").is_file():
-        cfg, nets, ckpt = run_generators(path, step, ema)
+        cfg, nets, ckpt = run_generators(path, step, ema, best)
         fns = {k[2:].lower(): _net_translator(nets[k]) for k in ("G_ab", "G_ba") if k in nets}
         state = json.loads((ckpt / "state.json").read_text())
         root = root or (Path(cfg.data.root) if cfg.data.root else None)
+        which = checkpoint_of(ckpt, state["step"], step is not None) + (" (EMA)" if ema else "")
         return Translators(fns, {"a": cfg.data.channels_a, "b": cfg.data.channels_b}, root,
-                           f"{path} step {state['step']}" + (" (EMA)" if ema else ""))
+                           f"{path} step {state['step']}" + (" (EMA)" if ema else ""), which)
     files = [path / f"{g}.safetensors" for g in ("G_ab", "G_ba")] if path.is_dir() else [path]
     files = [f for f in files if f.is_file()]
     if not files:
         raise UserError(f"{path}: not a run folder (config.json), an export folder "
                         "(G_ab.safetensors) or a model file; pass runs/<name> or a .safetensors")
-    fns, channels = {}, {}
+    fns, channels, which = {}, {}, []
     for f in files:
         direction, fn, meta = _export_translator(f)
         fns[direction] = fn
         channels[direction[0]] = int(meta["in_channels"])
         channels[direction[1]] = int(meta["out_channels"])
+        which.append(f"{f.name}: exported from step {meta.get('step', '?')}"
+                     + (f", {meta['checkpoint']}" if "checkpoint" in meta else ""))
     if root is None and need_root:
         raise UserError(f"{path}: an exported generator does not record its dataset; pass "
                         "--data ROOT (the folder holding testA and testB), or your own pairs "
                         "with --input DIR --truth DIR")
-    return Translators(fns, channels, root, ", ".join(str(f) for f in files))
+    return Translators(fns, channels, root, ", ".join(str(f) for f in files), "; ".join(which))
 
 
 def load_folder(folder: Path, channels: int) -> tuple[list[str], list[Tensor]]:
@@ -218,11 +231,17 @@ def eval_translation(tr: Translators, split: str = "test", fid_features: str | N
         raise UserError(f"{tr.root}: FID/KID need at least 2 images in each of "
                         f"{split}A and {split}B; add images or drop --fid-features")
     extractor, label = feature_extractor(fid_features) if fid_features else (None, "")
-    feats = ({d: image_features(xs, extractor) for d, (_, xs) in loaded.items()}
+    # One size for every set (the first image's), so fakes and reals are resized alike.
+    size = tuple(next(iter(loaded.values()))[1][0].shape[-2:])
+    feats = ({d: image_features(xs, extractor, size=size) for d, (_, xs) in loaded.items()}
              if extractor else {})
+    counts = {f"{split}{d.upper()}": len(xs) for d, (_, xs) in loaded.items()}
     result: dict[str, Any] = {"kind": "translation", "source": tr.source, "data": str(tr.root),
                               "split": split, "truth": paired,
-                              **{f"n_{d}": len(xs) for d, (_, xs) in loaded.items()}}
+                              **{f"n_{d}": len(xs) for d, (_, xs) in loaded.items()},
+                              "protocol": describe(tr.checkpoint, counts, label or None,
+                                                   fid_features, size),
+                              "warnings": [w for w in [fid_warning(counts)] if extractor and w]}
     if len(feats) == 2:
         result.update(features=label, **fid_kid(feats["a"], feats["b"], "baseline_"))
     for direction in directions:
@@ -235,7 +254,7 @@ def eval_translation(tr: Translators, split: str = "test", fid_features: str | N
         if back is not None:
             result.update(cycle_mean(src, apply_all(back, fake, batch_size), prefix))
         if direction[1] in feats:
-            result.update(features=label, **fid_kid(image_features(fake, extractor),
+            result.update(features=label, **fid_kid(image_features(fake, extractor, size=size),
                                                     feats[direction[1]], prefix))
     if not any(k.endswith(("psnr", "fid")) for k in result):
         raise UserError(f"{tr.source}: nothing to score without ground truth or a second "
@@ -300,22 +319,30 @@ def eval_pairs(tr: Translators, input_dir: Path, truth_dir: Path, direction: str
     back = tr.fns.get(direction[::-1])
     if back is not None:
         result.update(cycle_mean(src, apply_all(back, fake, batch_size), prefix))
+    counts, size = {"pairs": len(pairs)}, tuple(truth[0].shape[-2:])
+    result.update(protocol=describe(tr.checkpoint, counts), warnings=[])
     if fid_features:
         extractor, label = feature_extractor(fid_features)
-        result.update(features=label, **fid_kid(image_features(fake, extractor),
-                                                image_features(truth, extractor), prefix))
+        result.update(features=label, **fid_kid(image_features(fake, extractor, size=size),
+                                                image_features(truth, extractor, size=size),
+                                                prefix),
+                      protocol=describe(tr.checkpoint, counts, label, fid_features, size),
+                      warnings=[w for w in [fid_warning(counts)] if w])
     return result
 
 
 def eval_toy_run(run: Path, step: int | None = None, ema: bool = False,
-                 n: int = PACGAN_SAMPLES, seed: int = 0) -> dict[str, Any]:
-    """PacGAN scores of a toy run's generator (newest checkpoint unless `step`)."""
+                 n: int = PACGAN_SAMPLES, seed: int = 0, best: bool = False) -> dict[str, Any]:
+    """PacGAN scores of a toy run's generator (newest checkpoint unless `step` or `best`)."""
     from translate.export import run_generators
+    from translate.protocol import checkpoint_of
 
-    cfg, nets, ckpt = run_generators(run, step, ema)
+    cfg, nets, ckpt = run_generators(run, step, ema, best)
     state = json.loads((ckpt / "state.json").read_text())
+    which = checkpoint_of(ckpt, state["step"], step is not None) + (" (EMA)" if ema else "")
     return {"kind": "toy", "source": str(run), "toy": cfg.data.toy, "method": cfg.method,
-            "step": state["step"], "ema": ema, **toy_scores(nets["G"], cfg.data.toy, n, seed)}
+            "step": state["step"], "ema": ema, **toy_scores(nets["G"], cfg.data.toy, n, seed),
+            "protocol": describe(which, {"samples": n})}
 
 
 def eval_folders(folder1: Path, folder2: Path, fid_features: str = "small",
@@ -324,5 +351,9 @@ def eval_folders(folder1: Path, folder2: Path, fid_features: str = "small",
 
     extractor, label = feature_extractor(fid_features)
     scores = fid_kid_folders(folder1, folder2, extractor, batch_size)
+    counts = {"folder1": scores["n1"], "folder2": scores["n2"]}
     return {"kind": "folders", "folder1": str(folder1), "folder2": str(folder2),
-            "features": label, **scores}
+            "features": label, **scores,
+            "protocol": describe("none (two folders)", counts, label, fid_features,
+                                 "each folder at its first image's size"),
+            "warnings": [w for w in [fid_warning(counts)] if w]}

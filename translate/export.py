@@ -21,6 +21,7 @@ from torch import nn
 
 from translate import __version__
 from translate import config as config_mod
+from translate.core import best as best_mod
 from translate.core import checkpoint
 from translate.core.precision import inference_precision
 from translate.errors import ModelError, UserError
@@ -52,16 +53,18 @@ def split_checkpoint(path: Path, step: int | None) -> tuple[Path, int | None]:
     return path.parent.parent, found
 
 
-def run_generators(run_dir: Path, step: int | None = None, ema: bool = False
-                   ) -> tuple[Any, dict[str, nn.Module], Path]:
+def run_generators(run_dir: Path, step: int | None = None, ema: bool = False,
+                   best: bool = False) -> tuple[Any, dict[str, nn.Module], Path]:
     """(config, {name: generator with trained weights}, checkpoint folder) of a run folder, or
-    of one checkpoint folder `RUN/checkpoints/step_N`."""
+    of one checkpoint folder `RUN/checkpoints/step_N`; `best`: the run's checkpoints/best."""
     run_dir, step = split_checkpoint(Path(run_dir), step)
     if not (run_dir / "config.json").is_file():
         raise UserError(f"{run_dir}: not a run folder (no config.json); pass runs/<name> or "
                         "runs/<name>/checkpoints/step_N")
+    if best and step is not None:
+        raise UserError("--best and --step name two checkpoints; pass one of them")
     cfg = config_mod.load_json(run_dir / "config.json")
-    found = checkpoint.list_checkpoints(run_dir)
+    found = [best_mod.require(run_dir)] if best else checkpoint.list_checkpoints(run_dir)
     if step is not None:
         found = [p for p in found if p == checkpoint.step_dir(run_dir, step)]
     if not found:
@@ -116,23 +119,30 @@ def metadata(net: nn.Module, cfg: Any, name: str, info: dict[str, Any], step: in
 
 
 def export_run(run: str | Path, step: int | None = None, ema: bool = False,
-               out: str | Path | None = None, onnx: bool = False) -> list[str]:
+               out: str | Path | None = None, onnx: bool = False, best: bool = False
+               ) -> list[str]:
     """Write each generator of a run; returns printable lines describing what was written."""
-    cfg, nets, ckpt = run_generators(Path(run), step, ema)
-    out_dir = Path(out) if out else ckpt.parents[1] / "export"  # RUN/export, also for a checkpoint
+    cfg, nets, ckpt = run_generators(Path(run), step, ema, best)
+    run_dir = ckpt.parents[2] if best else ckpt.parents[1]  # also for a checkpoint folder
+    out_dir = Path(out) if out else run_dir / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     state = json.loads((ckpt / "state.json").read_text())
     method = METHODS[cfg.method].build(cfg)
+    record = json.loads((ckpt / best_mod.RECORD).read_text()) if best else None
+    which = f"step {state['step']}" + (
+        f", the best by {record['metric']} = {record['value']:.4g}" if record else "")
     lines = []
     for name, net in nets.items():
         meta = metadata(net, cfg, name, method.generators[name], state["step"], ema)
+        if record:
+            meta["checkpoint"] = f"best by {record['metric']} ({record['value']:.6g})"
         path = out_dir / f"{name}.safetensors"
         tmp = path.with_name("." + path.name + ".tmp")
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), meta)
         checkpoint.apply_umask([tmp])  # safetensors creates 0600 files
         tmp.replace(path)
         n = sum(p.numel() for p in net.parameters())
-        lines.append(f"wrote {path} ({n / 1e6:.3f} M parameters, step {state['step']})")
+        lines.append(f"wrote {path} ({n / 1e6:.3f} M parameters, {which})")
         if onnx:
             from translate.onnx_export import export_onnx
 

@@ -28,7 +28,8 @@ SCALE = 2  # drawn at SCALE x and downsampled: PIL's lines are not anti-aliased
 _LEFT, _RIGHT, _TOP, _BOTTOM = 72, 200, 28, 36  # panel margins around the plot area, pixels
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
             (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-_SKIP = ("step", "time")  # not curves: the x axis, and wall time (the speed panel shows it)
+# Not curves: the x axis, wall time (the speed panel shows it), the health warnings (text).
+_SKIP = ("step", "time", "warnings")
 # Keys drawn against their own axis on the right of a panel they share: the schedule's
 # multiplier (about 1) beside learning rates (about 1e-4) would flatten them onto zero.
 _RIGHT_AXIS = ("lr_scale",)

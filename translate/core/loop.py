@@ -15,9 +15,9 @@ from accelerate.utils import set_seed
 from torch import Tensor, nn
 
 from translate import data as data_mod
-from translate import periodic_eval
+from translate import health_monitor, periodic_eval
 from translate.config import RunConfig
-from translate.core import checkpoint, faults, penalties, precision, rundir, tracking
+from translate.core import best, checkpoint, faults, penalties, precision, rundir, tracking
 from translate.core.ema import ema_update, make_ema
 from translate.core.faults import Diverged
 from translate.core.runlog import RUN_SHAPE, RunLog
@@ -196,6 +196,8 @@ class Session:
     run_dir: Path
     scorer: periodic_eval.Scorer | None = None  # train.eval_every's scores (main process only)
     precision_why: str = ""  # how the precision was chosen, for the start line
+    health: health_monitor.Monitor | None = None  # train.health's checks (main process only)
+    best: best.Keeper | None = None  # train.keep_best's checkpoint (main process only)
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -233,8 +235,9 @@ def setup(cfg: RunConfig) -> Session:
         nets = {n: torch.compile(m) for n, m in nets.items()}
     ema = {g: make_ema(method.nets[g]) for g in method.generators} if cfg.train.ema > 0 else {}
     total, decay = total_steps(cfg, dataset, accelerator.num_processes)
+    monitor = health_monitor.build(cfg, method, dataset, accelerator.is_main_process)
     return Session(cfg, accelerator, method, nets, list(prepared[len(names):]), ema, dataset,
-                   total, decay, run_dir, scorer, precision_why)
+                   total, decay, run_dir, scorer, precision_why, monitor)
 
 
 def _save(s: Session, state: checkpoint.TrainState) -> Path:
@@ -244,11 +247,16 @@ def _save(s: Session, state: checkpoint.TrainState) -> Path:
                            s.cfg.train.keep_checkpoints)
 
 
+def _shown_nets(s: Session) -> dict[str, nn.Module]:
+    nets = {n: s.accelerator.unwrap_model(m) for n, m in s.nets.items()}
+    nets.update(s.ema)  # the EMA generators when there are some, as in the sample grids
+    return nets
+
+
 def _sample(s: Session, log: RunLog, step: int, fixed) -> None:
     if not s.accelerator.is_main_process:
         return
-    nets = {n: s.accelerator.unwrap_model(m) for n, m in s.nets.items()}
-    nets.update(s.ema)
+    nets = _shown_nets(s)
     modes = {n: m.training for n, m in nets.items()}
     for m in nets.values():
         m.eval()  # eval: sampling must not move BatchNorm statistics (exact resume)
@@ -265,9 +273,21 @@ def _evaluate(s: Session) -> dict[str, float]:
     and wait for the main one at the next gradient all-reduce."""
     if s.scorer is None:
         return {}
-    nets = {n: s.accelerator.unwrap_model(m) for n, m in s.nets.items()}
-    nets.update(s.ema)  # the EMA generators when there are some, as in the sample grids
-    return periodic_eval.evaluate(s.scorer, nets)
+    return periodic_eval.evaluate(s.scorer, _shown_nets(s))
+
+
+def _health(s: Session, step: int, fixed, values: dict[str, float], due: bool) -> list[str]:
+    """Health checks (main process, no collective): adds health/* to `values`; returns the
+    warning lines that became due."""
+    if s.health is None:
+        return []
+    s.health.observe(step, values)
+    if not due:
+        return []
+    calls = health_monitor.generator_calls(s.method, _shown_nets(s), fixed)
+    checks, warnings = s.health.check(step, calls)
+    values.update(checks)
+    return warnings
 
 
 def _start(s: Session, path: Path | None) -> tuple[checkpoint.TrainState, Path | None]:
@@ -302,6 +322,7 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = True,
     state, path = _start(s, plan.checkpoint)
     # Only now, with settings, data and checkpoint known to be usable, is the folder touched.
     notes = rundir.open_folder(cfg, plan) if acc.is_main_process else []
+    s.best = best.keeper(t.keep_best, s.run_dir, state.step, acc.is_main_process)
     trackers = tracking.start(acc, cfg, state.step)
     log = RunLog(s.run_dir, acc.is_main_process, s.total, state.step, progress, trackers)
     # Also in the first log.jsonl record of this start (a resume may change the process count
@@ -359,7 +380,8 @@ def run_step(s: Session, state: checkpoint.TrainState, batches: Batches, log: Ru
     state.step += 1
     state.batches = batches.drawn
     eval_now = t.eval_every > 0 and (state.step % t.eval_every == 0 or state.step == s.total)
-    log_now = state.step % t.log_every == 0 or state.step == s.total or eval_now
+    health_now = health_monitor.due(s.cfg, state.step, s.total)
+    log_now = state.step % t.log_every == 0 or state.step == s.total or eval_now or health_now
     if log_now:
         logs = global_mean(acc, logs)
     # Every step where it is free (one CPU process); else at log steps, where the values are
@@ -367,15 +389,19 @@ def run_step(s: Session, state: checkpoint.TrainState, batches: Batches, log: Ru
     if log_now or (acc.device.type == "cpu" and acc.num_processes == 1):
         faults.check_finite(logs, state.step)
     log.advance(state.step)
+    scores = _evaluate(s) if eval_now else {}
     if log_now:
-        scores = _evaluate(s) if eval_now else {}
-        log.log(state.step, {**shape, **{k: float(v) for k, v in logs.items()}, **scores})
+        values = {**shape, **{k: float(v) for k, v in logs.items()}, **scores}
+        warnings = _health(s, state.step, fixed, values, health_now)
+        log.log(state.step, values, warnings)
         shape.clear()
     if state.step % t.sample_every == 0 or state.step == s.total:
         _sample(s, log, state.step, fixed)
     saved = None
     if state.step % t.save_every == 0 or state.step == s.total:
         saved = _save(s, state)
+    if s.best is not None and scores:  # Keep the best checkpoint (train.keep_best).
+        s.best.offer(s.accelerator, s.run_dir, state, s.nets, s.ema, scores)
     return logs, saved
 
 

@@ -67,6 +67,14 @@ class _TrainBar(Progress):
                 yield Text(task.fields["logs"], no_wrap=True, overflow="ellipsis")
 
 
+def records(path: Path) -> list[dict]:
+    """The readable records of a log.jsonl (a line cut short by a kill is left out)."""
+    if not Path(path).is_file():
+        return []
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    return [r for line in lines if (r := _record(line)) is not None and "step" in r]
+
+
 class RunLog:
     """Main-process only (the loop creates it with enabled=False elsewhere)."""
 
@@ -117,7 +125,9 @@ class RunLog:
         if self.bar is not None:
             self.bar.update(self.task, completed=step)
 
-    def log(self, step: int, values: dict[str, float]) -> None:
+    def log(self, step: int, values: dict[str, float], warnings: list[str] = ()) -> None:
+        """One record of scalars; `warnings` (lines of text) go into the record under
+        "warnings" and to the terminal, not to the trackers (scalars only)."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -125,6 +135,8 @@ class RunLog:
         self.last = (step, now)
         record = {"step": step, "time": round(now - self.t0, 3), "it_s": round(rate, 4)}
         record.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
+        if warnings:
+            record["warnings"] = list(warnings)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.trackers is not None:
@@ -135,6 +147,8 @@ class RunLog:
         else:
             self.print(f"step {step}/{self.total}  {rate:.2f} it/s  eta {self._eta(step, now)}  "
                        f"{format_logs(values)}")
+        for line in warnings:
+            self.print(f"warning: {line}")
 
     def _eta(self, step: int, now: float) -> str:
         """h:mm:ss left at the mean rate of this start (setup time included, so it errs long)."""
