@@ -3,7 +3,7 @@
 from torch import Tensor, nn
 
 from translate.errors import ConfigError
-from translate.nets.layers import check_norm, conv_bias, make_norm, register
+from translate.nets.layers import ReflectionPad2d, check_norm, conv_bias, make_norm, register
 
 _NORMS = ("instance", "batch", "none")
 
@@ -15,7 +15,7 @@ class ResidualBlock(nn.Module):
         super().__init__()
         bias = conv_bias(norm)
         layers: list[nn.Module] = [
-            nn.ReflectionPad2d(1),
+            ReflectionPad2d(1),
             nn.Conv2d(channels, channels, 3, bias=bias),
             make_norm(norm, channels),
             nn.ReLU(inplace=True),
@@ -23,7 +23,7 @@ class ResidualBlock(nn.Module):
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         layers += [
-            nn.ReflectionPad2d(1),
+            ReflectionPad2d(1),
             nn.Conv2d(channels, channels, 3, bias=bias),
             make_norm(norm, channels),
         ]
@@ -36,7 +36,7 @@ class ResidualBlock(nn.Module):
 def _upsample(cin: int, cout: int, how: str, bias: bool) -> nn.Module:
     if how == "transpose":
         return nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1, bias=bias)
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1),
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), ReflectionPad2d(1),
                          nn.Conv2d(cin, cout, 3, bias=bias))
 
 
@@ -78,7 +78,7 @@ class ResnetGenerator(nn.Module):
         bias = conv_bias(norm)
 
         layers: list[nn.Module] = [
-            nn.ReflectionPad2d(3),
+            ReflectionPad2d(3),
             nn.Conv2d(in_channels, ngf, 7, bias=bias),
             make_norm(norm, ngf),
             nn.ReLU(inplace=True),
@@ -96,7 +96,7 @@ class ResnetGenerator(nn.Module):
                 make_norm(norm, ngf * mult // 2),
                 nn.ReLU(inplace=True),
             ]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, 7), nn.Tanh()]
+        layers += [ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
