@@ -18,7 +18,9 @@ class ResidualBlock(nn.Module):
             ReflectionPad2d(1),
             nn.Conv2d(channels, channels, 3, bias=bias),
             make_norm(norm, channels),
-            nn.ReLU(inplace=True),
+            # Not in place: instance norm returns a view, and autograd pays for an in-place op
+            # on a view with a copy of the whole tensor in backward (CopySlices).
+            nn.ReLU(),
         ]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
@@ -81,20 +83,20 @@ class ResnetGenerator(nn.Module):
             ReflectionPad2d(3),
             nn.Conv2d(in_channels, ngf, 7, bias=bias),
             make_norm(norm, ngf),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),  # not in place: see ResidualBlock
         ]
         for mult in (1, 2):
             layers += [
                 nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=bias),
                 make_norm(norm, ngf * mult * 2),
-                nn.ReLU(inplace=True),
+                nn.ReLU(),  # not in place: see ResidualBlock
             ]
         layers += [ResidualBlock(ngf * 4, norm, dropout) for _ in range(n_blocks)]
         for mult in (4, 2):
             layers += [
                 _upsample(ngf * mult, ngf * mult // 2, upsample, bias),
                 make_norm(norm, ngf * mult // 2),
-                nn.ReLU(inplace=True),
+                nn.ReLU(),  # not in place: see ResidualBlock
             ]
         layers += [ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
