@@ -142,7 +142,9 @@ def machine(threads: int) -> dict[str, object]:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "native_bf16_flags": any(f in flags for f in NATIVE_BF16_FLAGS),
             "native_bf16": native_bf16(),  # what "auto" acts on (TRANSLATE_NATIVE_BF16 may force it)
-            "TRANSLATE_NATIVE_BF16": os.environ.get("TRANSLATE_NATIVE_BF16", "(unset)"),
+            # Set all three (=0, avx2, AVX2) to measure an AMX machine as an AVX2-only one.
+            **{k: os.environ.get(k, "(unset)") for k in (
+                "TRANSLATE_NATIVE_BF16", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")},
             "threads": threads, "cores": os.cpu_count(),
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(default)"),
             "load_avg_1min": round(os.getloadavg()[0], 2), "torch": torch.__version__}
