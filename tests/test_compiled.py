@@ -105,8 +105,11 @@ def test_cli_auto_reads_sizes_from_headers(generator, tmp_path, monkeypatch):
 
     src = tmp_path / "in"
     src.mkdir()
-    for i, (h, w) in enumerate([(64, 48), (64, 48), (30, 200)]):
+    for i, (h, w) in enumerate([(64, 48), (30, 200)]):
         Image.fromarray(_picture(h, w)).save(src / f"{i}.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 48x64, shown (and translated) 64x48
+    Image.fromarray(_picture(48, 64)).save(src / "turned.jpg", exif=exif)
     args = argparse.Namespace(compile="auto", model=str(generator), backend="auto",
                               input=str(src), output=str(tmp_path / "out"), format=None,
                               overwrite=False, resize=None, tile="auto")

@@ -104,13 +104,20 @@ def compile_forward(eager, info: ModelInfo,
     return CompiledForward(eager, net, info, dtype, eager.device, sizes)
 
 
+EXIF_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that load_image turns by 90 degrees
+
+
 def image_sizes(paths: list[Path], resize: int | None) -> list[tuple[int, int]]:
-    """(h, w) of each image from its header (unreadable ones left out), after `resize`."""
+    """(h, w) of each image as apply will see it, from its header: EXIF rotation, then
+    `resize`. Unreadable files are left out (the run reports them)."""
     out = []
     for path in paths:
         try:
-            with Image.open(path) as im:
+            with warnings.catch_warnings(), Image.open(path) as im:
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 w, h = im.size
+                if im.getexif().get(0x0112) in EXIF_TRANSPOSED:
+                    w, h = h, w
         except (OSError, ValueError, Image.DecompressionBombError):
             continue
         if resize is not None:
