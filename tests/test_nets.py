@@ -94,6 +94,24 @@ def test_resnet_keeps_non_square_size():
     assert net(torch.randn(1, 3, 20, 28)).shape == (1, 3, 20, 28)
 
 
+def test_resnet_pads_in_bf16_under_autocast_with_the_same_result(monkeypatch):
+    # CPU autocast runs reflection_pad2d in fp32; the ResNet's own pad keeps bf16 (no casts to
+    # fp32 and back around every pad) and must compute exactly what the cast round trip did.
+    from translate.nets import layers
+
+    torch.manual_seed(0)
+    net, x = build_net("resnet", ngf=8, n_blocks=2), torch.randn(2, 3, 16, 16)
+    pads = [m for m in net.modules() if isinstance(m, nn.ReflectionPad2d)]
+    assert pads and all(isinstance(m, layers.ReflectionPad2d) for m in pads)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pads[1](torch.ones(1, 2, 4, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+        ours = net(x)
+        monkeypatch.setattr(layers.ReflectionPad2d, "forward", nn.ReflectionPad2d.forward)
+        assert pads[1](torch.ones(1, 2, 4, 4, dtype=torch.bfloat16)).dtype == torch.float32
+        torch_pads = net(x)
+    assert torch.equal(ours, torch_pads)
+
+
 def test_resnet_one_channel_and_tanh_range():
     net = build_net("resnet", in_channels=1, out_channels=1, ngf=4, n_blocks=1)
     y = net(torch.randn(1, 1, 12, 8) * 10)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from torch import nn
 
 from translate import __version__
 from translate import config as config_mod
+from translate.compiled import compile_forward
 from translate.core import best as best_mod
 from translate.core import checkpoint
 from translate.core.precision import inference_precision
@@ -298,13 +300,20 @@ def _pick_backend(path: Path, backend: str, precision: str) -> str:
 
 
 def load_generator(path: str | Path, backend: str = "auto", precision: str = "auto",
-                   device: str | None = None) -> Generator:
+                   device: str | None = None,
+                   compile: bool | Collection[tuple[int, int]] = False) -> Generator:
     """Load an exported generator (.safetensors or .onnx) for inference. backend "auto" follows
-    the file suffix; an explicit backend that does not match the file is a UserError."""
+    the file suffix; an explicit backend that does not match the file is a UserError.
+    `compile` (torch backend): run through torch.compile with frozen weights, one warm-up per
+    input size (translate/compiled.py); True compiles the first sizes met, a collection of
+    (h, w) sizes (padded to the size multiple) only those."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: model file not found; export one with `translate export RUN`")
     if _pick_backend(path, backend, precision) == "onnx":
+        if compile is not False:
+            raise UserError(f"{path}: --compile is for the torch backend (onnxruntime runs the "
+                            "ONNX graph as it is) — drop --compile or pass the .safetensors export")
         from translate.onnx_export import load_onnx
 
         return load_onnx(path, Generator)
@@ -314,5 +323,7 @@ def load_generator(path: str | Path, backend: str = "auto", precision: str = "au
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     resolved = inference_precision(precision, dev)
     net = net.to(dev).to(memory_format=torch.channels_last)
-    return Generator(model_info(meta), meta, TorchForward(net, resolved, dev), "torch",
-                     resolved, precision)
+    forward = TorchForward(net, resolved, dev)
+    if compile is not False:
+        forward = compile_forward(forward, model_info(meta), None if compile is True else compile)
+    return Generator(model_info(meta), meta, forward, "torch", resolved, precision)

@@ -22,6 +22,7 @@ Choices worth knowing (see `translate_folder`):
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections import deque
@@ -219,7 +220,8 @@ def _run_jobs(todo: list[Job], s: _Settings, pool: ThreadPoolExecutor, tally: _T
     try:
         for batch in _batches(items, s):
             try:
-                outputs = _translate_batch(s, batch)
+                with _warm_up_shown(s, batch, tally):
+                    outputs = _translate_batch(s, batch)
             except (RuntimeError, MemoryError) as e:  # e.g. out of memory on one huge image
                 reason = " ".join(str(e).split())[:300]
                 for item in batch:
@@ -232,6 +234,23 @@ def _run_jobs(todo: list[Job], s: _Settings, pool: ThreadPoolExecutor, tally: _T
     finally:
         items.close()  # cancels decodes not started yet
         _settle(saves, tally, keep=0)  # even when interrupted: finished work is kept
+
+
+@contextlib.contextmanager
+def _warm_up_shown(s: _Settings, batch: list[_Loaded], tally: _Tally) -> Iterator[None]:
+    """While a compiled generator compiles for a new input size (translate/compiled.py: tens
+    of seconds, once per size), the progress bar says so instead of looking stuck."""
+    h, w = batch[0].x.shape[2:]
+    compiles = getattr(getattr(s.fn, "forward", s.fn), "compiles", None)
+    whole = len(batch) > 1 or tile_side(s.tile, s.info, h, w) is None
+    if not (compiles and whole and compiles(s.info.padded(h), s.info.padded(w))):
+        yield
+        return
+    tally.bar.update(tally.task, description=f"compiling for {h}x{w} px (one-time warm-up)")
+    try:
+        yield
+    finally:
+        tally.bar.update(tally.task, description="translating")
 
 
 def _loaded(todo: list[Job], s: _Settings, pool: ThreadPoolExecutor, tally: _Tally,

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from translate.errors import ConfigError
-from translate.nets.layers import check_norm, conv_bias, make_norm, register
+from translate.nets.layers import ReflectionPad2d, check_norm, conv_bias, make_norm, register
 
 _NORMS = ("instance", "batch", "none")
 
@@ -17,15 +17,17 @@ class ResidualBlock(nn.Module):
         super().__init__()
         bias = conv_bias(norm)
         layers: list[nn.Module] = [
-            nn.ReflectionPad2d(1),
+            ReflectionPad2d(1),
             nn.Conv2d(channels, channels, 3, bias=bias),
             make_norm(norm, channels),
-            nn.ReLU(inplace=True),
+            # Not in place: instance norm returns a view, and autograd pays for an in-place op
+            # on a view with a copy of the whole tensor in backward (CopySlices).
+            nn.ReLU(),
         ]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         layers += [
-            nn.ReflectionPad2d(1),
+            ReflectionPad2d(1),
             nn.Conv2d(channels, channels, 3, bias=bias),
             make_norm(norm, channels),
         ]
@@ -38,7 +40,7 @@ class ResidualBlock(nn.Module):
 def _upsample(cin: int, cout: int, how: str, bias: bool) -> nn.Module:
     if how == "transpose":
         return nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1, bias=bias)
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1),
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), ReflectionPad2d(1),
                          nn.Conv2d(cin, cout, 3, bias=bias))
 
 
@@ -85,10 +87,10 @@ class ResnetGenerator(nn.Module):
         bias = conv_bias(norm)
 
         layers: list[nn.Module] = [
-            nn.ReflectionPad2d(3),
+            ReflectionPad2d(3),
             nn.Conv2d(in_channels, ngf, 7, bias=bias),
             make_norm(norm, ngf),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),  # not in place: see ResidualBlock
         ]
         ends = [0]  # feature point i is the output of layers[:ends[i]]
         for mult in (1, 2):
@@ -108,9 +110,9 @@ class ResnetGenerator(nn.Module):
             layers += [
                 _upsample(ngf * mult, ngf * mult // 2, upsample, bias),
                 make_norm(norm, ngf * mult // 2),
-                nn.ReLU(inplace=True),
+                nn.ReLU(),  # not in place: see ResidualBlock
             ]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, 7), nn.Tanh()]
+        layers += [ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: Tensor, features: Sequence[int] | None = None) -> Tensor | list[Tensor]:
