@@ -228,7 +228,7 @@ def test_2_processes_equal_1_with_twice_the_batch_across_a_resume(variant, tiny_
 def test_demo_with_cut_prints_the_score_table_without_a_cycle(tmp_path):
     root, run = tmp_path / "demo", tmp_path / "run"
     proc = run_cli("demo", "--method", "cut", "--root", str(root), "--run-dir", str(run),
-                   "--steps", "2", "--size", "16", "--set", "model.num_patches=16",
+                   "--steps", "2", "--size", "16", "--set", "model.num_patches=4",
                    "--no-progress")
     assert "demo (cut)" in proc.stdout and "PSNR (dB)" in proc.stdout
     assert "cycle PSNR" not in proc.stdout

@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from translate import viz
-from translate.config import RunConfig, choice, non_negative, positive, probability_target
+from translate.config import RunConfig, non_negative, positive
 from translate.core import noise, objectives
 from translate.errors import ConfigError
 from translate.methods.base import Batch, Nets, Phase
+from translate.methods.cyclegan import CycleGAN, TranslationNetsConfig, build_generator
 from translate.nets import build_net, init_weights
 
 _FLIP_STREAM = 1  # noise streams of this method: flips, then one per feature point
@@ -35,18 +36,7 @@ _PATCH_STREAM = 2
 
 
 @dataclass(frozen=True)
-class CUTConfig:
-    generator: str = choice("resnet", "resnet", "unet")  # ResNet (paper) or U-Net generator
-    n_blocks: int = positive(9)           # ResNet blocks: 9 for 256px, 6 for 128px (paper)
-    unet_downs: int = positive(8)         # U-Net downsamplings: 7 for 128px, 8 for 256px
-    ngf: int = positive(64)               # generator width
-    ndf: int = positive(64)               # discriminator width
-    n_layers_d: int = positive(3)         # PatchGAN depth: 3 gives 70x70 patches
-    norm: str = choice("instance", "instance", "batch", "none")
-    dropout: float = non_negative(0.0)    # dropout in ResNet blocks / U-Net (paper: off)
-    upsample: str = choice("transpose", "transpose", "resize")  # ResNet: resize = nearest x2 + conv
-    objective: str = choice("lsgan", *objectives.OBJECTIVES)
-    real_target: float = probability_target(1.0)  # one-sided label smoothing (D only)
+class CUTConfig(TranslationNetsConfig):  # generator and D keys as CycleGAN's
     lambda_gan: float = non_negative(1.0)  # weight of G's adversarial loss
     lambda_nce: float = non_negative(1.0)  # PatchNCE weight: CUT 1, FastCUT 10
     nce_idt: bool = True                  # identity PatchNCE on G_ab(y), y in B (CUT; FastCUT: off)
@@ -143,20 +133,11 @@ def gather(feature: Tensor, idx: Tensor) -> Tensor:
     return torch.gather(flat, 1, idx[:, :, None].expand(-1, -1, flat.shape[2]))
 
 
-def _generator(m: CUTConfig, cin: int, cout: int) -> nn.Module:
-    if m.generator == "resnet":
-        return build_net("resnet", in_channels=cin, out_channels=cout, ngf=m.ngf,
-                         n_blocks=m.n_blocks, norm=m.norm, dropout=m.dropout,
-                         upsample=m.upsample)
-    return build_net("unet", in_channels=cin, out_channels=cout, num_downs=m.unet_downs,
-                     ngf=m.ngf, norm=m.norm, dropout=m.dropout)
-
-
 class CUT:
     def __init__(self, cfg: RunConfig):
         m, ca, cb = cfg.model, cfg.data.channels_a, cfg.data.channels_b
         self.cfg, self.seed = m, cfg.seed
-        G = _generator(m, ca, cb)
+        G = build_generator(m, ca, cb)
         self.nets: Nets = {
             "G_ab": G,
             "D_b": build_net("patchgan", in_channels=cb, ndf=m.ndf, n_layers=m.n_layers_d,
@@ -227,9 +208,7 @@ class CUT:
                 "real_b": objectives.real_probability(real_out, self.cfg.objective),
                 "fake_b": objectives.real_probability(fake_out, self.cfg.objective)}
 
-    def fixed_batch(self, dataset, n: int, seed: int) -> Batch:
-        items = [dataset[k] for k in range(n)]
-        return {key: torch.stack([it[key] for it in items]) for key in ("a", "b")}
+    fixed_batch = CycleGAN.fixed_batch  # the first n (a, b) pairs
 
     def sample(self, nets: Nets, fixed: Batch) -> Any:
         """Rows: A, G_ab(A), B, G_ab(B) (what the identity term keeps close to B)."""

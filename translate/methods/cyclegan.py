@@ -25,7 +25,9 @@ SAMPLE_ROWS = ["real A", "translated", "reconstructed", "real B", "translated", 
 
 
 @dataclass(frozen=True)
-class CycleGANConfig:
+class TranslationNetsConfig:
+    """The generator and discriminator keys of the A -> B methods (CycleGAN, CUT)."""
+
     generator: str = choice("resnet", "resnet", "unet")  # ResNet (paper) or U-Net generators
     n_blocks: int = positive(9)           # ResNet blocks: 9 for 256px, 6 for 128px (paper)
     unet_downs: int = positive(8)         # U-Net downsamplings: 7 for 128px, 8 for 256px
@@ -37,6 +39,10 @@ class CycleGANConfig:
     upsample: str = choice("transpose", "transpose", "resize")  # ResNet: resize = nearest+conv
     objective: str = choice("lsgan", *objectives.OBJECTIVES)
     real_target: float = probability_target(1.0)    # one-sided label smoothing (D only)
+
+
+@dataclass(frozen=True)
+class CycleGANConfig(TranslationNetsConfig):
     lambda_cycle: float = non_negative(10.0)  # weight of each direction's L1 cycle loss
     lambda_identity: float = non_negative(0.5)  # identity L1 weight, relative to lambda_cycle
     pool_size: int = non_negative(50)     # image history per direction; 0 disables it
@@ -63,7 +69,7 @@ def check(cfg: RunConfig) -> None:
         parse_policy(m.diff_augment)
 
 
-def _generator(m: CycleGANConfig, cin: int, cout: int):
+def build_generator(m: TranslationNetsConfig, cin: int, cout: int):
     if m.generator == "resnet":
         return build_net("resnet", in_channels=cin, out_channels=cout, ngf=m.ngf,
                          n_blocks=m.n_blocks, norm=m.norm, dropout=m.dropout,
@@ -77,8 +83,8 @@ class CycleGAN:
         m, ca, cb = cfg.model, cfg.data.channels_a, cfg.data.channels_b
         self.cfg = m
         self.nets: Nets = {
-            "G_ab": _generator(m, ca, cb),
-            "G_ba": _generator(m, cb, ca),
+            "G_ab": build_generator(m, ca, cb),
+            "G_ba": build_generator(m, cb, ca),
             "D_a": build_net("patchgan", in_channels=ca, ndf=m.ndf, n_layers=m.n_layers_d,
                              norm=m.norm, spectral_norm=m.spectral_norm),
             "D_b": build_net("patchgan", in_channels=cb, ndf=m.ndf, n_layers=m.n_layers_d,
