@@ -105,7 +105,7 @@ class TrainConfig:
     eval_features: str = "small"          # KID features: "small" (random net, relative only) or Inception weights path
     keep_best: str = ""                   # score whose best checkpoint is kept in checkpoints/best, e.g. "eval/psnr" ("" = off)
     health: bool = True                   # health checks: health/* values and warnings (translate/health.py)
-    health_every: int = non_negative(0)   # steps between health checks (0 = at each sample_every)
+    health_every: int = non_negative(0)   # steps between health checks (0 = sample_every, rounded up to a log step)
     health_patience: int = positive(3)    # checks in a row a condition must hold before its warning
 
 

@@ -1,7 +1,8 @@
 """The health monitor of a training run: the detectors of translate/health.py run on the sample
-batch every train.health_every steps (0: at each sample_every), their values logged as
-health/<detector> (log.jsonl, trackers, `translate plot`), and ONE warning line with the remedy
-once a condition has held for train.health_patience checks in a row.
+batch every train.health_every steps (0: every sample_every, rounded up to a multiple of
+log_every), their values logged as health/<detector> (log.jsonl, trackers, `translate plot`),
+and ONE warning line with the remedy once a condition has held for train.health_patience
+checks in a row.
 
 The generator outputs come from the method's own `sample` (the grid the run draws anyway), read
 off forward hooks on the generators, so every method is watched without knowing its inputs:
@@ -26,7 +27,7 @@ from translate import health, periodic_eval
 from translate.config import RunConfig
 from translate.core import runlog
 
-REFERENCE_SAMPLES = 64  # real samples per domain the outputs are compared with
+REFERENCE_SAMPLES = 32  # real samples per domain the outputs are compared with
 HISTORY_RECORDS = 1000  # log records the loss-based detectors remember
 KEY = "health/"
 
@@ -52,19 +53,27 @@ REMEDIES: dict[str, tuple[str, str]] = {
 }
 
 
+def interval(cfg: RunConfig) -> int:
+    """Steps between checks: train.health_every, else sample_every rounded up to a multiple of
+    log_every (so that the checks fall on log steps and add no log record)."""
+    t = cfg.train
+    return t.health_every or -(-t.sample_every // t.log_every) * t.log_every
+
+
 def due(cfg: RunConfig, step: int, total: int) -> bool:
     """Whether `step` is a health check: the same answer on every process (it makes a log step,
     which is collective)."""
-    t = cfg.train
-    return t.health and (step % (t.health_every or t.sample_every) == 0 or step == total)
+    return cfg.train.health and (step % interval(cfg) == 0 or step == total)
 
 
 def reference_batch(dataset: Any, n: int = REFERENCE_SAMPLES) -> dict[str, Tensor]:
-    """The first n samples of the training set, stacked by key (a, b; x), float ones only."""
+    """The first n samples of the training set, stacked by key (a, b; x), float ones only
+    (of the first sample's size, where sizes vary)."""
     with torch.random.fork_rng(devices=[]):
         items = [dataset[k] for k in range(min(n, len(dataset)))]
-    return {key: torch.stack([it[key] for it in items]).float() for key in items[0]
-            if items[0][key].is_floating_point()}
+    return {key: torch.stack([it[key] for it in items
+                              if it[key].shape == items[0][key].shape]).float()
+            for key in items[0] if items[0][key].is_floating_point()}
 
 
 def record_generators(nets: dict[str, nn.Module], names: list[str],
@@ -208,5 +217,4 @@ def build(cfg: RunConfig, method: Any, dataset: Any, main: bool) -> Monitor | No
         return None
     t = cfg.train
     return Monitor(cfg.out_dir / "log.jsonl", dict(method.generators), reference_batch(dataset),
-                   str(getattr(cfg.model, "objective", "")), t.health_patience,
-                   t.health_every or t.sample_every)
+                   str(getattr(cfg.model, "objective", "")), t.health_patience, interval(cfg))

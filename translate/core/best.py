@@ -31,7 +31,7 @@ DIRECTIONS: dict[str, int] = {
     "eval/psnr": 1, "eval/ssim": 1, "eval/modes": 1, "eval/hq": 1,
     "eval/kid": -1, "eval/fid": -1, "eval/rkl": -1,
 }
-RECORD = "best.json"
+RECORD = checkpoint.BEST_RECORD
 
 
 def root(run_dir: Path) -> Path:

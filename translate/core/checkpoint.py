@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from translate.errors import UserError
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
+BEST_RECORD = "best.json"  # marks checkpoints/best/step_N (translate/core/best.py)
 
 
 @dataclass
@@ -90,6 +91,10 @@ def resolve(run_dir: Path, resume: str) -> Path | None:
         found = list_checkpoints(run_dir)
         return found[-1] if found else None
     path = Path(resume)
+    if (path / BEST_RECORD).is_file():
+        raise UserError(f"{path}: the best checkpoint (train.keep_best) holds the weights only, "
+                        "no optimizer or random states; resume from the run's rolling "
+                        "checkpoints (--resume auto), or use it with export/eval --best")
     if (path / "state.json").is_file():
         return path
     found = list_checkpoints(path)
