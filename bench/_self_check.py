@@ -17,7 +17,7 @@ from _common import Case
 ROOT = Path(__file__).resolve().parent.parent
 SELF_CHECK_TOLERANCE = 0.15  # |translate train's s/it / the bench's - 1| at most this
 
-CLI_RATE = re.compile(r"step (\d+)\s+([0-9.]+) it/s")
+CLI_RATE = re.compile(r"step (\d+)(?:/\d+)?\s+([0-9.]+) it/s")  # "step 2/4  0.61 it/s"
 
 
 def cli_seconds_per_step(text: str) -> float | None:
