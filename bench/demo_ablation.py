@@ -19,9 +19,9 @@ AVX-512 BF16 or AMX: compare short_bf16 with short_fp32, never with the full run
 
 Variants with their own recipe (cut, fastcut, ...) have no G_ba, so no cycle PSNR. With
 `--time-fractions F,...` each of them is trained once more per F for the wall time F x the
-baseline's training time: its steps are that time over its own seconds per step in its full
-run (the full runs must have run in the same window, e.g. with --jobs 3, for the ratio to hold
-on a shared machine). Each run also reports seconds per step (its training time, periodic
+baseline's training time: its steps are F x the baseline's steps over its pace, its seconds per
+step over the baseline's while both trained (from log.jsonl's times: the full runs must start
+together, --jobs 3 for three, for the ratio to hold on a shared machine). Each run also reports seconds per step (its training time, periodic
 scoring included, over its steps) and the peak RSS of its training process (VmHWM), measured
 right after training, before scoring.
 
@@ -188,17 +188,41 @@ def jobs_for(args: argparse.Namespace) -> list[tuple[str, int, int]]:
             for seed in args.seeds for v in args.variants]
 
 
-def budget_jobs(rows: list[dict[str, Any]], fractions: list[float]
+def pace(run: dict[str, Any], base: dict[str, Any], runs: Path) -> float:
+    """Seconds per step of `run` over the baseline's, while both trained: the runs of one
+    invocation start together (--jobs >= their number), so at the time the first of the two
+    ended, each had done as many steps as its pace allowed under the same load. (A run that
+    ended alone would find the machine freer; its whole-run s/step would flatter it.)"""
+    logs = []
+    for r in (run, base):
+        path = runs / run_name(r["variant"], r["steps"], r["seed"]) / "log.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        logs.append(([0.0] + [x["time"] for x in rows], [0] + [x["step"] for x in rows]))
+    end = min(logs[0][0][-1], logs[1][0][-1])
+    steps = [_steps_at(times, done, end) for times, done in logs]
+    return steps[1] / steps[0]
+
+
+def _steps_at(times: list[float], steps: list[int], t: float) -> float:
+    """Steps done at time t, linear between logged steps."""
+    for (t0, s0), (t1, s1) in zip(zip(times, steps), zip(times[1:], steps[1:])):
+        if t0 <= t <= t1:
+            return s0 + (s1 - s0) * (t - t0) / max(t1 - t0, 1e-9)
+    return float(steps[-1])
+
+
+def budget_jobs(full: list[dict[str, Any]], fractions: list[float], runs: Path
                 ) -> list[tuple[str, int, int]]:
     """The same-wall-time runs: each variant with its own recipe, once per fraction F of the
-    baseline's training time of its seed, with as many steps as its own s/step allows."""
-    base = {r["seed"]: r for r in rows if r["variant"] == BASELINE}
+    baseline's training time of its seed, with as many steps as its pace allows."""
+    base = {r["seed"]: r for r in full if r["variant"] == BASELINE}
     jobs = []
-    for r in rows:
-        if VARIANTS[r["variant"]].recipe == RECIPE or r["seed"] not in base:
+    for r in full:
+        b = base.get(r["seed"])
+        if VARIANTS[r["variant"]].recipe == RECIPE or b is None:
             continue
         for f in fractions:
-            steps = max(1, round(f * base[r["seed"]]["train_seconds"] / r["s_per_step"]))
+            steps = max(1, round(f * b["steps"] / pace(r, b, runs)))
             if steps != r["steps"]:
                 jobs.append((r["variant"], steps, r["seed"]))
     return jobs
@@ -293,25 +317,27 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def targets(rows: list[dict[str, Any]], full: list[dict[str, Any]]) -> list[str]:
+def targets(rows: list[dict[str, Any]], full: list[dict[str, Any]], runs: Path) -> list[str]:
     """Issue #14's target, per seed and variant with its own recipe: within 0.5 dB of the
     baseline's PSNR in at most 60% of its training time, at most 70% of its peak RSS. A run's
-    time share is its steps x the s/step of its variant's full run (which ran in the same
-    window as the baseline's) over the baseline's training time."""
+    time share is its steps x its variant's pace beside the baseline (`pace`) over the
+    baseline's steps."""
     base = {r["seed"]: r for r in full if r["variant"] == BASELINE}
-    pace = {(r["variant"], r["seed"]): r["s_per_step"] for r in full if "s_per_step" in r}
+    paces = {(r["variant"], r["seed"]): pace(r, base[r["seed"]], runs) for r in full
+             if VARIANTS[r["variant"]].recipe != RECIPE and r["seed"] in base}
     lines = []
     for r in rows:
-        b, s_step = base.get(r["seed"]), pace.get((r["variant"], r["seed"]))
-        if VARIANTS[r["variant"]].recipe == RECIPE or b is None or s_step is None:
+        key = (r["variant"], r["seed"])
+        if key not in paces:
             continue
-        time_share = r["steps"] * s_step / b["train_seconds"]
+        b = base[r["seed"]]
+        time_share = r["steps"] * paces[key] / b["steps"]
         rss_share = r["peak_rss_mb"] / b["peak_rss_mb"]
         met = r["psnr"] >= b["psnr"] - 0.5 and time_share <= 0.6 and rss_share <= 0.7
         lines.append(f"{r['variant']} {r['steps']} steps, seed {r['seed']}: "
                      f"{r['psnr'] - b['psnr']:+.2f} dB vs baseline in {time_share:.0%} of its "
-                     f"time at {rss_share:.0%} of its peak RSS: target "
-                     f"{'met' if met else 'not met'}")
+                     f"time (a step {paces[key]:.2f}x the baseline's) at {rss_share:.0%} of its "
+                     f"peak RSS: target {'met' if met else 'not met'}")
     return lines
 
 
@@ -367,11 +393,11 @@ def main(argv: list[str] | None = None) -> int:
         jobs = jobs_for(args)
         full = rows = run_all(jobs, runs, data_root, args.jobs)
         if args.time_fractions:
-            budget = budget_jobs(full, args.time_fractions)
+            budget = budget_jobs(full, args.time_fractions, runs)
             jobs = jobs + budget
             rows = full + run_all(budget, runs, data_root, args.jobs)
         print(markdown(rows))
-        for line in targets(rows, full):
+        for line in targets(rows, full, runs):
             print(line)
         print(f"\n{len(rows)} runs in {time.perf_counter() - t0:.0f} s wall; * = resumed (train s "
               f"counts the last session only); runs in {runs}", file=sys.stderr)
