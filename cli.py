@@ -137,6 +137,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def _exists(path: Path) -> bool:
+    """Path.exists, with an unusable path (too long, ...) as not there: the run itself then
+    reports that file in its one line."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def _compile_choice(args: argparse.Namespace):
     """--compile on/off, or for auto the image sizes whose images repay a compile."""
     if args.compile != "auto":
@@ -152,7 +161,7 @@ def _compile_choice(args: argparse.Namespace):
     if "size_multiple" not in meta:
         return False  # a latent generator: load_generator says what to use instead
     jobs = plan(args.input, args.output, check_format(args.format), False)
-    todo = [job.src for job in jobs if args.overwrite or not job.dst.exists()]
+    todo = [job.src for job in jobs if args.overwrite or not _exists(job.dst)]
     sizes = image_sizes(todo, args.resize)
     return sizes_worth_compiling(sizes, model_info(meta), args.tile) or False
 
