@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TINY_CUT, run_cli
@@ -188,17 +189,22 @@ def test_train_resume_export_apply_eval_through_the_cli(variant, tiny_unpaired, 
     assert [r["step"] for r in logs] == list(range(1, 7))
     assert all(math.isfinite(r["G/nce"]) and r["G/nce"] > 0 for r in logs)
     assert ("G/nce_idt" in logs[0]) == (variant == "cut")
-    # Export: G_ab only, then apply a folder and score the run against the demo truth.
-    out = run_cli("export", str(straight)).stdout
+    # Export: G_ab only (+ ONNX), then apply a folder with each backend and score the run
+    # against the demo truth.
+    out = run_cli("export", str(straight), "--onnx").stdout
     assert "G_ab.safetensors" in out and "G_ba" not in out
-    assert sorted(p.name for p in (straight / "export").iterdir()) == ["G_ab.safetensors"]
-    dest = tmp_path / "translated"
-    run_cli("apply", str(straight / "export" / "G_ab.safetensors"),
-            str(tiny_unpaired / "testA"), str(dest), "--no-progress")
+    assert sorted(p.name for p in (straight / "export").iterdir()) == ["G_ab.onnx",
+                                                                      "G_ab.safetensors"]
     names = sorted(p.name for p in (tiny_unpaired / "testA").iterdir())
-    assert sorted(p.name for p in dest.iterdir()) == names
-    assert Image.open(dest / names[0]).size == Image.open(tiny_unpaired / "testA" /
-                                                           names[0]).size
+    outputs = []
+    for model in ("G_ab.safetensors", "G_ab.onnx"):
+        dest = tmp_path / f"translated_{model}"
+        run_cli("apply", str(straight / "export" / model), str(tiny_unpaired / "testA"),
+                str(dest), "--no-progress")
+        assert sorted(p.name for p in dest.iterdir()) == names
+        outputs.append(np.asarray(Image.open(dest / names[0])).astype(int))
+    assert outputs[0].shape[:2] == Image.open(tiny_unpaired / "testA" / names[0]).size[::-1]
+    assert np.abs(outputs[0] - outputs[1]).max() <= 1  # torch and onnxruntime agree
     scores = json.loads(run_cli("eval", str(straight), "--json").stdout)
     assert math.isfinite(scores["psnr"]) and "cycle_psnr" not in scores
 
