@@ -171,6 +171,26 @@ def test_a_resumed_monitor_rebuilds_its_streaks_from_the_log(demo, tmp_path):
     assert split.read_text() == straight.read_text()
 
 
+def test_a_resume_reads_the_log_once(demo, tmp_path, monkeypatch):
+    """The rebuild on a resume is one pass over log.jsonl (it once re-read the log for every
+    record, recursively: a resume after 20 logged steps took 20 s, after 30 minutes)."""
+    log = tmp_path / "log.jsonl"
+    straight = _monitor(demo, tmp_path / "unused.jsonl")
+    with open(log, "w") as f:
+        for step in range(1, 13):
+            record = {"step": step, "G/loss": float(step), "D/loss": 1.0 / step}
+            straight.observe(step, record)
+            f.write(json.dumps(record) + "\n")
+    reads = []
+    real = health_monitor.runlog.records
+    monkeypatch.setattr(health_monitor.runlog, "records", lambda p: reads.append(p) or real(p))
+    resumed = _monitor(demo, log)
+    resumed.observe(13, {"step": 13, "G/loss": 13.0, "D/loss": 1 / 13})
+    straight.observe(13, {"step": 13, "G/loss": 13.0, "D/loss": 1 / 13})
+    assert len(reads) == 1
+    assert list(resumed.records) == list(straight.records) and resumed.last_step == 13
+
+
 def test_monitor_reads_d_and_losses_from_the_log_records(demo, tmp_path):
     m = _monitor(demo, tmp_path / "log.jsonl", patience=2, interval=1)
     warnings = []

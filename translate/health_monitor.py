@@ -149,6 +149,9 @@ class Monitor:
         """A log record (every log step): its losses and D outputs."""
         if self.last_step is None or step <= self.last_step:
             self._replay(step)
+        self._keep(step, values)
+
+    def _keep(self, step: int, values: dict[str, Any]) -> None:
         self.last_step = step
         kept = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))
                 and (k.endswith("/loss") or k.startswith(("D/real", "D/fake")))}
@@ -156,13 +159,13 @@ class Monitor:
             self.records.append((step, kept))
 
     def _replay(self, step: int) -> None:
+        """Rebuilds the state from the log records before `step`, one pass over the file."""
         self.records.clear()
         self.streaks = {}
         for record in runlog.records(self.log_path):
             if record["step"] >= step:
                 break
-            self.last_step = record["step"]
-            self.observe(record["step"], record)
+            self._keep(record["step"], record)
             logged = {d: record[KEY + d] for d in REMEDIES
                       if isinstance(record.get(KEY + d), (int, float))}
             if logged:
