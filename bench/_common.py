@@ -131,9 +131,34 @@ def map_jobs(fn: Callable[..., Any], jobs: list[tuple], workers: int) -> Iterato
         yield from pool.map(fn, *zip(*jobs))
 
 
-def machine() -> dict[str, object]:
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "native_bf16": native_bf16(), "cores": os.cpu_count(),
+# The CPU flags that decide which kernels run: AVX2 / AVX-512 fp32, and bf16 done natively
+# (AVX-512 BF16, AMX) or emulated.
+FLAGS_THAT_MATTER = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def machine(threads: int) -> dict[str, object]:
+    """What the numbers were measured on: CPU model and flags, threads per process, load."""
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    from translate.core.precision import NATIVE_BF16_FLAGS
+
+    return {"cpu": model, "flags": [f for f in FLAGS_THAT_MATTER if f in flags],
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16_flags": any(f in flags for f in NATIVE_BF16_FLAGS),
+            "native_bf16": native_bf16(),  # what "auto" acts on (TRANSLATE_NATIVE_BF16 may force it)
+            # Set all three (=0, avx2, AVX2) to measure an AMX machine as an AVX2-only one.
+            **{k: os.environ.get(k, "(unset)") for k in (
+                "TRANSLATE_NATIVE_BF16", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")},
+            "threads": threads, "cores": os.cpu_count(),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(default)"),
             "load_avg_1min": round(os.getloadavg()[0], 2), "torch": torch.__version__}
 
 
@@ -155,9 +180,10 @@ def serve(unit: Callable[[], int], finish: Callable[[], dict[str, Any]]) -> None
     print(MARK + "READY", flush=True)
     for line in sys.stdin:
         if line.strip() == "step":
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             items = unit()
-            print(f"{MARK}TIME {(time.perf_counter() - t) / items!r}", flush=True)
+            wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+            print(f"{MARK}TIME {wall / items!r} {cpu / items!r}", flush=True)
         elif line.strip() == "done":
             print(MARK + "DONE " + json.dumps(finish()), flush=True)
             return
@@ -197,9 +223,11 @@ class Worker:
         except BrokenPipeError:
             pass  # the child died; _expect reports why
 
-    def step(self) -> float:
+    def step(self) -> tuple[float, float]:
+        """(wall seconds, CPU seconds of the child) per item of one timed unit."""
         self._send("step")
-        return float(self._expect("TIME"))
+        wall, cpu = self._expect("TIME").split()
+        return float(wall), float(cpu)
 
     def close(self) -> dict[str, Any]:
         self._send("done")
@@ -264,7 +292,7 @@ def run_group(script: Path, group: list[Case], work: Path, timeout: float,
         for c in group:
             c.result = {"error": str(e)}
         return
-    base_times: list[float] = []
+    base_times: list[tuple[float, float]] = []
     try:
         if not others and base.kind != "gemm":
             base_times = _repeat(lambda: [bw.step()], base.spec, quiet)
@@ -275,9 +303,9 @@ def run_group(script: Path, group: list[Case], work: Path, timeout: float,
                 w = start(c)
                 pairs = _repeat(lambda w=w: [_pair(bw, w)], c.spec, quiet)
                 c.result = w.close()
-                c.result["times"] = [v for _, v in pairs]
+                _store_times(c.result, [v for _, v in pairs])
                 # Per-pair ratios: the two steps of a pair saw the same machine load.
-                c.result["speedup"] = statistics.median(b / v for b, v in pairs)
+                c.result["speedup"] = statistics.median(b[0] / v[0] for b, v in pairs)
                 base_times += [b for b, _ in pairs]
             except ChildError as e:
                 c.result = {"error": str(e)}
@@ -286,7 +314,7 @@ def run_group(script: Path, group: list[Case], work: Path, timeout: float,
             _progress(c, t)
         base.result = bw.close()
         if base_times:
-            base.result["times"] = base_times
+            _store_times(base.result, base_times)
         if busy:  # how busy the machine was just before the timed steps
             base.result["busy_before_steps"] = round(statistics.median(busy), 2)
         _progress(base, began)
@@ -295,7 +323,12 @@ def run_group(script: Path, group: list[Case], work: Path, timeout: float,
         bw.kill()
 
 
-def _pair(base: Any, other: Any) -> tuple[float, float]:
+def _store_times(result: dict[str, Any], times: list[tuple[float, float]]) -> None:
+    result["times"] = [wall for wall, _ in times]
+    result["cpu_times"] = [cpu for _, cpu in times]
+
+
+def _pair(base: Any, other: Any) -> tuple[tuple[float, float], tuple[float, float]]:
     """(base step time, other step time), run in a random order: a load that rises or falls
     during the pair then favours neither on average."""
     if random.random() < 0.5:
@@ -304,18 +337,21 @@ def _pair(base: Any, other: Any) -> tuple[float, float]:
     return base.step(), t_other
 
 
+MIN_STEPS = 5  # timed steps behind every median, whatever the budget: no one-step figures
+
+
 def _repeat(fn: Callable[[], list], spec: dict[str, Any], before: Callable[[], None]) -> list:
-    """fn() `repeats` times, fewer (at least once) when they would overrun the budget;
+    """fn() `repeats` times, fewer (never under MIN_STEPS) when they would overrun the budget;
     `before()` (waiting for a quiet machine) runs ahead of each and is not counted."""
     out: list = []
     spent = 0.0
-    while len(out) < spec.get("repeats", 1):
+    while len(out) < max(spec.get("repeats", MIN_STEPS), MIN_STEPS):
         before()
         t = time.perf_counter()
         out += fn()
         last = time.perf_counter() - t
         spent += last
-        if spent + last > spec["budget"]:
+        if len(out) >= MIN_STEPS and spent + last > spec["budget"]:
             break
     return out
 

@@ -75,7 +75,7 @@ def train_and_score(method: str, toy: str, seed: int, run_dir: Path, steps: int 
     cfg = config.load(ROOT / "recipes" / pattern.format(toy=toy),
                       [*method_sets, *overrides, *ours])
     t0, cpu0 = time.perf_counter(), time.process_time()
-    result = train(cfg, resume="auto", progress=False)
+    result = train(cfg, resume="auto-or-new", progress=False)
     scores = eval_toy_run(run_dir, ema=ema, n=samples, seed=seed)
     # A resumed run only counts the time of this process's part of it.
     return {"toy": toy, "seed": seed, "step": result.step,
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         return frontier.main([a for a in argv if a != "--translation"])
     args = parse(argv)
     from translate.errors import UserError
-    from translate.evaluate import jsonable
+    from translate.eval_report import jsonable
 
     try:
         if args.runs is not None:

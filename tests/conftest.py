@@ -44,6 +44,21 @@ def random_image_folder(path: Path, n: int = 8, size: int = 32) -> Path:
     return path
 
 
+# What "auto" resolves to follows the CPU (bf16 where it is native); TRANSLATE_NATIVE_BF16 makes
+# it resolve as on the other kind. Tests of "auto" itself take this fixture and run once as
+# each kind, so one test command exercises both on any machine (subprocesses inherit it).
+CPU_KINDS = {"native-bf16": "1", "no-native-bf16": "0"}
+
+
+@pytest.fixture(params=list(CPU_KINDS))
+def cpu_kind(request, monkeypatch) -> str:
+    """Run the test as on a CPU with, then without, native bf16; returns "bf16" or "no", what
+    "auto" then resolves to for training."""
+    monkeypatch.setenv("TRANSLATE_NATIVE_BF16", CPU_KINDS[request.param])
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    return "bf16" if CPU_KINDS[request.param] == "1" else "no"
+
+
 @pytest.fixture(scope="session")
 def tiny_unpaired(tmp_path_factory) -> Path:
     """A tiny unpaired dataset in the CycleGAN layout (demo data at 16x16)."""
@@ -57,6 +72,14 @@ TINY_CYCLEGAN = [
     'model.generator="resnet"', "model.ngf=4", "model.ndf=4", "model.n_blocks=1", "model.n_layers_d=1",
     'data.preprocess="crop"', "data.load_size=16", "data.crop_size=16", "train.batch_size=2",
     "model.pool_size=4",
+]
+
+
+# The same for CUT recipes: a ResNet whose 4 feature points all have >= 16 positions at 16 px.
+TINY_CUT = [
+    'model.generator="resnet"', "model.ngf=4", "model.ndf=4", "model.n_blocks=1", "model.n_layers_d=1",
+    "model.nce_layers=[0, 1, 2, 3]", "model.num_patches=16", "model.head_width=8",
+    'data.preprocess="crop"', "data.load_size=16", "data.crop_size=16", "train.batch_size=2",
 ]
 
 

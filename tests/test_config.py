@@ -86,6 +86,27 @@ def test_defaults_resolve_to_a_cyclegan_run():
     assert resolve(["run_dir='elsewhere/r1'"]).out_dir == Path("elsewhere/r1")
 
 
+def test_the_default_run_folder_is_per_recipe_and_data_folder():
+    """One recipe on two datasets, or two recipes on one, never share a folder by default, and
+    no recipe lands in runs/demo (translate demo's own folder)."""
+    def out_dir(recipe: str, *sets: str) -> Path:
+        return config.load(ROOT / "recipes" / recipe, list(sets)).out_dir
+
+    assert out_dir("cyclegan_demo.toml") == Path("runs/cyclegan_demo-demo")
+    assert out_dir("cyclegan_demo.toml", 'data.root="/data/horses/"') == \
+        Path("runs/cyclegan_demo-horses")
+    assert out_dir("cyclegan_demo.toml", 'data.root="~/zebras"') == Path("runs/cyclegan_demo-zebras")
+    assert out_dir("cyclegan_apple2orange.toml", 'data.root="/data/horses"') == \
+        Path("runs/apple2orange-horses")
+    # The data folder's name is left out where it would repeat the recipe's, or where there
+    # is no folder (the toy mixtures).
+    assert out_dir("cyclegan_horse2zebra.toml") == Path("runs/horse2zebra")
+    assert out_dir("toy_gan_ring.toml") == Path("runs/toy_gan_ring")
+    assert out_dir("dcgan.toml", 'data.root="pics"') == Path("runs/dcgan-pics")
+    assert out_dir("cyclegan_demo.toml", 'run_dir="mine"') == Path("mine")  # given: taken
+    assert all(out_dir(p.name).name != "demo" for p in RECIPES)
+
+
 # ----------------------------------------------------------------------------------------------
 # --set overrides.
 
@@ -379,3 +400,22 @@ def test_a_run_saved_before_the_padding_key_keeps_its_zero_padding(tmp_path):
     old = config.load_json(path)
     assert old.model.padding == "zero"
     assert dataclasses.replace(old.model, padding="reflect") == cfg.model
+
+
+def test_intervals_longer_than_a_short_run_are_fitted_to_it():
+    """--steps below the recipe's log/sample intervals: a tenth of the run between log lines,
+    a quarter between sample grids, unless the user set them; epoch runs are left alone."""
+    cfg = resolve(["train.steps=40", "train.log_every=50", "train.sample_every=500",
+                   "train.save_every=1000"], TOY)
+    fitted, note = config.fit_intervals(cfg, set())
+    t = fitted.train
+    assert (t.log_every, t.sample_every, t.save_every) == (4, 10, 1000)  # the end always saves
+    assert note == ("note: a run of 40 steps is shorter than the recipe's intervals: "
+                    "train.log_every 50 -> 4, train.sample_every 500 -> 10 (set them with "
+                    "--log-every / --sample-every)")
+    kept, note = config.fit_intervals(cfg, {"log_every"})
+    assert (kept.train.log_every, kept.train.sample_every) == (50, 10) and "log_every" not in note
+    assert config.fit_intervals(resolve(["train.steps=3"], TOY), set())[0].train.log_every == 1
+    assert config.fit_intervals(fitted, set()) == (fitted, "")  # idempotent
+    epochs = resolve(["train.epochs=2", "train.log_every=50"], TOY)
+    assert config.fit_intervals(epochs, set()) == (epochs, "")

@@ -1,6 +1,6 @@
 """CycleGAN details the end-to-end tests leave open: the paper's settings in the horse2zebra
-recipe, a run with a 1-channel domain through train/export/apply, and dropout in the ResNet
-generator (unit checks and a run)."""
+recipe, a run with a 1-channel domain through train/export/apply, dropout in the ResNet
+generator (unit checks and a run), and the labelled sample grids."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CYCLEGAN, run_cli
+from conftest import ROOT, TINY_CYCLEGAN, run_cli
 from PIL import Image
 from safetensors import safe_open
 from torch import nn
 
 import translate
+from translate import config, viz
 from translate.export import export_run
+from translate.methods import METHODS
 from translate.nets import build_net
 from translate.nets.resnet import ResidualBlock
 
@@ -156,3 +158,24 @@ def test_cyclegan_trains_with_dropout(tiny_unpaired, tmp_path):
     gen = translate.load_generator(tmp_path / "export" / "G_ab.safetensors", precision="fp32")
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     torch.testing.assert_close(gen(x), gen(x), rtol=0, atol=0)
+
+
+def test_sample_grid_rows_are_labelled(tiny_unpaired):
+    """The training sample grid: real A, translated, reconstructed, then the same for B, each
+    row with its label in a margin on the left, the images right of it."""
+    cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml",
+                      TINY_CYCLEGAN + [f'data.root="{tiny_unpaired}"'])
+    method = METHODS["cyclegan"].build(cfg)
+    g = torch.Generator().manual_seed(0)
+    fixed = {k: torch.rand(3, 3, 16, 16, generator=g) * 2 - 1 for k in ("a", "b")}
+    with torch.no_grad():
+        img = method.sample(method.nets, fixed)
+        fake_b = method.nets["G_ab"](fixed["a"])
+    bare = viz.grid([fixed["a"], fake_b])  # the first two rows without labels
+    margin = img.shape[1] - bare.shape[1]
+    assert img.shape[0] == 2 + 6 * 18 and margin > 30
+    np.testing.assert_array_equal(img[:bare.shape[0] - 2, margin:], bare[:-2])
+    bands = [img[2 + 18 * r:18 * (r + 1), :margin] for r in range(6)]
+    assert all((band.max(-1) < 100).sum() > 10 for band in bands)  # text in every row
+    assert not np.array_equal(bands[0], bands[1])  # "real A" is not "translated"
+    np.testing.assert_array_equal(bands[1], bands[4])  # "translated" for A and for B

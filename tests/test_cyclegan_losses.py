@@ -36,6 +36,11 @@ class Stub(nn.Module):
         return self.scale * x + self.shift
 
 
+def image_means(stub: Stub) -> list[float]:
+    """The mean of every image the stub was called on, in call order."""
+    return torch.cat(stub.inputs).mean(dim=(1, 2, 3)).tolist()
+
+
 def stub_nets() -> dict[str, Stub]:
     return {"G_ab": Stub(1.0, 0.2), "G_ba": Stub(0.5, 0.0),
             "D_a": Stub(1.0, 0.0), "D_b": Stub(1.0, -0.5)}
@@ -150,7 +155,8 @@ def test_discriminators_judge_the_pooled_fakes():
     assert m.pool_a.queries[0] is prev["fake_a"] and m.pool_b.queries[0] is prev["fake_b"]
     assert close(out["D_a"], 0.5 * ((A - 1) ** 2 + 0.1**2))
     assert close(out["D_b"], 0.5 * ((B - 0.5 - 1) ** 2 + (0.7 - 0.5) ** 2))
-    assert [x.mean().item() for x in nets["D_a"].inputs] == pytest.approx([A, 0.1])
+    # real images first, then the pool's (in one call or two: see CycleGAN._twice)
+    assert image_means(nets["D_a"]) == pytest.approx([A, A, 0.1, 0.1])
 
 
 def test_a_full_history_pool_feeds_old_fakes_to_d():
@@ -163,7 +169,7 @@ def test_a_full_history_pool_feeds_old_fakes_to_d():
     for _ in range(10):  # each image comes from the history with probability 1/2
         nets = stub_nets()
         m.d_loss(nets, batch(), new)
-        seen.update(round(v, 4) for v in nets["D_a"].inputs[1].mean(dim=(1, 2, 3)).tolist())
+        seen.update(round(v, 4) for v in image_means(nets["D_a"])[2:])  # the fakes
     assert seen == {0.1, -0.2}
 
 
@@ -186,6 +192,32 @@ def test_real_nets_cycle_and_identity_match_their_definitions():
         idt_b = nets["G_ab"](data["b"])
     torch.testing.assert_close(out["cycle_a"], 10 * (rec_a - data["a"]).abs().mean())
     torch.testing.assert_close(out["idt_b"], 5 * (idt_b - data["b"]).abs().mean())
+
+
+def test_real_nets_d_terms_match_separate_calls():
+    # D judges real and fake in one call of twice the batch: with per-image norms that is the
+    # same as the reference's two calls.
+    m = method("model.pool_size=0")
+    g = torch.Generator().manual_seed(0)
+    data = {k: torch.rand(2, 3, 16, 16, generator=g) * 2 - 1 for k in ("a", "b")}
+    prev = {k: torch.rand(2, 3, 16, 16, generator=g) * 2 - 1 for k in ("fake_a", "fake_b")}
+    out = m.d_loss(m.nets, data, prev)
+    with torch.no_grad():
+        real, fake = m.nets["D_a"](data["a"]), m.nets["D_a"](prev["fake_a"])
+    torch.testing.assert_close(out["D_a"], 0.5 * ((real - 1) ** 2 + fake**2).mean())
+
+
+@pytest.mark.parametrize("sets", [[], ["model.norm='batch'"], ["model.spectral_norm=true"]])
+def test_nets_run_once_per_pair_only_when_images_do_not_mix(sets):
+    # BatchNorm's statistics and spectral norm's power iteration depend on each call: there
+    # the nets are called separately, as in the reference.
+    m, nets = method(*sets), stub_nets()
+    m.d_loss(nets, batch(), {"fake_a": torch.zeros(2, 3, 4, 4), "fake_b": torch.zeros(2, 3, 4, 4)})
+    m.g_loss(nets, batch(), {})
+    apart = bool(sets)
+    assert len(nets["D_a"].inputs) == (2 if apart else 1) + 1  # + G's adversarial term
+    assert len(nets["G_ab"].inputs) == (3 if apart else 2)  # translation + identity, cycle
+    assert image_means(nets["G_ab"])[:4] == pytest.approx([A, A, B, B])
 
 
 @pytest.mark.parametrize("recipe", [None, "cyclegan_horse2zebra.toml"])

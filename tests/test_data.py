@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
 from translate.config import DataConfig, RunConfig
@@ -179,10 +180,21 @@ def test_preprocess_output_shapes(tmp_path: Path, mode: str, train_hw, test_hw) 
         assert -1.0 <= item["a"].min() and item["a"].max() <= 1.0
 
 
-def test_crop_pads_small_images_and_scale_width_fits_short_ones(tmp_path: Path) -> None:
-    write_png(tmp_path / "small" / "s.png", noise(np.random.default_rng(1), 6, 9))
-    ds = build_dataset(cfg_for(tmp_path / "small", kind="folder", preprocess="crop"))
-    assert ds[0]["x"].shape == (3, 16, 16)
+def test_crop_refuses_images_smaller_than_the_crop_and_scale_width_fits_short_ones(
+        tmp_path: Path) -> None:
+    """preprocess "crop" on an image smaller than crop_size would train on mirrored borders:
+    refused, naming the file and the key, in the API and through the CLI before any run folder
+    exists."""
+    write_png(tmp_path / "small" / "big.png", noise(np.random.default_rng(1), 40, 40))
+    write_png(tmp_path / "small" / "s.png", noise(np.random.default_rng(1), 12, 40))
+    with pytest.raises(DataError, match=r"s\.png: 40x12 pixels is smaller than data.crop_size 16"):
+        build_dataset(cfg_for(tmp_path / "small", kind="folder", preprocess="crop"))
+    proc = run_cli("train", "recipes/dcgan.toml", "--data", str(tmp_path / "small"), "--steps",
+                   "1", "--run-dir", str(tmp_path / "run"), "--set", 'data.preprocess="crop"',
+                   "--set", "data.crop_size=32", "--set", "model.image_size=32", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "s.png: 40x12 pixels is smaller than data.crop_size 32" in proc.stderr
+    assert not (tmp_path / "run").exists()
     write_png(tmp_path / "flat" / "f.png", noise(np.random.default_rng(1), 5, 60))
     ds = build_dataset(cfg_for(tmp_path / "flat", kind="folder", preprocess="scale_width_and_crop"))
     assert ds[0]["x"].shape == (3, 16, 16)
@@ -351,11 +363,32 @@ def test_missing_domain_folder(tmp_path: Path) -> None:
     assert "\n" not in msg
 
 
-def test_empty_root_and_missing_root(tmp_path: Path) -> None:
+def test_empty_root_and_missing_root(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(UserError, match="set data.root in the recipe or pass --data PATH"):
         build_dataset(cfg_for(""))
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="not found") as info:
         build_dataset(cfg_for(tmp_path / "nowhere"))
+    assert "translate demo" not in str(info.value)
+    monkeypatch.chdir(tmp_path)  # the demo recipe's datasets/demo, before `translate demo`
+    with pytest.raises(UserError, match=r"datasets/demo: dataset folder not found — the demo "
+                                        r"data is built by `translate demo`"):
+        build_dataset(cfg_for("datasets/demo"))
+
+
+def test_a_gan_refuses_the_root_of_an_unpaired_dataset(tmp_path: Path) -> None:
+    """--data pointed at ROOT (trainA, trainB, testA, testB) would train a GAN on both domains
+    and the test images at once: refused, naming a domain folder to pass instead."""
+    make_unpaired(tmp_path / "root", 4, 4)
+    make_unpaired(tmp_path / "root", 2, 2, split="test")
+    with pytest.raises(DataError, match=r"unpaired \(CycleGAN\) dataset .* not training data "
+                                        r"for cyclegan; pass one domain's folder"):
+        build_dataset(cfg_for(tmp_path / "root", kind="folder"))
+    proc = run_cli("train", "recipes/dcgan.toml", "--data", str(tmp_path / "root"), "--steps",
+                   "1", "--run-dir", str(tmp_path / "run"), check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"pass one domain's folder, e.g. --data {tmp_path / 'root' / 'trainA'}" in proc.stderr
+    assert not (tmp_path / "run").exists()
+    assert len(build_dataset(cfg_for(tmp_path / "root" / "trainA", kind="folder"))) == 4
 
 
 # ---------------------------------------------------------------------------- toy

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN, random_image_folder
+from conftest import ROOT, TINY_CUT, TINY_CYCLEGAN, random_image_folder, run_cli
 from safetensors.torch import load_file
 from torch import nn
 
@@ -47,7 +47,11 @@ WORKER = ROOT / "tests" / "dist_worker.py"
 CYCLEGAN = TINY_CYCLEGAN + ["model.pool_size=0", 'model.norm="none"', "train.ema=0.9"]
 TOY_WGAN = ["model.hidden=16"]
 LAUNCH_TIMEOUT = 180  # s; a launch takes 10-20 s on 2 busy cores
-COMMON = ["train.log_every=1", "train.sample_every=100", 'train.lr_schedule="constant"']
+# Runs compared across process counts are fp32 by name: "auto" would be bf16 on a CPU with
+# native bf16 (and under a launcher follows --mixed_precision, "no" here), and bf16's 8-bit
+# mantissa is far coarser than the 1e-5 these comparisons hold. bf16 has tests of its own.
+COMMON = ["train.log_every=1", "train.sample_every=100", 'train.lr_schedule="constant"',
+          'train.mixed_precision="no"']
 
 
 def _port() -> int:
@@ -176,6 +180,37 @@ def test_cyclegan_2_processes_equal_1_with_twice_the_batch_across_a_resume(tiny_
     assert_same_run(run, tmp_path / "ref", [3, 6])
 
 
+def test_a_resume_in_one_process_keeps_the_global_batch_of_two(tmp_path):
+    """A 2-process run (batch 4 each), trained into again under the launcher without
+    --resume: refused in one line. Resumed in one process: refused, naming the global batch
+    and the --batch-size that keeps it, the run folder unchanged; with that flag, the run ends
+    where one process with batch 8 all along does."""
+    run = tmp_path / "run"
+    sets = TOY_WGAN + COMMON
+    reference("toy_wgan_gp_ring.toml", tmp_path / "ref", sets + ["train.batch_size=8"])
+    worker(tmp_path / "dump3", "toy_wgan_gp_ring.toml", sets, "--batch-size", "4", "--steps",
+           "3", "--save-every", "3", "--run-dir", run)
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    # Trained again into it without --resume, under the launcher: one line (the main
+    # process decides for every rank, and says it once), and not a byte changed.
+    proc = launch(["cli.py", "train", "recipes/toy_wgan_gp_ring.toml", "--run-dir", run,
+                   "--steps", "3"], check=False)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert f"{run}: holds checkpoints, log.jsonl, config.json of an earlier run" in errors[0]
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+    again = ["train", "recipes/toy_wgan_gp_ring.toml", "--run-dir", str(run), "--steps", "6",
+             "--resume", "auto", "--no-progress"]
+    proc = run_cli(*again, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert ("global batch 8 -> 4 (4 per process x 1 process x 1 accumulation; keep it with "
+            "--batch-size 8)") in proc.stderr.strip().splitlines()[-1]
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+    proc = run_cli(*again, "--batch-size", "8")
+    assert "train.batch_size 4 -> 8; train.steps 3 -> 6" in proc.stderr
+    assert_same_run(run, tmp_path / "ref", [3, 6])
+
+
 def test_wgan_gp_toy_2_processes_with_accumulation_under_both_launchers(tmp_path):
     """2 processes x batch 4 x accumulation 2 == 1 process x batch 16; the first half runs
     under `accelerate launch`, the resumed half under `torchrun`."""
@@ -219,6 +254,48 @@ def test_accumulation_equals_a_bigger_batch_and_leaves_no_gradients(recipe, sets
     assert_same_run(tmp_path / "acc", tmp_path / "big", [3])
 
 
+def test_cyclegan_bf16_2_processes_equal_1_with_twice_the_batch(tiny_unpaired, tmp_path):
+    """The same property in bf16 (what "auto" gives on GPUs and CPUs with native bf16), within
+    bf16's tolerance. bf16 keeps 8 bits of mantissa (relative rounding 2^-8 = 0.4%), and a batch
+    of 2 on one process sums its convolutions in another order than two batches of 1, so
+    values agree to ~1e-2 relative, not 1e-5: the logged losses are compared at rel 2e-2, and the
+    weights by how far the runs are apart against how far training moved them (Adam turns the
+    rounding of near-zero gradients into full-size steps: some elements differ by a whole step,
+    while other data or a leaked gradient would move the runs apart as far as training does)."""
+    sets = CYCLEGAN + COMMON + [f'data.root="{tiny_unpaired}"', 'train.mixed_precision="bf16"']
+    reference("cyclegan_demo.toml", tmp_path / "ref", sets + ["train.batch_size=2"])
+    out = worker(tmp_path / "dump", "cyclegan_demo.toml", sets, "--batch-size", "1",
+                 "--steps", "6", "--save-every", "3", "--run-dir", tmp_path / "run",
+                 mixed_precision="bf16")
+    assert "precision bf16" in out
+    assert_ranks_identical(tmp_path / "dump")
+    a6, b3, b6 = (checkpoint_weights(r, s) for r, s in
+                  ((tmp_path / "run", 6), (tmp_path / "ref", 3), (tmp_path / "ref", 6)))
+    nets = [k for k in b6 if k.startswith("model")]
+    apart = torch.cat([(a6[k] - b6[k]).flatten() for k in nets]).norm()
+    moved = torch.cat([(b6[k] - b3[k]).flatten() for k in nets]).norm()
+    assert 0 < moved and apart < 0.3 * moved, (float(apart), float(moved))
+    la, lb = ([json.loads(x) for x in (r / "log.jsonl").read_text().splitlines()]
+              for r in (tmp_path / "run", tmp_path / "ref"))
+    first = {k: v for k, v in lb[0].items() if "/" in k and not k.startswith(("run/", "lr"))}
+    assert first and all(la[0][k] == pytest.approx(v, rel=2e-2, abs=1e-3)
+                         for k, v in first.items()), (la[0], lb[0])
+
+
+@pytest.mark.parametrize("launcher_precision", ["no", "bf16"])
+def test_the_launchers_precision_wins_over_a_recipes_auto(launcher_precision, tmp_path,
+                                                           monkeypatch):
+    """`accelerate launch --mixed_precision X` with a recipe saying "auto" trains in X, also on
+    the other kind of CPU (the switch makes "auto" alone pick the opposite)."""
+    monkeypatch.setenv("TRANSLATE_NATIVE_BF16", "1" if launcher_precision == "no" else "0")
+    proc = launch(["cli.py", "train", "recipes/toy_wgan_gp_ring.toml", "--set",
+                   "model.hidden=16", "--steps", "1", "--run-dir", tmp_path / "run",
+                   "--no-progress"], mixed_precision=launcher_precision)
+    line = f"precision {launcher_precision} (auto: accelerate launch --mixed_precision " \
+           f"{launcher_precision})"
+    assert line in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+
 def test_epoch_length_counts_processes_and_accumulation(tiny_unpaired):
     """The LR schedule is a function of the step; what could depend on the process count is the
     number of steps of an epoch-based recipe, which must count global batches."""
@@ -240,6 +317,7 @@ DCGAN = ["model.ngf=4", "model.ndf=4", "model.image_size=32", "data.crop_size=32
 TOY_GAN = ["model.hidden=16", "train.batch_size=8"]
 BF16_RUNS = {  # name: (recipe, sets, penalty logged, data: "unpaired" / "images" / "classes")
     "cyclegan": ("cyclegan_demo.toml", TINY_CYCLEGAN, None, "unpaired"),
+    "cut": ("cut_demo.toml", TINY_CUT, None, "unpaired"),
     "dcgan": ("dcgan.toml", DCGAN, None, "images"),
     "wgan_gp": ("wgan_gp.toml", DCGAN + ["model.n_critic=2"], "D/gp", "images"),
     "gan_toy_r1": ("toy_gan_ring.toml", TOY_GAN + ['model.penalty="r1"'], "D/r1", "images"),
@@ -311,8 +389,9 @@ def test_precision_that_would_silently_run_fp32_is_refused(flags, launcher_preci
                    "model.hidden=16", "--steps", "2", "--run-dir", run, *flags],
                   mixed_precision=launcher_precision, check=False)
     assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors and all(needle in line for line in errors), proc.stderr[-3000:]
+    # One line, from the main process only (the settings are the same on every rank).
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
     # No traceback through our code (the launcher prints its own failure report).
     assert "translate/core" not in proc.stderr
     assert not (run / "checkpoints").exists()

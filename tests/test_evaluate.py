@@ -19,7 +19,8 @@ from PIL import Image
 from translate import config
 from translate.core.loop import train
 from translate.errors import UserError
-from translate.evaluate import add_eval_parser, toy_scores
+from translate.eval_report import add_eval_parser
+from translate.evaluate import toy_scores
 from translate.export import export_run, run_generators
 from translate.plot import (
     PANEL_HEIGHT,
@@ -164,6 +165,38 @@ def test_eval_fid_features_small(capsys, cyclegan_run):
     assert r["fid"] >= -1e-6
 
 
+def test_eval_writes_its_protocol_and_warns_that_fid_on_few_images_is_biased(
+        capsys, cyclegan_run, tmp_path):
+    from translate.protocol import extractor_sha256
+
+    assert _main(["eval", str(cyclegan_run), "--fid-features", "small", "--json"]) == 0
+    captured = capsys.readouterr()
+    r = json.loads(captured.out)
+    p = r["protocol"]
+    assert p["checkpoint"] == "step 2, the newest (last)"
+    assert p["images"] == {"testA": 4, "testB": 4} and p["image_size"] == "16x16 px"
+    assert p["features_sha256"] == extractor_sha256("small") and "8-bit" in p["resize"]
+    assert "subsets" in p["kid_interval"]
+    for prefix in ("", "ba_", "baseline_"):
+        assert r[prefix + "kid_lo"] <= r[prefix + "kid_hi"]
+    assert r["warnings"] == [line.removeprefix("warning: ")
+                             for line in captured.err.strip().splitlines()]
+    assert "FID on few images (testA 4, testB 4): below 2,000" in r["warnings"][0]
+    # Scores still printed, and the table mode prints the protocol under the table.
+    assert _main(["eval", str(cyclegan_run), "--fid-features", "small", "--step", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "FID" in out and "protocol: checkpoint: step 2, chosen with --step" in out
+    # Without FID there is no warning, and the protocol still names the checkpoint.
+    plain = _json(capsys, ["eval", str(cyclegan_run), "--json"])
+    assert plain["warnings"] == [] and plain["protocol"]["checkpoint"].startswith("step 2")
+    # The hash of an Inception weights file is the file's.
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"not really weights")
+    import hashlib
+
+    assert extractor_sha256(str(weights)) == hashlib.sha256(b"not really weights").hexdigest()
+
+
 def test_eval_errors_are_one_line(capsys, tmp_path, cyclegan_run):
     assert str(tmp_path / "nope") in _error(capsys, ["eval", str(tmp_path / "nope")])
     assert "not a run folder" in _error(capsys, ["eval", str(tmp_path)])
@@ -171,6 +204,57 @@ def test_eval_errors_are_one_line(capsys, tmp_path, cyclegan_run):
     _error(capsys, ["eval", str(cyclegan_run), "--folders", str(tmp_path), str(tmp_path)])
     bad = _error(capsys, ["eval", str(cyclegan_run), "--data", str(tmp_path)])
     assert "testA" in bad
+
+
+def _own_pairs(src: Path, dst: Path, suffix: str) -> Path:
+    """src's images re-saved losslessly under dst (in a subfolder, as `suffix` files): a
+    user's own folder, named and laid out unlike the demo data."""
+    for p in sorted(src.glob("*.png")):
+        (dst / "set1").mkdir(parents=True, exist_ok=True)
+        Image.open(p).save(dst / "set1" / (p.stem + suffix))
+    return dst
+
+
+def test_eval_on_your_own_aligned_pairs(capsys, cyclegan_run, tiny_unpaired, tmp_path):
+    """`--input DIR --truth DIR`: the demo's testA/testB copied as a user's own pairs (other
+    folder names, a subfolder, .bmp truths) score exactly what the demo's known truth scores,
+    through a run (both directions, with cycle) and through one exported file."""
+    full = _json(capsys, ["eval", str(cyclegan_run), "--json"])
+    photos = _own_pairs(tiny_unpaired / "testA", tmp_path / "photos", ".png")
+    truth = _own_pairs(tiny_unpaired / "testB", tmp_path / "truth", ".bmp")
+    r = _json(capsys, ["eval", str(cyclegan_run), "--input", str(photos), "--truth",
+                       str(truth), "--json"])
+    assert r["truth"] is True and r["split"] == "pairs" and r["n_a"] == 4
+    for key in ("psnr", "ssim", "baseline_psnr", "baseline_ssim", "cycle_psnr", "cycle_l1"):
+        assert r[key] == pytest.approx(full[key], abs=1e-5), key
+    back = _json(capsys, ["eval", str(cyclegan_run), "--input", str(truth), "--truth",
+                          str(photos), "--direction", "ba", "--json"])
+    assert back["ba_psnr"] == pytest.approx(full["ba_psnr"], abs=1e-5) and "psnr" not in back
+    model = cyclegan_run / "export" / "G_ab.safetensors"
+    one = _json(capsys, ["eval", str(model), "--input", str(photos), "--truth", str(truth),
+                         "--json"])  # no --data needed
+    assert one["psnr"] == pytest.approx(full["psnr"], abs=1e-3) and "cycle_psnr" not in one
+    assert _main(["eval", str(cyclegan_run), "--input", str(photos), "--truth",
+                  str(truth)]) == 0
+    assert "PSNR vs truth" in capsys.readouterr().out
+
+
+def test_eval_of_own_pairs_refuses_what_it_cannot_pair(capsys, cyclegan_run, tiny_unpaired,
+                                                       tmp_path):
+    photos = _own_pairs(tiny_unpaired / "testA", tmp_path / "photos", ".png")
+    truth = _own_pairs(tiny_unpaired / "testB", tmp_path / "truth", ".png")
+    run = str(cyclegan_run)
+    victim = sorted((truth / "set1").iterdir())[1]
+    victim.rename(victim.with_name("renamed.png"))
+    err = _error(capsys, ["eval", run, "--input", str(photos), "--truth", str(truth)])
+    assert f"no image named like set1/{victim.name}" in err and "1 of 4 inputs" in err
+    Image.new("RGB", (20, 12)).save(victim)
+    err = _error(capsys, ["eval", run, "--input", str(photos), "--truth", str(truth)])
+    assert f"{victim}: 20x12 pixels, but its input" in err
+    assert "--truth: missing" in _error(capsys, ["eval", run, "--input", str(photos)])
+    assert "--direction" in _error(capsys, [
+        "eval", str(cyclegan_run / "export" / "G_ab.safetensors"), "--input", str(photos),
+        "--truth", str(truth), "--direction", "ba"])
 
 
 # ---------------------------------------------------------------------------- eval: folders
@@ -242,11 +326,12 @@ def test_plot_of_a_run(capsys, cyclegan_run, tmp_path):
     with Image.open(path) as im:
         im.verify()
     img = Image.open(path)
-    # Panels: G, D, eval (the demo recipe's eval/psnr), lr (lr/D, lr/G, lr_scale), speed (it_s).
-    assert img.size == (WIDTH, TITLE_HEIGHT + 5 * PANEL_HEIGHT) and img.mode == "RGB"
+    # Panels: G, D, eval (the demo recipe's eval/psnr), health (the health monitor's values),
+    # lr (lr/D, lr/G, lr_scale), speed (it_s).
+    assert img.size == (WIDTH, TITLE_HEIGHT + 6 * PANEL_HEIGHT) and img.mode == "RGB"
     log = parse_log((cyclegan_run / "log.jsonl").read_text().splitlines())
     groups = group_keys(list(log.series))
-    assert list(groups) == ["G", "D", "eval", "lr", "speed (it/s)"], groups
+    assert list(groups) == ["G", "D", "eval", "health", "lr", "speed (it/s)"], groups
     assert sorted(groups["lr"]) == ["lr/D", "lr/G", "lr_scale"]
     # Inside the G panel's plot area (left of the legend), the curves are coloured pixels.
     inner = np.asarray(img)[TITLE_HEIGHT + 40:TITLE_HEIGHT + PANEL_HEIGHT - 50,
@@ -273,6 +358,26 @@ def test_plot_survives_nan_strings_single_points_and_cut_lines(capsys, tmp_path)
     (tmp_path / "log.jsonl").write_text(json.dumps({"step": 5, "G/loss": 2.0}) + "\n")
     assert _main(["plot", str(tmp_path)]) == 0
     assert Image.open(tmp_path / "plot.png").size == (WIDTH, TITLE_HEIGHT + PANEL_HEIGHT)
+
+
+def test_plot_draws_lr_scale_on_its_own_axis(capsys, tmp_path):
+    """lr/G (2e-4, decaying), lr/D (1e-4) and lr_scale (1 -> 0) in one panel: against one
+    axis both learning rates would lie flat on zero; with lr_scale on the right axis lr/G's
+    line spans the plot area's height."""
+    records = [{"step": s, "lr/G": 2e-4 * (1 - s / 100), "lr/D": 1e-4, "lr_scale": 1 - s / 100}
+               for s in range(0, 101, 10)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert _main(["plot", str(tmp_path)]) == 0
+    img = np.asarray(Image.open(tmp_path / "plot.png")).astype(int)
+    assert img.shape[:2] == (TITLE_HEIGHT + PANEL_HEIGHT, WIDTH)  # one panel: lr
+    area = img[TITLE_HEIGHT + 30:TITLE_HEIGHT + PANEL_HEIGHT - 38, 74:WIDTH - 202]
+    blue = (np.abs(area - np.array([31, 119, 180])).sum(-1) < 60).any(1)  # lr/G, the 1st colour
+    rows = np.flatnonzero(blue)
+    assert rows.size and rows[-1] - rows[0] > 0.8 * area.shape[0], rows
+    orange = (np.abs(area - np.array([255, 127, 14])).sum(-1) < 60).any(1)  # lr/D, flat
+    assert 0 < orange.sum() < 10 and np.flatnonzero(orange).mean() < 0.8 * area.shape[0]
+    ticks = img[TITLE_HEIGHT + 20:TITLE_HEIGHT + PANEL_HEIGHT - 30, WIDTH - 198:WIDTH - 178]
+    assert (ticks.max(-1) < 120).sum() > 15  # the right axis' tick labels (grey text)
 
 
 def test_plot_errors(capsys, tmp_path):

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN, run_cli
+from conftest import ROOT, TINY_CYCLEGAN, random_image_folder, run_cli
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import translate
 from translate import config
+from translate.core import precision
 from translate.core.loop import train
 from translate.errors import ModelError, UserError
 from translate.export import export_run, run_generators
@@ -43,7 +44,7 @@ def test_metadata_describes_the_generator(exported):
     assert meta["kind"] == "resnet" and meta["size_multiple"] == "4"
     assert meta["in_channels"] == "3" and meta["out_channels"] == "3"
     assert meta["from_domain"] == "A" and meta["to_domain"] == "B"
-    assert meta["step"] == "3" and meta["recipe"] == "demo" and meta["ema"] == "false"
+    assert meta["step"] == "3" and meta["recipe"] == "cyclegan_demo" and meta["ema"] == "false"
     assert json.loads(meta["config"])["n_blocks"] == 1
     assert meta["value_range"] == "[-1, 1]" and meta["translate_version"] == translate.__version__
 
@@ -105,6 +106,22 @@ def test_bf16_inference_stays_within_one_level_of_fp32(exported):
     assert bf16.precision == "bf16"
     a, b = fp32(img).astype(np.float64), bf16(img).astype(np.float64)
     assert 0 < np.abs(a - b).mean() <= 1.0, np.abs(a - b).mean()  # levels of 255; 0: no bf16
+
+
+def test_auto_inference_precision_follows_the_cpu_kind(cpu_kind, exported, tmp_path):
+    """`auto` (apply's default) is bf16 on a CPU with native bf16 and fp32 elsewhere, through the
+    Python API and the CLI alike; either way within one grey level of fp32 on average."""
+    img = (np.random.default_rng(2).random((40, 48, 3)) * 255).astype(np.uint8)
+    auto = translate.load_generator(exported / "G_ab.safetensors")
+    assert auto.precision == ("bf16" if cpu_kind == "bf16" else "fp32")
+    fp32 = translate.load_generator(exported / "G_ab.safetensors", precision="fp32")
+    assert np.abs(auto(img).astype(float) - fp32(img).astype(float)).mean() <= 1.0
+    (tmp_path / "in").mkdir()
+    Image.fromarray(img).save(tmp_path / "in" / "x.png")
+    run_cli("apply", str(exported / "G_ab.safetensors"), str(tmp_path / "in"),
+            str(tmp_path / "out"), "--no-progress")
+    out = np.asarray(Image.open(tmp_path / "out" / "x.png")).astype(float)
+    assert out.shape == img.shape and np.abs(out - fp32(img).astype(float)).mean() <= 1.0
 
 
 def test_loading_never_unpickles_and_rejects_foreign_files(exported, tmp_path):
@@ -225,6 +242,54 @@ def test_onnx_generator_takes_uint8_and_float_arrays(exported):
         gen(img.astype(np.int32))
 
 
+@pytest.mark.parametrize("model", ["G_ab.safetensors", "G_ab.onnx"])
+def test_arrays_with_alpha_or_gray_are_handled_like_apply(exported, model):
+    """RGBA and gray+alpha arrays: colour through the model, alpha carried through unchanged
+    (uint8 and float, single and batched); gray is matched to an RGB model; any other
+    channel count is one clear line, not a raw torch/onnxruntime error."""
+    gen = translate.load_generator(exported / model, precision="fp32")
+    rgb = _picture(30, 22)
+    alpha = np.random.default_rng(3).integers(0, 256, (30, 22, 1), dtype=np.uint8)
+    out = gen(np.concatenate([rgb, alpha], axis=-1))
+    assert out.dtype == np.uint8 and out.shape == (30, 22, 4)
+    np.testing.assert_array_equal(out[..., :3], gen(rgb))
+    np.testing.assert_array_equal(out[..., 3:], alpha)
+    rgba = np.concatenate([rgb, alpha], axis=-1).astype(np.float32) / 255
+    floats = gen(np.stack([rgba, rgba]))
+    assert floats.shape == (2, 30, 22, 4) and floats.dtype == np.float32
+    np.testing.assert_array_equal(floats[1, ..., 3:], rgba[..., 3:])
+    np.testing.assert_allclose(floats[0, ..., :3], gen(rgba[..., :3]), atol=1e-6)  # batch 2 vs 1
+    gray = rgb[..., :1]
+    np.testing.assert_array_equal(gen(gray), gen(np.repeat(gray, 3, axis=-1)))
+    gray_alpha = gen(np.concatenate([gray, alpha], axis=-1))
+    assert gray_alpha.shape == (30, 22, 4)  # the model's 3 colours + the alpha
+    np.testing.assert_array_equal(gray_alpha[..., 3:], alpha)
+    with pytest.raises(UserError, match=r"1 \(gray\), 2 \(gray\+alpha\), 3 \(RGB\) or 4 "
+                                        r"\(RGBA\) channels, got 5") as e:
+        gen(np.zeros((8, 8, 5), np.uint8))
+    assert "\n" not in str(e.value)
+
+
+def test_float_input_computes_in_fp32_unless_bf16_is_asked(exported, monkeypatch):
+    """Where `auto` resolves to bf16 (forced here, as on a CPU with native bf16), uint8 images
+    use bf16 but float arrays and tensors come back in fp32's fine steps; asking for bf16 by
+    name keeps bf16 for floats too."""
+    monkeypatch.setenv(precision.SWITCH, "1")
+    path = exported / "G_ab.safetensors"
+    auto, fp32 = (translate.load_generator(path, precision=p) for p in ("auto", "fp32"))
+    bf16 = translate.load_generator(path, precision="bf16")
+    assert auto.precision == "bf16" and fp32.precision == "fp32"
+    x = np.random.default_rng(4).random((40, 48, 3)).astype(np.float32)
+    np.testing.assert_array_equal(auto(x), fp32(x))
+    t = torch.rand(1, 3, 40, 48) * 2 - 1
+    assert torch.equal(auto(t), fp32(t))
+    coarse, fine = len(np.unique(bf16(x))), len(np.unique(fp32(x)))
+    print(f"\ndistinct float outputs: bf16 {coarse}, fp32 (and auto) {fine}")
+    assert coarse < 0.5 * fine
+    img = (x * 255).astype(np.uint8)
+    np.testing.assert_array_equal(auto(img), bf16(img))  # uint8 keeps auto's bf16
+
+
 def test_export_check_line_and_rejection(exported, tmp_path, monkeypatch):
     from translate import onnx_export
     from translate.export import load_torch_generator
@@ -304,3 +369,28 @@ def test_exports_from_before_the_artifact_free_options_load_as_trained(kind, con
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(gen(x), old.eval()(x), rtol=0, atol=1e-6)
+
+
+def test_onnx_export_of_a_dcgan_run(tmp_path):
+    """`translate export RUN --onnx` on a latent GAN writes G.onnx (input z with a dynamic
+    batch, output images) that onnxruntime runs like the torch generator; loading it for
+    apply says what it is instead of a raw error."""
+    ort = pytest.importorskip("onnxruntime")
+    data, run = random_image_folder(tmp_path / "img"), tmp_path / "run"
+    run_cli("train", "recipes/dcgan.toml", "--data", str(data), "--steps", "2", "--run-dir",
+            str(run), "--batch-size", "4", "--no-progress", "--set", "model.ngf=4", "--set",
+            "model.ndf=4", "--set", "model.image_size=32", "--set", "data.crop_size=32",
+            "--set", "model.z_dim=8")
+    proc = run_cli("export", str(run), "--onnx")
+    assert "G.onnx (ONNX opset 18, max |onnx - torch| = " in proc.stdout, proc.stdout
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["G.onnx", "G.safetensors"]
+    _, nets, _ = run_generators(run)
+    z = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
+    sess = ort.InferenceSession(str(run / "export" / "G.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["z"]
+    got = sess.run(None, {"z": z.numpy()})[0]
+    with torch.no_grad():
+        want = nets["G"](z).numpy()
+    assert got.shape == (3, 3, 32, 32) and np.abs(got - want).max() < 1e-4
+    with pytest.raises(UserError, match="a latent generator .*input 'z', output 'sample'"):
+        translate.load_generator(run / "export" / "G.onnx")

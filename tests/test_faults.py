@@ -16,6 +16,7 @@ import os
 import pickle
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -227,8 +228,8 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
         start = max(_newest(run), 0)
         slow = attempt == 2  # this one is killed while a checkpoint is being written
         env = {"TRANSLATE_TEST_SLOW_SAVE": "1.5"} if slow else None
-        job = Cli(_train_args(run, steps, every, "--resume", "auto"), tmp_path / f"a{attempt}",
-                  env)
+        job = Cli(_train_args(run, steps, every, "--resume", "auto-or-new"),
+                  tmp_path / f"a{attempt}", env)
         if slow:
             job.wait_until(lambda: _tmp_dirs(run), what="a checkpoint in progress")
         else:
@@ -284,27 +285,45 @@ def test_leftovers_of_a_killed_save_are_invisible_then_cleared(tmp_path):
 # ---------------------------------------------------------------------------- Ctrl-C
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_stop_signal_saves_the_current_step_and_resumes_exactly(sig, tmp_path):
-    run = tmp_path / "run"
-    job = Cli(_train_args(run, 100_000, 100_000), tmp_path / "job")
-    job.wait_until(lambda: _last_step(run) >= 3, what="step 3")
-    job.signal(sig)
-    code = job.wait()
-    assert code == 128 + sig, job.stderr
+def _stopped(job: Cli, sig: int, run: Path) -> tuple[int, list[str]]:
+    """The step a stop signal ended `job` at (its checkpoint saved, nothing else left) and
+    the command its one-line message says continues the run."""
+    assert job.wait() == 128 + sig, job.stderr
     last = _one_line_error(job.stderr)
-    m = re.fullmatch(rf"stopped by {sig.name} at step (\d+); checkpoint (.+); continue with "
-                     r"--resume auto", last)
+    m = re.fullmatch(rf"stopped by {signal.Signals(sig).name} at step (\d+); checkpoint (.+); "
+                     r"continue with: (.+)", last)
     assert m, job.stderr
     step = int(m.group(1))
     assert Path(m.group(2)) == checkpoint.step_dir(run, step)
-    assert checkpoint.list_checkpoints(run) == [checkpoint.step_dir(run, step)]
+    assert checkpoint.list_checkpoints(run)[-1] == checkpoint.step_dir(run, step)
     assert _last_step(run) == step  # stopped at a step boundary, the logged one
-    # The checkpoint of an interrupted step continues exactly like an uninterrupted run.
-    train(_cfg(run, step + 3, 100_000), resume="auto", progress=False)
-    train(_cfg(tmp_path / "straight", step + 3, 100_000), progress=False)
-    _assert_same(_tensors(checkpoint.step_dir(run, step + 3)),
-                 _tensors(checkpoint.step_dir(tmp_path / "straight", step + 3)))
+    return step, shlex.split(m.group(3))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_stop_signal_saves_the_current_step_and_the_printed_command_resumes_exactly(sig,
+                                                                                    tmp_path):
+    run = tmp_path / "run"
+    job = Cli(_train_args(run, 100_000, 100_000, "--mixed-precision", "no"), tmp_path / "job")
+    job.wait_until(lambda: _last_step(run) >= 3, what="step 3")
+    job.signal(sig)
+    step, command = _stopped(job, sig, run)
+    assert checkpoint.list_checkpoints(run) == [checkpoint.step_dir(run, step)]
+    assert command == ["translate", "train", TOY_RECIPE, "--run-dir", str(run), "--resume",
+                       "auto"]
+    # The printed command alone continues the run as it was configured (100,000 steps, batch
+    # 8, fp32: not the recipe's 5,000 steps, batch 100, auto precision). Stopped again a few
+    # steps on, it equals an uninterrupted run of that length.
+    again = Cli(command[1:], tmp_path / "again")
+    again.wait_until(lambda: _last_step(run) >= step + 3, what=f"step {step + 3}")
+    again.signal(sig)
+    end, command_again = _stopped(again, sig, run)
+    assert command_again == command and end >= step + 3
+    assert "resumed from" in again.stderr and "100000 steps; precision no" in again.stderr
+    train(_cfg(tmp_path / "straight", end, 100_000, 'train.mixed_precision="no"'),
+          progress=False)
+    _assert_same(_tensors(checkpoint.step_dir(run, end)),
+                 _tensors(checkpoint.step_dir(tmp_path / "straight", end)))
 
 
 def _rank_pid(launcher: int, rank: int) -> int:
@@ -472,8 +491,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert _digest(checkpoint.step_dir(run, 4)) == before
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002",
                                                                       "step_0000004"]
-    monkeypatch.undo()
-    assert train(_cfg(run, 6, 2), resume="auto", progress=False).step == 6
+    monkeypatch.undo()  # the failed start had extended the run to 8 steps (config.json)
+    assert train(_cfg(run, 8, 2), resume="auto", progress=False).step == 8
 
 
 @pytest.fixture
@@ -504,9 +523,9 @@ def test_a_really_full_disk_gives_one_line_and_a_usable_checkpoint(small_disk, c
     found = checkpoint.list_checkpoints(run)
     assert found and not _tmp_dirs(run)
     _assert_complete(found[-1])
-    shutil.rmtree(found[0])  # room to resume
-    assert train(_cfg(run, _newest(run) + 1, 1000, "model.hidden=64"), resume="auto",
-                 progress=False).step == _newest(run)
+    shutil.rmtree(found[0])  # room to resume: the rest of the run, saved once at its end
+    assert train(_cfg(run, 200, 1000, "model.hidden=64", "train.log_every=1000"),
+                 resume="auto", progress=False).step == _newest(run) == 200
 
 
 # ---------------------------------------------------------------------------- planted pickles

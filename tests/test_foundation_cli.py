@@ -4,6 +4,8 @@ which no test passed fails, and the albumentations update check forced off."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import fcntl
 import json
 import os
@@ -24,7 +26,9 @@ from conftest import ROOT, random_image_folder, run_cli
 from PIL import Image
 from test_train import _weights
 
+import cli
 from translate import config
+from translate.config import TrainConfig
 from translate.core.loop import train
 from translate.errors import UserError
 from translate.sample import sample_command
@@ -115,7 +119,9 @@ def test_no_progress_prints_one_plain_line_per_logged_step(seed_runs):
     assert len(lines) == 3, proc.stderr
     num = r"-?\d[\d.e+-]*"
     for i, line in enumerate(lines, 1):
-        assert re.fullmatch(rf"step {i}  \d+\.\d\d it/s  D/loss {num}  G/loss {num}  .*", line)
+        assert re.fullmatch(rf"step {i}/3  \d+\.\d\d it/s  eta \d+:\d\d:\d\d  D/loss {num}  "
+                            rf"G/loss {num}  .*", line)
+    assert lines[-1].split()[5] == "0:00:00"  # the last step leaves nothing to wait for
     assert "\x1b[" not in proc.stderr and "━" not in proc.stderr  # no bar, no colour codes
     assert not any("run/" in line for line in lines)  # the run's shape is on the start line only
 
@@ -155,17 +161,23 @@ def _run_on_a_terminal(args: list[str], cols: int = 200, timeout: float = 120) -
     return ANSI.sub("", b"".join(chunks).decode(errors="replace").replace("\r", "\n"))
 
 
-def test_progress_bar_on_a_terminal_shows_step_rate_eta_and_losses(tmp_path):
+@pytest.mark.parametrize("cols", [80, 200])
+def test_progress_bar_on_a_terminal_shows_step_rate_eta_and_losses(tmp_path, cols):
+    """The bar line keeps step count, rate and ETA whole at 80 columns (only the bar shrinks);
+    the latest losses follow on their own line, cut to the width."""
     text = _run_on_a_terminal(["train", "recipes/toy_wgan_gp_ring.toml", *TOY, "--steps",
-                               "30", "--run-dir", str(tmp_path / "run"), "--log-every", "1"])
+                               "30", "--run-dir", str(tmp_path / "run"), "--log-every", "1"],
+                              cols=cols)
     assert "done: 30 steps" in text
-    bars = [x for x in text.splitlines() if re.search(r"step\s+\d+/30", x)]
+    lines = text.splitlines()
+    bars = [i for i, x in enumerate(lines) if re.search(r"step\s+\d+/30", x)]
     assert bars, text
-    final = bars[-1]
-    assert re.search(r"step\s+30/30", final), final
-    assert re.search(r"\d+\.\d\d it/s", final), final
-    assert re.search(r"eta\s+\d+:\d\d:\d\d", final), final  # ETA, after the elapsed time
-    assert re.search(r"D/loss -?\d", final) and re.search(r"G/loss -?\d", final), final
+    final = lines[bars[-1]]
+    losses = next(x for x in lines[bars[-1] + 1:] if x)  # the cursor moves leave empty lines
+    assert re.search(r"step\s+30/30 ━+ \d+\.\d\d it/s \d+:\d\d:\d\d eta \d+:\d\d:\d\d$",
+                     final), final  # elapsed, then the ETA
+    assert len(final) <= cols and len(losses) <= cols, text
+    assert re.match(r"D/loss -?\d\S*  G/loss -?\d", losses), losses
     # The bar replaces the plain per-step lines.
     assert not re.search(r"^step \d+  \d+\.\d\d it/s", text, re.MULTILINE), text
 
@@ -224,3 +236,32 @@ def test_albumentations_update_check_is_forced_off():
     proc = subprocess.run([sys.executable, "-c", SPY], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120, check=True)
     assert proc.stdout.strip() == "('1', False) ['1']", proc.stdout + proc.stderr
+
+
+def test_help_describes_every_option_with_its_default():
+    """Every option of every command has a description, and --help shows its default where it
+    has one; demo --mixed-precision takes what train does (train.mixed_precision's values)."""
+    sub = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings[0]}: no description"
+        text = " ".join(command.format_help().split())
+        for action in command._actions:
+            if action.option_strings and action.default not in (None, False,
+                                                                 argparse.SUPPRESS):
+                assert f"default: {action.default}" in text or "default" in action.help, (
+                    name, action.option_strings)
+    proc = run_cli("apply", "--help")
+    text = " ".join(proc.stdout.split())
+    assert "--batch-size BATCH_SIZE images of one size (or tiles of a large image) per " \
+           "generator call; memory grows with it (default: 4)" in text
+    assert "--overlap OVERLAP tile overlap in pixels" in text and "(default: 64)" in text
+    choices = {f.name: f for f in dataclasses.fields(TrainConfig)}["mixed_precision"]
+    assert choices.metadata["choices"] == ("auto", "no", "bf16", "fp16")
+    for value in choices.metadata["choices"]:
+        assert cli.parser().parse_args(["demo", "--mixed-precision", value]).mixed_precision \
+            == value
+    assert "--mixed-precision MIXED_PRECISION auto | no | bf16 | fp16" in " ".join(
+        sub.choices["train"].format_help().split())

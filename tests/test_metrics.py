@@ -223,6 +223,57 @@ def test_kid_subset_size_is_clipped_to_the_smaller_set():
     assert M.kid_from_features(x, y, 5, 1000) == M.kid_from_features(x, y, 5, 30)
 
 
+def test_kid_interval_has_width_on_small_sets_and_covers_what_it_should():
+    x, y = _features(40, 8, 0), _features(40, 8, 1)
+    assert M.kid_from_features(x, y)[1] < 1e-12  # 40 < 1000: every subset is the whole set
+    low, high, m = M.kid_interval(x, y)
+    assert m == 20 and low < 0 < high  # same distribution: 0 is inside, and the width is real
+    shifted = _features(40, 8, 1, shift=0.5)
+    mean, _ = M.kid_from_features(x, shifted)
+    low, high, _ = M.kid_interval(x, shifted)
+    assert 0 < low < mean < high
+    assert M.kid_interval(x, shifted) == M.kid_interval(x, shifted)  # seeded
+    big = M.kid_interval(_features(3000, 4, 0), _features(3000, 4, 1), subsets=5)
+    assert big[2] == 1000  # the usual subset size once the sets are large enough
+
+
+# --- The one way images reach a feature extractor -------------------------------------------
+
+def test_metric_images_are_the_same_whatever_the_file_format(tmp_path):
+    """One picture saved losslessly as PNG, BMP, TIFF, WebP and RGBA PNG, and the float tensor
+    a generator would output for it, reach the extractor as the same numbers; so do a grey
+    picture and its RGB copy."""
+    from translate.images import load_image, to_tensor
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(20, 28, 3), dtype=np.uint8)
+    folder = tmp_path / "formats"
+    folder.mkdir()
+    Image.fromarray(rgb).save(folder / "a.png")
+    Image.fromarray(rgb).save(folder / "b.bmp")
+    Image.fromarray(rgb).save(folder / "c.tif")
+    Image.fromarray(rgb).save(folder / "d.webp", lossless=True)
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])).save(folder / "e.png")
+    size = (16, 16)
+    loaded = [M.metric_images(to_tensor(load_image(p)), size) for p in sorted(folder.iterdir())]
+    assert all(torch.equal(loaded[0], x) for x in loaded[1:])
+    # A generator's float output of the same pixels (off by less than half a level).
+    jitter = (torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(1)) - 0.5) * 0.9
+    generated = to_tensor(rgb) + jitter / 127.5
+    assert torch.equal(M.metric_images(generated, size), loaded[0])
+    grey = rgb[..., :1]
+    assert torch.equal(M.metric_images(to_tensor(grey), size),
+                       M.metric_images(to_tensor(np.repeat(grey, 3, axis=2)), size))
+    # Files through folder_features and tensors through translate eval's path agree.
+    from translate.evaluate import image_features
+
+    net = M.small_feature_net()
+    from_files = M.folder_features(folder, net, image_size=16)
+    in_memory = image_features([generated] * 5, net, size=size)
+    assert np.array_equal(from_files, in_memory)
+    assert np.array_equal(from_files, M.folder_features(folder, net, image_size=16))
+
+
 # --- Feature extractors -------------------------------------------------------------------
 
 def test_inception_state_dict_round_trips_strictly(tmp_path):

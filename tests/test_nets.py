@@ -101,11 +101,62 @@ def test_resnet_keeps_non_square_size():
     assert net(torch.randn(1, 3, 20, 28)).shape == (1, 3, 20, 28)
 
 
+def test_resnet_pads_in_bf16_under_autocast_with_the_same_result(monkeypatch):
+    # CPU autocast runs reflection_pad2d in fp32; the ResNet's own pad keeps bf16 (no casts to
+    # fp32 and back around every pad) and must compute exactly what the cast round trip did.
+    from translate.nets import layers
+
+    torch.manual_seed(0)
+    net, x = build_net("resnet", ngf=8, n_blocks=2), torch.randn(2, 3, 16, 16)
+    pads = [m for m in net.modules() if isinstance(m, nn.ReflectionPad2d)]
+    assert pads and all(isinstance(m, layers.ReflectionPad2d) for m in pads)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pads[1](torch.ones(1, 2, 4, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+        ours = net(x)
+        monkeypatch.setattr(layers.ReflectionPad2d, "forward", nn.ReflectionPad2d.forward)
+        assert pads[1](torch.ones(1, 2, 4, 4, dtype=torch.bfloat16)).dtype == torch.float32
+        torch_pads = net(x)
+    assert torch.equal(ours, torch_pads)
+
+
 def test_resnet_one_channel_and_tanh_range():
     net = build_net("resnet", in_channels=1, out_channels=1, ngf=4, n_blocks=1)
     y = net(torch.randn(1, 1, 12, 8) * 10)
     assert y.shape == (1, 1, 12, 8)
     assert y.abs().max() <= 1
+
+
+@pytest.mark.parametrize("kind,config", [
+    ("resnet", {"ngf": 4, "n_blocks": 2, "norm": "none"}),
+    ("unet", {"ngf": 4, "num_downs": 3, "norm": "none"}),
+])
+def test_encoder_feature_points(kind, config):
+    """forward(x, features): the encoder's outputs at the chosen points (CUT's PatchNCE), of the
+    widths and strides the net declares, the very tensors the translation passes through, and
+    not overwritten by an in-place ReLU (norm "none" puts one right after a feature point)."""
+    torch.manual_seed(0)
+    net = build_net(kind, **config)
+    x = torch.randn(2, 3, 16, 24)
+    points = list(range(len(net.feature_channels)))
+    seen: list[torch.Tensor] = []
+    layers = net.model if kind == "resnet" else net.down
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out.clone()))
+             for m in layers]
+    full = net(x)
+    for h in hooks:
+        h.remove()
+    feats = net(x, points)
+    assert torch.equal(net(x), full) and torch.equal(feats[0], x)
+    for i, f in zip(points, feats):
+        stride = net.feature_strides[i]
+        assert f.shape == (2, net.feature_channels[i], 16 // stride, 24 // stride), i
+    # Each feature is what the full forward computed there (recorded before any later layer).
+    ends = net.feature_ends if kind == "resnet" else range(len(net.down) + 1)
+    for i, end in zip(points[1:], list(ends)[1:]):
+        assert torch.equal(feats[i], seen[end - 1]), i
+    if kind == "resnet":
+        assert (feats[1] < 0).any()  # the conv output before its ReLU
+    assert [f.shape for f in net(x, [2, 0])] == [feats[2].shape, feats[0].shape]
 
 
 @pytest.mark.parametrize("num_downs", [3, 5])

@@ -84,7 +84,8 @@ def test_cyclegan_psnr_during_training_equals_an_independent_computation(tiny_un
     sets = [a for s in TINY_CYCLEGAN for a in ("--set", s)]
     run_cli("train", "recipes/cyclegan_demo.toml", *sets, "--data", str(tiny_unpaired),
             "--steps", "4", "--run-dir", str(run), "--log-every", "3", "--save-every", "2",
-            "--sample-every", "100", "--eval-every", "2", "--no-progress")
+            "--sample-every", "100", "--eval-every", "2", "--no-progress",
+            "--mixed-precision", "no")  # compared with fp32 computations below, to 1e-6
     logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [2, 3, 4]
     assert [r["step"] for r in logs if "eval/psnr" in r] == [2, 4]
@@ -116,6 +117,10 @@ def test_image_gan_kid_needs_held_out_images(tiny_unpaired, tmp_path):
     run_cli(*args, "--run-dir", str(run), "--set", f'train.eval_data="{tiny_unpaired / "testA"}"')
     last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 2 and math.isfinite(last["eval/kid"])
+    assert last["eval/kid_lo"] <= last["eval/kid_hi"]  # its subset-bootstrap interval
+    protocol = json.loads((run / "eval_protocol.json").read_text())
+    assert protocol["images"] == {"generated": 4, "reference": 4}
+    assert protocol["image_size"] == "32x32 px" and len(protocol["features_sha256"]) == 64
 
 
 @pytest.mark.slow

@@ -44,7 +44,7 @@ def _as_logged(records: list[dict]) -> dict[str, dict[int, float]]:
     out: dict[str, dict[int, float]] = {}
     for r in records:
         for k, v in r.items():
-            if k != "step":
+            if k not in ("step", "warnings"):  # warnings: text lines, for the log and terminal
                 out.setdefault(k, {})[r["step"]] = float(np.float32(float(v)))
     return out
 
@@ -219,7 +219,8 @@ def test_wandb_through_accelerate_gets_scalars_images_offline_and_one_run_id(tmp
     logged = {c[1]: c[2] for c in recorded if c[0] == "log" and "G/loss" in c[2]}
     assert sorted(logged) == [2, 4, 6]
     for r in _log(run):
-        assert logged[r["step"]] == {k: float(v) for k, v in r.items() if k != "step"}
+        assert logged[r["step"]] == {k: float(v) for k, v in r.items()
+                                     if k not in ("step", "warnings")}
     png = Image.open(run / "samples" / "step_0000006.png")
     images = [(c[1], c[2]["samples"]) for c in recorded if c[0] == "log" and "samples" in c[2]]
     assert images == [(s, [[png.size[1], png.size[0], 3]]) for s in (2, 4, 6)]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN, random_image_folder, run_cli
+from conftest import ROOT, TINY_CUT, TINY_CYCLEGAN, random_image_folder, run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -21,6 +21,8 @@ def tiny_overrides(recipe: str, data: Path, folder: Path) -> list[str]:
     text = (ROOT / "recipes" / recipe).read_text()
     if 'method = "cyclegan"' in text:
         return TINY_CYCLEGAN + [f'data.root="{data}"']
+    if 'method = "cut"' in text:
+        return TINY_CUT + [f'data.root="{data}"']
     if 'net = "mlp"' in text:
         return ["model.hidden=16", "train.batch_size=8"]
     if 'method = "cgan"' in text:  # labels come from class subfolders
@@ -48,10 +50,14 @@ def test_every_recipe_trains_through_the_cli(recipe, tiny_unpaired, tmp_path):
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 2
 
 
-def _cfg(recipe: str, run: Path, steps: int, sets: list[str]) -> config.RunConfig:
+def _cfg(recipe: str, run: Path, steps: int, sets: list[str],
+         mixed_precision: str = "no") -> config.RunConfig:
+    """A run whose numbers are compared: its precision is named, never "auto" (which differs
+    between CPUs with and without native bf16)."""
     return config.load(ROOT / "recipes" / recipe, sets + [
         f"train.steps={steps}", f'run_dir="{run}"', "train.save_every=3", "train.log_every=1",
-        "train.sample_every=100", 'train.lr_schedule="constant"'])
+        "train.sample_every=100", 'train.lr_schedule="constant"',
+        f'train.mixed_precision="{mixed_precision}"'])
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
@@ -66,17 +72,19 @@ def _losses(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
 @pytest.mark.parametrize("recipe,sets", [
     ("toy_wgan_gp_ring.toml", ["model.hidden=16", "train.batch_size=8", "train.ema=0.9"]),
     ("cyclegan_demo.toml", TINY_CYCLEGAN),
 ])
-def test_resume_is_exact(recipe, sets, tiny_unpaired, tmp_path):
-    """train(6) == train(3) + resume + train(3): same losses, weights, pools, EMA."""
+def test_resume_is_exact(recipe, sets, mixed_precision, tiny_unpaired, tmp_path):
+    """train(6) == train(3) + resume + train(3): same losses, weights, pools, EMA; in fp32 and
+    in bf16 alike (the same precision on both sides: the same arithmetic in the same order)."""
     sets = sets + [f'data.root="{tiny_unpaired}"'] if "cyclegan" in recipe else sets
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(_cfg(recipe, straight, 6, sets), progress=False)
-    train(_cfg(recipe, split, 3, sets), progress=False)
-    result = train(_cfg(recipe, split, 6, sets), resume="auto", progress=False)
+    train(_cfg(recipe, straight, 6, sets, mixed_precision), progress=False)
+    train(_cfg(recipe, split, 3, sets, mixed_precision), progress=False)
+    result = train(_cfg(recipe, split, 6, sets, mixed_precision), resume="auto", progress=False)
     assert result.step == 6
     a, b = _weights(straight, 6), _weights(split, 6)
     assert a.keys() == b.keys() and len(a) > 0
@@ -84,9 +92,11 @@ def test_resume_is_exact(recipe, sets, tiny_unpaired, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     la, lb = _losses(straight), _losses(split)
     assert [r["step"] for r in lb] == list(range(1, 7))  # log truncated and continued
+    # Each start's first record says its length: the extension 3 -> 6 is in the log.
+    assert [r.get("run/steps") for r in lb] == [3, None, None, 6, None, None]
     for ra, rb in zip(la, lb):
         for k in ra:
-            if "/" in k:
+            if "/" in k and not k.startswith("run/"):  # run/...: facts of each start
                 assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (k, ra["step"])
 
 
@@ -153,6 +163,7 @@ def test_dry_run_prints_resolved_config():
     (["--batch-size", "0"], "train.batch_size: must be > 0"),
     (["--set", "data.crop_size=300"], "data.crop_size"),
     (["--mixed-precision", "fp16"], "fp16 is not available on CPU"),
+    (["--mixed-precision", "fp16", "--dry-run"], "fp16 is not available on CPU"),
     (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
 ])
 def test_cli_errors_are_one_line(args, needle, tmp_path):
@@ -161,7 +172,7 @@ def test_cli_errors_are_one_line(args, needle, tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
-    assert not (tmp_path / "r" / "checkpoints").exists()
+    assert not (tmp_path / "r" / "checkpoints").exists() and proc.stdout == ""
 
 
 @pytest.mark.parametrize("extra", [
@@ -184,3 +195,22 @@ def test_cyclegan_options_train_through_the_cli(extra, tiny_unpaired, tmp_path):
         key, value = item.split("=", 1)
         section, name = key.split(".")
         assert str(cfg[section][name]).lower() == value.strip('"').lower()
+
+
+def test_a_run_shorter_than_its_log_interval_still_logs_a_curve(tmp_path):
+    """--steps 20 with the toy recipe's log_every 250 and sample_every 1000: the run logs every
+    2 steps and samples every 5, says so once (after the run: a refused run prints only its
+    error line), and keeps an interval the user gave."""
+    args = ["train", "recipes/toy_gan_ring.toml", "--set", "model.hidden=16", "--steps", "20",
+            "--no-progress"]
+    proc = run_cli(*args, "--run-dir", str(tmp_path / "a"))
+    assert proc.stderr.count("note: a run of 20 steps is shorter than the recipe's intervals: "
+                             "train.log_every 250 -> 2, train.sample_every 1000 -> 5") == 1
+    records = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(2, 21, 2))
+    assert len(list((tmp_path / "a" / "samples").glob("step_*.png"))) == 4
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())["train"]
+    assert (saved["log_every"], saved["sample_every"]) == (2, 5)
+    proc = run_cli(*args, "--run-dir", str(tmp_path / "b"), "--log-every", "250")
+    assert "train.log_every" not in proc.stderr
+    assert len((tmp_path / "b" / "log.jsonl").read_text().splitlines()) == 1

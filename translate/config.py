@@ -2,7 +2,8 @@
 
 A recipe is a TOML file with top-level keys (`name`, `method`, `seed`, `run_dir`) and the tables
 `[model]` (the method's own dataclass), `[data]` and `[train]`. Unknown keys and wrong types are
-errors that name the key. The resolved config is saved as `runs/<name>/config.json`.
+errors that name the key. The resolved config is saved as `RUN/config.json`, where RUN is
+`run_dir` or, by default, `runs/<name>-<data folder>` (see `RunConfig.out_dir`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from translate.errors import ConfigError
+
+PRECISIONS = ("auto", "no", "bf16", "fp16")  # train.mixed_precision's values (and the flags')
 
 
 def choice(default: Any, *choices: Any) -> Any:
@@ -86,7 +89,7 @@ class TrainConfig:
     decay_start: int = non_negative(0)    # step where linear decay starts (0 = half of the steps)
     ema: float = fraction(0.0)            # EMA decay of generator weights per step (0 = off), e.g. 0.999
     grad_clip: float = non_negative(0.0)  # max gradient norm per phase (0 = off)
-    mixed_precision: str = choice("auto", "auto", "no", "bf16", "fp16")  # autocast dtype; auto: bf16 where the hardware has it natively, else fp32
+    mixed_precision: str = choice("auto", *PRECISIONS)  # autocast dtype; auto: bf16 where the hardware has it natively, else fp32
     channels_last: bool = False           # NHWC memory format for conv nets
     sync_batchnorm: bool = False          # BatchNorm statistics over all processes (GPU only; DCGAN's BatchNorm nets)
     compile: bool = False                 # torch.compile the nets (slow warm-up)
@@ -100,21 +103,34 @@ class TrainConfig:
     eval_every: int = non_negative(0)     # steps between scores during training (0 = off; translate.periodic_eval)
     eval_data: str = ""                   # held-out images for KID ("" = none; CycleGAN: ROOT/testB)
     eval_features: str = "small"          # KID features: "small" (random net, relative only) or Inception weights path
+    keep_best: str = ""                   # score whose best checkpoint is kept in checkpoints/best, e.g. "eval/psnr" ("" = off)
+    health: bool = True                   # health checks: health/* values and warnings (translate/health.py)
+    health_every: int = non_negative(0)   # steps between health checks (0 = sample_every, rounded up to a log step)
+    health_patience: int = positive(3)    # checks in a row a condition must hold before its warning
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "run"                     # run name; the run folder defaults to runs/<name>
+    name: str = "run"                     # run name; the run folder defaults to runs/<name>-<data folder>
     method: str = "cyclegan"              # cyclegan | dcgan | wgan_gp | gan_toy ... (translate.methods)
     seed: int = 0                         # makes a CPU run repeatable
-    run_dir: str = ""                     # "" = runs/<name>
+    run_dir: str = ""                     # "" = runs/<name>-<data folder> (runs/<name> for toy data)
     model: Any = None                     # the method's own config dataclass
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.run_dir or f"runs/{self.name}")
+        """The run folder. By default named after the recipe and the data folder, so that one
+        recipe on two datasets, or two recipes on one, never share a folder; the data folder's
+        name is left out when it is the recipe's own name (horse2zebra on datasets/horse2zebra)
+        and for data without a folder (toy mixtures)."""
+        if self.run_dir:
+            return Path(self.run_dir)
+        root = self.data.root if self.data.kind != "toy" else ""
+        folder = Path(os.path.abspath(os.path.expanduser(root))).name if root else ""
+        return Path("runs") / (self.name if folder in ("", self.name) else
+                               f"{self.name}-{folder}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,6 +285,8 @@ def check(cfg: RunConfig) -> None:
     if t.lr_schedule == "constant" and t.epochs_decay > 0:
         raise ConfigError("train.epochs_decay: needs train.lr_schedule = 'linear' (with a "
                           "constant schedule the decay epochs would run at full LR)")
+    if t.keep_best:
+        _check_keep_best(t)
     d = cfg.data
     if d.kind == "toy" and d.max_items > 0:
         raise ConfigError("data.max_items: the toy data has no image files to subset; set it to 0 "
@@ -283,6 +301,40 @@ def check(cfg: RunConfig) -> None:
 
     parse_trackers(t.log_with)  # names only: whether each is installed is checked when training
     METHODS[cfg.method].check(cfg)
+
+
+# What an interval longer than a run given by --steps becomes: a share of the run, so a short
+# run still has a curve to plot (log) and a few grids to look at (samples). Checkpoints and
+# scores need nothing: the last step always saves one and scores.
+FIT_INTERVALS = {"log_every": 10, "sample_every": 4}  # key -> how many per run
+
+
+def fit_intervals(cfg: RunConfig, keep: set[str]) -> tuple[RunConfig, str]:
+    """The config with train.log_every / sample_every that exceed train.steps (and are not in
+    `keep`, the keys the user set) lowered to steps // FIT_INTERVALS[key], and a note saying
+    so ("" when nothing changed). For runs counted in steps (epochs = 0)."""
+    t = cfg.train
+    if t.epochs > 0:
+        return cfg, ""
+    fitted = {key: max(1, t.steps // per_run) for key, per_run in FIT_INTERVALS.items()
+              if key not in keep and getattr(t, key) > t.steps}
+    if not fitted:
+        return cfg, ""
+    note = ", ".join(f"train.{k} {getattr(t, k)} -> {v}" for k, v in fitted.items())
+    message = (f"note: a run of {t.steps} steps is shorter than the recipe's intervals: {note} "
+               "(set them with --log-every / --sample-every)")
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, **fitted)), message
+
+
+def _check_keep_best(t: TrainConfig) -> None:
+    from translate.core.best import DIRECTIONS
+
+    if t.keep_best not in DIRECTIONS:
+        raise ConfigError(f"train.keep_best: {t.keep_best!r} is not a score whose better "
+                          f"direction is known; use one of {', '.join(DIRECTIONS)} (or \"\")")
+    if t.eval_every == 0:
+        raise ConfigError(f"train.keep_best: {t.keep_best} needs periodic scores; set "
+                          "train.eval_every (e.g. --eval-every 100)")
 
 
 def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -305,13 +357,15 @@ def save(cfg: RunConfig, path: Path) -> None:
     os.replace(tmp, path)  # a failed write never leaves a truncated config.json
 
 
-def load_json(path: Path) -> RunConfig:
-    """The resolved config of an existing run (runs/<name>/config.json)."""
+def load_json(path: Path, overrides: list[str] | None = None) -> RunConfig:
+    """The resolved config of an existing run (RUN/config.json), with `overrides` applied."""
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the run's config ({e})") from None
-    return from_dict(with_legacy_keys(raw))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: not a run config (expected a JSON object)")
+    return from_dict(apply_overrides(with_legacy_keys(raw), overrides or []))
 
 
 def with_legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
@@ -324,3 +378,30 @@ def with_legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(model, dict) or not legacy:
         return raw
     return {**raw, "model": {**legacy, **model}}
+
+
+# Keys holding paths: the same folder spelt another way (relative, absolute, a trailing slash)
+# is no difference.
+_PATH_KEYS = ("data.root", "train.eval_data")
+
+
+def flat(cfg: RunConfig) -> dict[str, Any]:
+    """{"train.lr_g": 0.0002, "name": "demo", ...}: every setting under its dotted key."""
+    out = {}
+    for key, value in to_dict(cfg).items():
+        for sub, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+            out[f"{key}.{sub}" if sub else key] = v
+    return out
+
+
+def differences(old: RunConfig, new: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every setting that differs, in the configs' order."""
+    a, b = flat(old), flat(new)
+    out = []
+    for key in dict.fromkeys([*a, *b]):
+        va, vb = a.get(key), b.get(key)
+        if key in _PATH_KEYS and va and vb and os.path.abspath(va) == os.path.abspath(vb):
+            continue
+        if va != vb:
+            out.append((key, va, vb))
+    return out

@@ -1,5 +1,6 @@
-"""`translate demo`, the main job: build the embedded demo data, train a small CycleGAN on it,
-export the generators, translate the test folder and score the result against the known truth."""
+"""`translate demo`, the main job: build the embedded demo data, train a small CycleGAN (or CUT,
+FastCUT) on it, export the generators, translate the test folder and score the result against
+the known truth."""
 
 from __future__ import annotations
 
@@ -15,8 +16,14 @@ from rich.table import Table
 
 from translate import config as config_mod
 from translate.errors import UserError
+from translate.methods import METHODS
 
-RECIPE = "cyclegan_demo.toml"
+RECIPES = {  # `translate demo --method NAME`: the recipe it trains
+    "cyclegan": "cyclegan_demo.toml",
+    "cut": "cut_demo.toml",
+    "fastcut": "fastcut_demo.toml",
+}
+DEMO_RUN_DIRS = {"cyclegan": "runs/demo", "cut": "runs/demo_cut", "fastcut": "runs/demo_fastcut"}
 
 
 def find_recipe(name: str) -> Path:
@@ -37,7 +44,8 @@ def _load_folder(folder: Path) -> tuple[list[str], torch.Tensor]:
 
 def score(gen_ab, gen_ba, test_a: Path, test_b: Path, translated: Path) -> dict[str, float]:
     """PSNR/SSIM of G_ab(testA) against the true translation testB, the do-nothing baseline
-    (testA against testB), and the cycle reconstruction G_ba(G_ab(testA)) against testA."""
+    (testA against testB), and the cycle reconstruction G_ba(G_ab(testA)) against testA when
+    there is a G_ba (`gen_ba` None: CUT has none)."""
     from translate.metrics import cycle_scores, psnr, ssim
 
     names, a = _load_folder(test_a)
@@ -45,14 +53,15 @@ def score(gen_ab, gen_ba, test_a: Path, test_b: Path, translated: Path) -> dict[
     fake_names, fake = _load_folder(translated)
     if fake_names != names:
         raise UserError(f"{translated}: translated files do not match {test_a}")
-    rec = gen_ba(gen_ab(a).clamp(-1, 1)).clamp(-1, 1)
-    cyc = cycle_scores(a, rec)
-    return {
+    out = {
         "psnr": float(psnr(fake, b)), "ssim": float(ssim(fake, b)),
         "baseline_psnr": float(psnr(a, b)), "baseline_ssim": float(ssim(a, b)),
-        "cycle_psnr": float(cyc["cycle_psnr"]), "cycle_l1": float(cyc["cycle_l1"]),
         "n_test": len(names),
     }
+    if gen_ba is not None:
+        cyc = cycle_scores(a, gen_ba(gen_ab(a).clamp(-1, 1)).clamp(-1, 1))
+        out.update(cycle_psnr=float(cyc["cycle_psnr"]), cycle_l1=float(cyc["cycle_l1"]))
+    return out
 
 
 def side_by_side(test_a: Path, translated: Path, test_b: Path, out: Path, n: int = 8) -> Path:
@@ -67,9 +76,15 @@ def side_by_side(test_a: Path, translated: Path, test_b: Path, out: Path, n: int
     return out
 
 
-def run_demo(root: str = "datasets/demo", run_dir: str = "runs/demo", steps: int | None = None,
-             size: int = 64, mixed_precision: str | None = None, progress: bool = True
-             ) -> dict[str, float]:
+def run_demo(root: str = "datasets/demo", run_dir: str | None = None, steps: int | None = None,
+             size: int = 64, mixed_precision: str | None = None, progress: bool = True,
+             overwrite: bool = False, method: str = "cyclegan",
+             overrides: list[str] | None = None) -> dict[str, float]:
+    """The demo in `run_dir`, its own folder (None: runs/demo for CycleGAN, runs/demo_cut,
+    runs/demo_fastcut): a rerun continues (or reuses) the run there as its config.json says;
+    `overwrite` moves it aside and trains anew. `method`: a key of RECIPES; `overrides`: --set
+    items applied last."""
+    from translate.core import rundir
     from translate.core.loop import train
     from translate.data.demo import build_demo
     from translate.export import export_run, load_generator
@@ -79,26 +94,39 @@ def run_demo(root: str = "datasets/demo", run_dir: str = "runs/demo", steps: int
     t0 = time.perf_counter()
     root_p = build_demo(Path(root), size=size)
     console.print(f"demo data: {root_p} ({size}x{size}, hue-rotated domain B; see README.txt)")
-    overrides = [f'data.root="{root_p}"', f'run_dir="{run_dir}"', f"data.load_size={size}",
-                 f"data.crop_size={size}"]
+    recipe = find_recipe(RECIPES[method])
+    run_dir = run_dir or DEMO_RUN_DIRS[method]
+    sets = [f'data.root="{root_p}"', f'run_dir="{run_dir}"', f"data.load_size={size}",
+            f"data.crop_size={size}"]
     if steps is not None:
-        overrides.append(f"train.steps={steps}")
+        sets.append(f"train.steps={steps}")
     if mixed_precision is not None:
-        overrides.append(f'train.mixed_precision="{mixed_precision}"')
-    cfg = config_mod.load(find_recipe(RECIPE), overrides)
-    result = train(cfg, resume="auto", progress=progress)  # a finished run resumes instantly
+        sets.append(f'train.mixed_precision="{mixed_precision}"')
+    sets += overrides or []
+    cfg = config_mod.load(recipe, sets)
+    resume = None if overwrite else "auto-or-new"  # a finished run resumes instantly
+    if resume:
+        cfg = rundir.resume_config(cfg, resume, sets)
+    again = ["translate", "demo", "--method", method, "--root", str(root), "--run-dir",
+             str(run_dir), "--size", str(size),
+             *(["--steps", str(steps)] if steps is not None else []),
+             *(["--mixed-precision", mixed_precision] if mixed_precision else []),
+             *[a for item in overrides or [] for a in ("--set", item)]]
+    result = train(cfg, resume=resume, progress=progress, overwrite=overwrite, again=again)
     t_train = time.perf_counter() - t0
     export = Path(run_dir) / "export"
-    if _exported_step(export) != result.step:  # a rerun of a finished demo skips the export
-        for line in export_run(run_dir, onnx=_has_onnx()):
+    names = list(METHODS[cfg.method].build(cfg).generators)
+    if _exported_step(export, names) != result.step:  # a rerun of a finished demo: no export
+        # With train.ema the averaged generators are the ones to ship (as in the sample grids).
+        for line in export_run(run_dir, onnx=_has_onnx(), ema=cfg.train.ema > 0):
             console.print(line)
     gen_ab = load_generator(export / "G_ab.safetensors")
-    gen_ba = load_generator(export / "G_ba.safetensors")
+    gen_ba = load_generator(export / "G_ba.safetensors") if "G_ba" in names else None
     translated = Path(run_dir) / "translated" / "testA"
     report = translate_folder(gen_ab.forward, gen_ab.info, root_p / "testA", translated,
                               overwrite=True, progress=progress)
     scores = score(gen_ab, gen_ba, root_p / "testA", root_p / "testB", translated)
-    scores.update(steps=result.step, train_seconds=round(t_train, 1),
+    scores.update(method=method, steps=result.step, train_seconds=round(t_train, 1),
                   total_seconds=round(time.perf_counter() - t0, 1),
                   apply_images_per_s=round(report.images_per_s, 1))
     pairs = side_by_side(root_p / "testA", translated, root_p / "testB",
@@ -108,15 +136,15 @@ def run_demo(root: str = "datasets/demo", run_dir: str = "runs/demo", steps: int
     return scores
 
 
-def _exported_step(export: Path) -> int | None:
+def _exported_step(export: Path, names: list[str]) -> int | None:
+    """The step of the exported generators `names` when all are there from one step."""
     from translate.export import read_metadata
 
-    if not all((export / f"{g}.safetensors").is_file() for g in ("G_ab", "G_ba")):
-        return None
     try:
-        return int(read_metadata(export / "G_ba.safetensors")["step"])
+        steps = {int(read_metadata(export / f"{g}.safetensors")["step"]) for g in names}
     except (UserError, KeyError, ValueError):
         return None
+    return steps.pop() if len(steps) == 1 else None
 
 
 def _has_onnx() -> bool:
@@ -129,13 +157,14 @@ def _has_onnx() -> bool:
 
 
 def _print_scores(console: Console, s: dict[str, float], pairs: Path) -> None:
-    table = Table(title="demo: G_ab(testA) vs the true translation testB")
+    table = Table(title=f"demo ({s['method']}): G_ab(testA) vs the true translation testB")
     table.add_column("metric")
     table.add_column("translated", justify="right")
     table.add_column("do nothing (testA)", justify="right")
     table.add_row("PSNR (dB)", f"{s['psnr']:.2f}", f"{s['baseline_psnr']:.2f}")
     table.add_row("SSIM", f"{s['ssim']:.3f}", f"{s['baseline_ssim']:.3f}")
-    table.add_row("cycle PSNR A->B->A (dB)", f"{s['cycle_psnr']:.2f}", "")
+    if "cycle_psnr" in s:  # CUT has no G_ba
+        table.add_row("cycle PSNR A->B->A (dB)", f"{s['cycle_psnr']:.2f}", "")
     Console().print(table)
     Console().print(f"{s['n_test']} test images, {s['steps']} steps, trained in "
                     f"{s['train_seconds']:.0f} s, total {s['total_seconds']:.0f} s; "

@@ -1,10 +1,6 @@
-"""`translate eval`: score a run, an exported generator, or two image folders.
-
-    translate eval runs/demo                 CycleGAN: PSNR/SSIM vs the known truth (demo data),
-                                             do-nothing baseline, cycle reconstruction
-    translate eval G_ab.safetensors --data D an exported generator on D/testA (or testB)
-    translate eval runs/toy_gan_ring         toy GAN: PacGAN modes / high quality / reverse KL
-    translate eval --folders DIR1 DIR2       FID and KID between two image folders
+"""The evaluations behind `translate eval` (its command line: translate/eval_report.py): a
+CycleGAN or CUT run or export on a dataset's test split, on the user's own aligned pairs, a toy run,
+or two image folders.
 
 `--fid-features small|PATH` adds FID/KID of the translations against the target folder. "small"
 is a fixed random conv net: its numbers only compare runs scored the same way, never published
@@ -14,7 +10,6 @@ FID values. PATH is the pytorch-fid Inception weights file (real FID).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from rich.console import Console
-from rich.table import Table
 from torch import Tensor, nn
 
 from translate.errors import UserError
+from translate.protocol import describe, fid_warning
 
 Translator = Callable[[Tensor], Tensor]  # NCHW in [-1, 1] -> same N, H, W, clamped to [-1, 1]
 PACGAN_SAMPLES = 2500  # generator samples per evaluation in PacGAN's protocol
@@ -42,6 +35,7 @@ class Translators:
     channels: dict[str, int]  # "a", "b": channels the images of each domain are loaded with
     root: Path | None  # dataset root holding testA/testB, if known
     source: str  # for the report, e.g. "runs/demo step 5000"
+    checkpoint: str = ""  # which weights: "step 5000, the newest (last)", "..., the best by ..."
 
 
 # ---------------------------------------------------------------------------- scores (pure)
@@ -101,35 +95,41 @@ def cycle_mean(xs: list[Tensor], recs: list[Tensor], prefix: str = "") -> dict[s
     return {f"{prefix}{k}": float(np.mean([p[k] for p in per])) for k in per[0]}
 
 
-def image_features(xs: list[Tensor], extractor: Callable, batch_size: int = 32) -> np.ndarray:
-    """(N, D) features of 1xCxHxW images, resized to the first one's size (bilinear) to batch."""
-    size = xs[0].shape[-2:]
-    ready = [x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x for x in xs]
-    ready = [x if x.shape[-2:] == size else
-             F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True) for x in ready]
+def image_features(xs: list[Tensor], extractor: Callable, batch_size: int = 32,
+                   size: tuple[int, int] | None = None) -> np.ndarray:
+    """(N, D) features of 1xCxHxW images, through translate.metrics.metric_images at `size`
+    (default: the first image's size, so that they batch)."""
+    from translate.metrics import metric_images
+
+    size = size or tuple(xs[0].shape[-2:])
+    ready = [metric_images(x, size) for x in xs]
     with torch.inference_mode():
         return np.concatenate([extractor(torch.cat(ready[i:i + batch_size])).double().numpy()
                                for i in range(0, len(ready), batch_size)])
 
 
 def fid_kid(f1: np.ndarray, f2: np.ndarray, prefix: str = "") -> dict[str, float]:
-    from translate.metrics import fid_from_features, kid_from_features
+    from translate.metrics import fid_from_features, kid_from_features, kid_interval
 
     kid, kid_std = kid_from_features(f1, f2)
+    low, high, _ = kid_interval(f1, f2)
     return {f"{prefix}fid": fid_from_features(f1, f2), f"{prefix}kid_mean": kid,
-            f"{prefix}kid_std": kid_std}
+            f"{prefix}kid_std": kid_std, f"{prefix}kid_lo": low, f"{prefix}kid_hi": high}
 
 
 # ---------------------------------------------------------------------------- loading
+
+
+def feature_label(spec: str) -> str:
+    return SMALL_FEATURES if spec == "small" else f"Inception v3 ({Path(spec).name})"
 
 
 def feature_extractor(spec: str) -> tuple[Callable, str]:
     """"small" -> the fixed random conv net; anything else is a path to Inception weights."""
     from translate.fid import load_inception, small_feature_net
 
-    if spec == "small":
-        return small_feature_net(), SMALL_FEATURES
-    return load_inception(spec), f"Inception v3 ({Path(spec).name})"
+    extractor = small_feature_net() if spec == "small" else load_inception(spec)
+    return extractor, feature_label(spec)
 
 
 def _net_translator(net: nn.Module) -> Translator:
@@ -142,7 +142,9 @@ def _net_translator(net: nn.Module) -> Translator:
 def _export_translator(path: Path) -> tuple[str, Translator, dict[str, str]]:
     from translate.export import load_generator
 
-    gen = load_generator(path, device="cpu")
+    # Scores are computed in fp32 whatever the CPU: "auto" would be bf16 on one with native
+    # bf16, and an export must score as its run does (`translate eval RUN`, fp32) everywhere.
+    gen = load_generator(path, device="cpu", precision="fp32")
     meta = gen.metadata
     direction = (meta.get("from_domain", "") + meta.get("to_domain", "")).lower()
     if direction not in ("ab", "ba"):
@@ -152,33 +154,41 @@ def _export_translator(path: Path) -> tuple[str, Translator, dict[str, str]]:
 
 
 def load_translators(path: Path, data: str | None = None, step: int | None = None,
-                     ema: bool = False) -> Translators:
-    """The generators of a run folder, an export folder (G_ab/G_ba.safetensors) or one file."""
+                     ema: bool = False, need_root: bool = True, best: bool = False
+                     ) -> Translators:
+    """The generators of a run folder, an export folder (G_ab/G_ba.safetensors) or one file.
+    `need_root`: an export must then be given its dataset root (`data`); `best`: the run's
+    checkpoints/best."""
     from translate.export import run_generators
+    from translate.protocol import checkpoint_of
 
     root = Path(data) if data else None
     if (path / "config.json").is_file():
-        cfg, nets, ckpt = run_generators(path, step, ema)
+        cfg, nets, ckpt = run_generators(path, step, ema, best)
         fns = {k[2:].lower(): _net_translator(nets[k]) for k in ("G_ab", "G_ba") if k in nets}
         state = json.loads((ckpt / "state.json").read_text())
         root = root or (Path(cfg.data.root) if cfg.data.root else None)
+        which = checkpoint_of(ckpt, state["step"], step is not None) + (" (EMA)" if ema else "")
         return Translators(fns, {"a": cfg.data.channels_a, "b": cfg.data.channels_b}, root,
-                           f"{path} step {state['step']}" + (" (EMA)" if ema else ""))
+                           f"{path} step {state['step']}" + (" (EMA)" if ema else ""), which)
     files = [path / f"{g}.safetensors" for g in ("G_ab", "G_ba")] if path.is_dir() else [path]
     files = [f for f in files if f.is_file()]
     if not files:
         raise UserError(f"{path}: not a run folder (config.json), an export folder "
                         "(G_ab.safetensors) or a model file; pass runs/<name> or a .safetensors")
-    fns, channels = {}, {}
+    fns, channels, which = {}, {}, []
     for f in files:
         direction, fn, meta = _export_translator(f)
         fns[direction] = fn
         channels[direction[0]] = int(meta["in_channels"])
         channels[direction[1]] = int(meta["out_channels"])
-    if root is None:
+        which.append(f"{f.name}: exported from step {meta.get('step', '?')}"
+                     + (f", {meta['checkpoint']}" if "checkpoint" in meta else ""))
+    if root is None and need_root:
         raise UserError(f"{path}: an exported generator does not record its dataset; pass "
-                        "--data ROOT (the folder holding testA and testB)")
-    return Translators(fns, channels, root, ", ".join(str(f) for f in files))
+                        "--data ROOT (the folder holding testA and testB), or your own pairs "
+                        "with --input DIR --truth DIR")
+    return Translators(fns, channels, root, ", ".join(str(f) for f in files), "; ".join(which))
 
 
 def load_folder(folder: Path, channels: int) -> tuple[list[str], list[Tensor]]:
@@ -221,11 +231,17 @@ def eval_translation(tr: Translators, split: str = "test", fid_features: str | N
         raise UserError(f"{tr.root}: FID/KID need at least 2 images in each of "
                         f"{split}A and {split}B; add images or drop --fid-features")
     extractor, label = feature_extractor(fid_features) if fid_features else (None, "")
-    feats = ({d: image_features(xs, extractor) for d, (_, xs) in loaded.items()}
+    # One size for every set (the first image's), so fakes and reals are resized alike.
+    size = tuple(next(iter(loaded.values()))[1][0].shape[-2:])
+    feats = ({d: image_features(xs, extractor, size=size) for d, (_, xs) in loaded.items()}
              if extractor else {})
+    counts = {f"{split}{d.upper()}": len(xs) for d, (_, xs) in loaded.items()}
     result: dict[str, Any] = {"kind": "translation", "source": tr.source, "data": str(tr.root),
                               "split": split, "truth": paired,
-                              **{f"n_{d}": len(xs) for d, (_, xs) in loaded.items()}}
+                              **{f"n_{d}": len(xs) for d, (_, xs) in loaded.items()},
+                              "protocol": describe(tr.checkpoint, counts, label or None,
+                                                   fid_features, size),
+                              "warnings": [w for w in [fid_warning(counts)] if extractor and w]}
     if len(feats) == 2:
         result.update(features=label, **fid_kid(feats["a"], feats["b"], "baseline_"))
     for direction in directions:
@@ -238,7 +254,7 @@ def eval_translation(tr: Translators, split: str = "test", fid_features: str | N
         if back is not None:
             result.update(cycle_mean(src, apply_all(back, fake, batch_size), prefix))
         if direction[1] in feats:
-            result.update(features=label, **fid_kid(image_features(fake, extractor),
+            result.update(features=label, **fid_kid(image_features(fake, extractor, size=size),
                                                     feats[direction[1]], prefix))
     if not any(k.endswith(("psnr", "fid")) for k in result):
         raise UserError(f"{tr.source}: nothing to score without ground truth or a second "
@@ -246,15 +262,87 @@ def eval_translation(tr: Translators, split: str = "test", fid_features: str | N
     return result
 
 
-def eval_toy_run(run: Path, step: int | None = None, ema: bool = False,
-                 n: int = PACGAN_SAMPLES, seed: int = 0) -> dict[str, Any]:
-    """PacGAN scores of a toy run's generator (newest checkpoint unless `step`)."""
-    from translate.export import run_generators
+def pair_folders(input_dir: Path, truth_dir: Path) -> list[tuple[Path, Path]]:
+    """(input, truth) image pairs: the truth of INPUT/sub/x.jpg is TRUTH/sub/x.<any image
+    extension>. Every input needs its truth; truth images without an input are left out."""
+    from translate.images import list_images
 
-    cfg, nets, ckpt = run_generators(run, step, ema)
+    for folder, flag in ((input_dir, "--input"), (truth_dir, "--truth")):
+        if not folder.is_dir():
+            raise UserError(f"{flag} {folder}: folder not found")
+    inputs = list_images(input_dir)[0]
+    if not inputs:
+        raise UserError(f"--input {input_dir}: no images found; put the images to translate "
+                        "there")
+    truths: dict[str, Path] = {}
+    for p in list_images(truth_dir)[0]:
+        key = p.relative_to(truth_dir).with_suffix("").as_posix()
+        if key in truths:
+            raise UserError(f"--truth {truth_dir}: {truths[key].name} and {p.name} are both "
+                            f"the truth of {key}; keep one")
+        truths[key] = p
+    names = [p.relative_to(input_dir).with_suffix("").as_posix() for p in inputs]
+    missing = [p for p, key in zip(inputs, names) if key not in truths]
+    if missing:
+        raise UserError(f"--truth {truth_dir}: no image named like "
+                        f"{missing[0].relative_to(input_dir)} ({len(missing)} of {len(inputs)} "
+                        "inputs lack one); name each truth like its input (any image extension)")
+    return [(p, truths[key]) for p, key in zip(inputs, names)]
+
+
+def eval_pairs(tr: Translators, input_dir: Path, truth_dir: Path, direction: str | None = None,
+               fid_features: str | None = None, batch_size: int = 8) -> dict[str, Any]:
+    """PSNR/SSIM of the translations of INPUT against their aligned truth in TRUTH (and of
+    doing nothing), cycle scores when the other generator is there, FID/KID on request."""
+    from translate.images import load_image, to_tensor
+
+    direction = direction or ("ab" if "ab" in tr.fns else next(iter(tr.fns)))
+    if direction not in tr.fns:
+        raise UserError(f"--direction {direction}: {tr.source} has no G_{direction}; it has "
+                        f"{', '.join('G_' + d for d in tr.fns)}")
+    pairs = pair_folders(Path(input_dir), Path(truth_dir))
+    src = [to_tensor(load_image(a, tr.channels.get(direction[0], 3))) for a, _ in pairs]
+    truth = [to_tensor(load_image(b, tr.channels.get(direction[1], 3))) for _, b in pairs]
+    for (a, b), x, y in zip(pairs, src, truth):
+        if x.shape[-2:] != y.shape[-2:]:
+            raise UserError(f"{b}: {y.shape[-1]}x{y.shape[-2]} pixels, but its input {a} is "
+                            f"{x.shape[-1]}x{x.shape[-2]}; aligned pairs have the same size")
+    if fid_features and len(pairs) < 2:
+        raise UserError(f"--input {input_dir}: FID/KID need at least 2 pairs; add images or "
+                        "drop --fid-features")
+    prefix = "" if direction == "ab" else "ba_"
+    fake = apply_all(tr.fns[direction], src, batch_size)
+    result: dict[str, Any] = {"kind": "translation", "source": tr.source, "split": "pairs",
+                              "data": f"{input_dir} vs {truth_dir}", "truth": True,
+                              f"n_{direction[0]}": len(pairs),
+                              **truth_scores(fake, src, truth, prefix)}
+    back = tr.fns.get(direction[::-1])
+    if back is not None:
+        result.update(cycle_mean(src, apply_all(back, fake, batch_size), prefix))
+    counts, size = {"pairs": len(pairs)}, tuple(truth[0].shape[-2:])
+    result.update(protocol=describe(tr.checkpoint, counts), warnings=[])
+    if fid_features:
+        extractor, label = feature_extractor(fid_features)
+        result.update(features=label, **fid_kid(image_features(fake, extractor, size=size),
+                                                image_features(truth, extractor, size=size),
+                                                prefix),
+                      protocol=describe(tr.checkpoint, counts, label, fid_features, size),
+                      warnings=[w for w in [fid_warning(counts)] if w])
+    return result
+
+
+def eval_toy_run(run: Path, step: int | None = None, ema: bool = False,
+                 n: int = PACGAN_SAMPLES, seed: int = 0, best: bool = False) -> dict[str, Any]:
+    """PacGAN scores of a toy run's generator (newest checkpoint unless `step` or `best`)."""
+    from translate.export import run_generators
+    from translate.protocol import checkpoint_of
+
+    cfg, nets, ckpt = run_generators(run, step, ema, best)
     state = json.loads((ckpt / "state.json").read_text())
+    which = checkpoint_of(ckpt, state["step"], step is not None) + (" (EMA)" if ema else "")
     return {"kind": "toy", "source": str(run), "toy": cfg.data.toy, "method": cfg.method,
-            "step": state["step"], "ema": ema, **toy_scores(nets["G"], cfg.data.toy, n, seed)}
+            "step": state["step"], "ema": ema, **toy_scores(nets["G"], cfg.data.toy, n, seed),
+            "protocol": describe(which, {"samples": n})}
 
 
 def eval_folders(folder1: Path, folder2: Path, fid_features: str = "small",
@@ -263,128 +351,9 @@ def eval_folders(folder1: Path, folder2: Path, fid_features: str = "small",
 
     extractor, label = feature_extractor(fid_features)
     scores = fid_kid_folders(folder1, folder2, extractor, batch_size)
+    counts = {"folder1": scores["n1"], "folder2": scores["n2"]}
     return {"kind": "folders", "folder1": str(folder1), "folder2": str(folder2),
-            "features": label, **scores}
-
-
-def evaluate(args: Any) -> dict[str, Any]:
-    """The result dict of one `translate eval` command line."""
-    features = args.inception_weights or args.fid_features
-    if args.folders:
-        if args.run:
-            raise UserError("pass either RUN_OR_EXPORT or --folders DIR1 DIR2, not both")
-        return eval_folders(Path(args.folders[0]), Path(args.folders[1]), features or "small",
-                            args.batch_size)
-    if args.samples < 1 or args.batch_size < 1:
-        raise UserError("--samples and --batch-size must be at least 1")
-    if not args.run:
-        raise UserError("nothing to evaluate: pass a run folder, an exported generator, or "
-                        "--folders DIR1 DIR2")
-    path = Path(args.run)
-    if not path.exists():
-        raise UserError(f"{path}: no such run folder or model file")
-    if (path / "config.json").is_file():
-        from translate import config as config_mod
-
-        cfg = config_mod.load_json(path / "config.json")
-        if cfg.data.kind == "toy":
-            return eval_toy_run(path, args.step, args.ema, args.samples, args.seed)
-        if cfg.method != "cyclegan":
-            raise UserError(f"{path}: eval scores CycleGAN and toy runs; for a {cfg.method} image "
-                            "run, write samples with `translate sample` and compare folders "
-                            "with `translate eval --folders`")
-    return eval_translation(load_translators(path, args.data, args.step, args.ema), args.split,
-                            features, args.batch_size)
-
-
-# ---------------------------------------------------------------------------- output
-
-
-def jsonable(result: dict[str, Any]) -> dict[str, Any]:
-    """inf/nan become the strings "inf"/"nan" (as in log.jsonl), so the output is strict JSON."""
-    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in result.items()}
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        v = 0.0 if abs(v) < 0.5 * 10**-digits else v  # no "-0.000"
-        return f"{v:.{digits}f}" if abs(v) < 1e4 or not math.isfinite(v) else f"{v:.3g}"
-    return str(v)
-
-
-TRANSLATION_ROWS = [  # label, key suffix, digits; prefixes "" (A->B), "ba_", "baseline_"
-    ("PSNR vs truth (dB)", "psnr", 2),
-    ("SSIM vs truth", "ssim", 3),
-    ("cycle PSNR (dB)", "cycle_psnr", 2),
-    ("cycle L1", "cycle_l1", 4),
-    ("FID", "fid", 3),
-    ("KID", "kid_mean", 4),
-]
-
-
-def result_table(r: dict[str, Any]) -> Table:
-    if r["kind"] == "toy":
-        table = Table(title=f"{r['source']} step {r['step']}: {r['samples']} samples "
-                            f"(PacGAN protocol, {r['toy']})")
-        table.add_column("modes captured", justify="right")
-        table.add_column("high quality", justify="right")
-        table.add_column("reverse KL", justify="right")
-        table.add_row(f"{r['modes']} / {r['n_modes']}", f"{100 * r['hq']:.1f}%", _fmt(r["rkl"]))
-        return table
-    if r["kind"] == "folders":
-        table = Table(title="FID / KID between two folders")
-        table.add_column("")
-        table.add_column("value")
-        table.add_row("folder 1", f"{r['folder1']} ({r['n1']} images)")
-        table.add_row("folder 2", f"{r['folder2']} ({r['n2']} images)")
-        table.add_row("FID", _fmt(r["fid"]))
-        table.add_row("KID", f"{_fmt(r['kid_mean'], 4)} ± {_fmt(r['kid_std'], 4)}")
-        table.add_row("features", r["features"])
-        return table
-    counts = ", ".join(f"{r[f'n_{d}']} {d.upper()}" for d in "ab" if f"n_{d}" in r)
-    table = Table(title=f"{r['source']} on {r['data']} ({r['split']}: {counts})")
-    for name in ("metric", "A->B", "B->A", "do nothing"):
-        table.add_column(name, justify="left" if name == "metric" else "right")
-    for label, key, digits in TRANSLATION_ROWS:
-        cells = [r.get(p + key) for p in ("", "ba_", "baseline_")]
-        if any(c is not None for c in cells):
-            table.add_row(label, *(_fmt(c, digits) for c in cells))
-    notes = [] if r["truth"] else ["no ground truth (PSNR/SSIM need the demo data's testB)"]
-    if "features" in r:
-        notes.append(f"FID/KID features: {r['features']}")
-    table.caption = "; ".join(notes) or None
-    return table
-
-
-def cmd_eval(args: Any) -> int:
-    result = evaluate(args)
-    if args.json:
-        print(json.dumps(jsonable(result)))
-    else:
-        Console().print(result_table(result))
-    return 0
-
-
-def add_eval_parser(sub: Any) -> None:
-    p = sub.add_parser("eval", help="scores: PSNR/SSIM vs truth, cycle, FID/KID, toy modes")
-    p.add_argument("run", nargs="?", metavar="RUN_OR_EXPORT",
-                   help="run folder, export folder or exported generator (.safetensors/.onnx)")
-    p.add_argument("--folders", nargs=2, metavar=("DIR1", "DIR2"),
-                   help="FID and KID between two image folders instead")
-    p.add_argument("--data", metavar="ROOT", help="dataset root with testA/testB (default: "
-                   "the run's data.root; needed for an exported generator)")
-    p.add_argument("--split", choices=("test", "train"), default="test")
-    p.add_argument("--fid-features", metavar="small|PATH", help="add FID/KID: 'small' (a fixed "
-                   "random net, relative measure only) or the pytorch-fid Inception weights file")
-    p.add_argument("--inception-weights", metavar="PATH",
-                   help="Inception weights for FID/KID (same as --fid-features PATH)")
-    p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
-    p.add_argument("--ema", action="store_true", help="use the EMA generator weights")
-    p.add_argument("--samples", type=int, default=PACGAN_SAMPLES, help="toy runs: samples drawn")
-    p.add_argument("--seed", type=int, default=0, help="toy runs: seed of the latent codes")
-    p.add_argument("--batch-size", type=int, default=8, help="images per generator call")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead")
-    p.set_defaults(func=cmd_eval)
+            "features": label, **scores,
+            "protocol": describe("none (two folders)", counts, label, fid_features,
+                                 "each folder at its first image's size"),
+            "warnings": [w for w in [fid_warning(counts)] if w]}

@@ -7,7 +7,9 @@ to rebuild and use the net: architecture kind + config, I/O conventions, domains
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,12 @@ from torch import nn
 
 from translate import __version__
 from translate import config as config_mod
+from translate.compiled import compile_forward
+from translate.core import best as best_mod
 from translate.core import checkpoint
 from translate.core.precision import inference_precision
 from translate.errors import ModelError, UserError
+from translate.images import match_channels
 from translate.infer import ModelInfo, translate_tensor
 from translate.methods import METHODS
 from translate.nets import NETS, build_net
@@ -50,16 +55,18 @@ def split_checkpoint(path: Path, step: int | None) -> tuple[Path, int | None]:
     return path.parent.parent, found
 
 
-def run_generators(run_dir: Path, step: int | None = None, ema: bool = False
-                   ) -> tuple[Any, dict[str, nn.Module], Path]:
+def run_generators(run_dir: Path, step: int | None = None, ema: bool = False,
+                   best: bool = False) -> tuple[Any, dict[str, nn.Module], Path]:
     """(config, {name: generator with trained weights}, checkpoint folder) of a run folder, or
-    of one checkpoint folder `RUN/checkpoints/step_N`."""
+    of one checkpoint folder `RUN/checkpoints/step_N`; `best`: the run's checkpoints/best."""
     run_dir, step = split_checkpoint(Path(run_dir), step)
     if not (run_dir / "config.json").is_file():
         raise UserError(f"{run_dir}: not a run folder (no config.json); pass runs/<name> or "
                         "runs/<name>/checkpoints/step_N")
+    if best and step is not None:
+        raise UserError("--best and --step name two checkpoints; pass one of them")
     cfg = config_mod.load_json(run_dir / "config.json")
-    found = checkpoint.list_checkpoints(run_dir)
+    found = [best_mod.require(run_dir)] if best else checkpoint.list_checkpoints(run_dir)
     if step is not None:
         found = [p for p in found if p == checkpoint.step_dir(run_dir, step)]
     if not found:
@@ -114,24 +121,31 @@ def metadata(net: nn.Module, cfg: Any, name: str, info: dict[str, Any], step: in
 
 
 def export_run(run: str | Path, step: int | None = None, ema: bool = False,
-               out: str | Path | None = None, onnx: bool = False) -> list[str]:
+               out: str | Path | None = None, onnx: bool = False, best: bool = False
+               ) -> list[str]:
     """Write each generator of a run; returns printable lines describing what was written."""
-    cfg, nets, ckpt = run_generators(Path(run), step, ema)
-    out_dir = Path(out) if out else ckpt.parents[1] / "export"  # RUN/export, also for a checkpoint
+    cfg, nets, ckpt = run_generators(Path(run), step, ema, best)
+    run_dir = ckpt.parents[2] if best else ckpt.parents[1]  # also for a checkpoint folder
+    out_dir = Path(out) if out else run_dir / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     state = json.loads((ckpt / "state.json").read_text())
     method = METHODS[cfg.method].build(cfg)
+    record = json.loads((ckpt / best_mod.RECORD).read_text()) if best else None
+    which = f"step {state['step']}" + (
+        f", the best by {record['metric']} = {record['value']:.4g}" if record else "")
     lines = []
     for name, net in nets.items():
         meta = metadata(net, cfg, name, method.generators[name], state["step"], ema)
+        if record:
+            meta["checkpoint"] = f"best by {record['metric']} ({record['value']:.6g})"
         path = out_dir / f"{name}.safetensors"
         tmp = path.with_name("." + path.name + ".tmp")
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), meta)
         checkpoint.apply_umask([tmp])  # safetensors creates 0600 files
         tmp.replace(path)
         n = sum(p.numel() for p in net.parameters())
-        lines.append(f"wrote {path} ({n / 1e6:.3f} M parameters, step {state['step']})")
-        if onnx and "size_multiple" in meta:
+        lines.append(f"wrote {path} ({n / 1e6:.3f} M parameters, {which})")
+        if onnx:
             from translate.onnx_export import export_onnx
 
             lines.append(export_onnx(net, meta, out_dir / f"{name}.onnx"))
@@ -184,6 +198,10 @@ class Generator:
     """A loaded generator. `gen(images)` takes uint8 HxWxC / NxHxWxC arrays (returns uint8),
     float HxWxC / NxHxWxC arrays in [0, 1] (returns float32 in [0, 1]) or float NCHW tensors in
     [-1, 1] (returns float tensors); any size is padded to the size multiple and cropped back.
+    Arrays may be gray, gray+alpha, RGB or RGBA: colour is matched to the model's channels and
+    alpha carried through unchanged, as `translate apply` does. `precision` is what uint8
+    images compute in; float input computes in fp32 unless bf16 was asked for by name (bf16
+    keeps 8 mantissa bits: float output would come out in coarse steps).
     `gen.forward` is the raw batch function; `gen.net` the torch module (None for ONNX)."""
 
     info: ModelInfo
@@ -191,28 +209,52 @@ class Generator:
     forward: Any
     backend: str
     precision: str
+    requested: str = "auto"  # the precision asked for at load_generator
 
     @property
     def net(self) -> nn.Module | None:
         # Lets tiling find the norm layers whose statistics it freezes (translate/tiling.py).
         return getattr(self.forward, "net", None)
 
+    def float_forward(self) -> Any:
+        """The batch function for float input: fp32 unless bf16 was asked for."""
+        if self.precision == "bf16" and self.requested != "bf16":
+            return dataclasses.replace(self.forward, precision="fp32")
+        return self.forward
+
     def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         if isinstance(images, torch.Tensor):
-            return translate_tensor(self.forward, self.info, images.float())
+            return translate_tensor(self.float_forward(), self.info, images.float())
         arr = np.asarray(images)
         floats = np.issubdtype(arr.dtype, np.floating)
         if not (arr.dtype == np.uint8 or floats) or arr.ndim not in (3, 4):
             raise UserError("load_generator: pass HxWxC or NxHxWxC arrays (uint8, or float in "
                             f"[0, 1]) or float NCHW tensors in [-1, 1], not a {arr.dtype} "
                             f"array of shape {arr.shape}")
+        batch = arr[None] if arr.ndim == 3 else arr
+        colour, alpha = _split_channels(batch, self.info.in_channels)
         # A copy: arrays such as np.asarray(PIL image) are read-only, which torch warns about.
-        batch = torch.from_numpy(np.array(arr[None] if arr.ndim == 3 else arr))
-        scale = 0.5 if floats else 127.5
-        x = batch.permute(0, 3, 1, 2).float() / scale - 1.0
-        y = translate_tensor(self.forward, self.info, x).clamp(-1, 1).add(1).permute(0, 2, 3, 1)
+        x = torch.from_numpy(np.array(colour)).permute(0, 3, 1, 2).float()
+        x = x / (0.5 if floats else 127.5) - 1.0
+        fn = self.float_forward() if floats else self.forward
+        y = translate_tensor(fn, self.info, x).clamp(-1, 1).add(1).permute(0, 2, 3, 1)
         out = y.mul(0.5).numpy() if floats else y.mul(127.5).round().to(torch.uint8).numpy()
+        if alpha is not None:
+            out = np.concatenate([out, alpha.astype(out.dtype)], axis=-1)
         return out[0] if arr.ndim == 3 else out
+
+
+def _split_channels(batch: np.ndarray, channels: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(colour matched to the model's `channels`, alpha NxHxWx1 or None) of an NxHxWxC array
+    holding gray (1), gray+alpha (2), RGB (3) or RGBA (4)."""
+    c = batch.shape[-1]
+    if c not in (1, 2, 3, 4):
+        raise UserError(f"load_generator: the last axis must hold 1 (gray), 2 (gray+alpha), 3 "
+                        f"(RGB) or 4 (RGBA) channels, got {c}; pass HxWxC or NxHxWxC arrays, "
+                        "channels last")
+    alpha = batch[..., c - 1:] if c in (2, 4) else None
+    colour = batch[..., :c - 1] if alpha is not None else batch
+    return match_channels(colour, channels), alpha
 
 
 @dataclass(frozen=True)
@@ -258,13 +300,20 @@ def _pick_backend(path: Path, backend: str, precision: str) -> str:
 
 
 def load_generator(path: str | Path, backend: str = "auto", precision: str = "auto",
-                   device: str | None = None) -> Generator:
+                   device: str | None = None,
+                   compile: bool | Collection[tuple[int, int]] = False) -> Generator:
     """Load an exported generator (.safetensors or .onnx) for inference. backend "auto" follows
-    the file suffix; an explicit backend that does not match the file is a UserError."""
+    the file suffix; an explicit backend that does not match the file is a UserError.
+    `compile` (torch backend): run through torch.compile with frozen weights, one warm-up per
+    input size (translate/compiled.py); True compiles the first sizes met, a collection of
+    (h, w) sizes (padded to the size multiple) only those."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: model file not found; export one with `translate export RUN`")
     if _pick_backend(path, backend, precision) == "onnx":
+        if compile is not False:
+            raise UserError(f"{path}: --compile is for the torch backend (onnxruntime runs the "
+                            "ONNX graph as it is) — drop --compile or pass the .safetensors export")
         from translate.onnx_export import load_onnx
 
         return load_onnx(path, Generator)
@@ -272,7 +321,9 @@ def load_generator(path: str | Path, backend: str = "auto", precision: str = "au
     if meta.get("latent") == "true":
         raise UserError(f"{path}: a latent generator (no input image); use `translate sample`")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = inference_precision(precision, dev)
+    resolved = inference_precision(precision, dev)
     net = net.to(dev).to(memory_format=torch.channels_last)
-    return Generator(model_info(meta), meta, TorchForward(net, precision, dev), "torch",
-                     precision)
+    forward = TorchForward(net, resolved, dev)
+    if compile is not False:
+        forward = compile_forward(forward, model_info(meta), None if compile is True else compile)
+    return Generator(model_info(meta), meta, forward, "torch", resolved, precision)

@@ -145,15 +145,18 @@ def load_image_rgba(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXEL
 
 
 def match_channels(img: np.ndarray, channels: int) -> np.ndarray:
-    """Replicate gray to RGB, or reduce RGB to ITU-R 601 luma (what PIL's "L" mode uses)."""
-    have = img.shape[2]
+    """Replicate gray to RGB, or reduce RGB to ITU-R 601 luma (what PIL's "L" mode uses).
+    Channels last (HxWxC or NxHxWxC); uint8 stays uint8, float arrays stay float32."""
+    have = img.shape[-1]
     if have == channels:
         return img
     if have == 1 and channels == 3:
-        return np.repeat(img, 3, axis=2)
+        return np.repeat(img, 3, axis=-1)
     if have == 3 and channels == 1:
         luma = img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        return np.clip(np.rint(luma), 0, 255).astype(np.uint8)[..., None]
+        if img.dtype == np.uint8:
+            luma = np.clip(np.rint(luma), 0, 255).astype(np.uint8)
+        return luma[..., None]
     raise ValueError(f"cannot convert {have} channels to {channels}")
 
 
@@ -257,6 +260,12 @@ def _one_line(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------- saving
+
+
+def stores_alpha(path: str | Path) -> bool:
+    """Whether save_image writes alpha into a file of this name (PNG, WEBP, TIFF do; JPEG and
+    BMP do not)."""
+    return _FORMATS.get(Path(path).suffix.lower()) in _ALPHA_FORMATS
 
 
 def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = None,

@@ -22,7 +22,9 @@ Choices worth knowing (see `translate_folder`):
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,6 +54,7 @@ from translate.images import (
     load_image_rgba,
     match_channels,
     save_image,
+    stores_alpha,
     to_uint8,
 )
 from translate.infer_plan import Job, check_format, plan
@@ -67,7 +70,12 @@ from translate.tiling import (
     translate_tensor,
 )
 
-__all__ = ["ApplyReport", "Generator", "ModelInfo", "translate_folder", "translate_tensor"]
+__all__ = ["ApplyReport", "ApplyWarning", "Generator", "ModelInfo", "translate_folder",
+           "translate_tensor"]
+
+
+class ApplyWarning(UserWarning):
+    """Something the user may not expect, e.g. transparency the output format cannot store."""
 
 
 @dataclass
@@ -115,6 +123,10 @@ def translate_folder(
     todo = [job for job in jobs if overwrite or not _exists(job.dst)]
     settings = _Settings(fn, info, batch_size, tile, overlap, resize, max_pixels)
     console = Console(stderr=True)
+    if progress and len(todo) < len(jobs):  # else the bar's "1/1" hides the finished ones
+        console.print(f"{len(jobs)} images: {len(jobs) - len(todo)} skipped (their outputs "
+                      f"exist; --overwrite redoes them), {len(todo)} to do", markup=False,
+                      highlight=False, soft_wrap=True)
     with _progress_bar(console, progress) as bar:
         tally = _Tally(bar, bar.add_task("translating", total=len(todo)), quiet=not progress)
         pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="translate-io")
@@ -122,6 +134,12 @@ def translate_folder(
             _run_jobs(todo, settings, pool, tally, lookahead=batch_size + max(1, workers))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+    if tally.alpha_dropped:
+        first, n = tally.alpha_dropped[0], len(tally.alpha_dropped)
+        what = "1 input image has" if n == 1 else f"{n} input images have"
+        warnings.warn(f"{what} transparency (first: {first.src}) that {first.dst.suffix} files "
+                      "cannot store: the outputs have none; use --format png (or webp, tif) to "
+                      "keep it", ApplyWarning, stacklevel=2)
     report = ApplyReport(tally.translated, len(jobs) - len(todo),
                          [tally.failed[k] for k in sorted(tally.failed)],
                          time.perf_counter() - start)
@@ -181,6 +199,7 @@ class _Tally:
     quiet: bool
     translated: int = 0
     failed: dict[int, tuple[Path, str]] = field(default_factory=dict)
+    alpha_dropped: list[Job] = field(default_factory=list)  # transparent inputs, opaque outputs
 
     def done(self) -> None:
         self.translated += 1
@@ -201,7 +220,8 @@ def _run_jobs(todo: list[Job], s: _Settings, pool: ThreadPoolExecutor, tally: _T
     try:
         for batch in _batches(items, s):
             try:
-                outputs = _translate_batch(s, batch)
+                with _warm_up_shown(s, batch, tally):
+                    outputs = _translate_batch(s, batch)
             except (RuntimeError, MemoryError) as e:  # e.g. out of memory on one huge image
                 reason = " ".join(str(e).split())[:300]
                 for item in batch:
@@ -214,6 +234,23 @@ def _run_jobs(todo: list[Job], s: _Settings, pool: ThreadPoolExecutor, tally: _T
     finally:
         items.close()  # cancels decodes not started yet
         _settle(saves, tally, keep=0)  # even when interrupted: finished work is kept
+
+
+@contextlib.contextmanager
+def _warm_up_shown(s: _Settings, batch: list[_Loaded], tally: _Tally) -> Iterator[None]:
+    """While a compiled generator compiles for a new input size (translate/compiled.py: tens
+    of seconds, once per size), the progress bar says so instead of looking stuck."""
+    h, w = batch[0].x.shape[2:]
+    compiles = getattr(getattr(s.fn, "forward", s.fn), "compiles", None)
+    whole = len(batch) > 1 or tile_side(s.tile, s.info, h, w) is None
+    if not (compiles and whole and compiles(s.info.padded(h), s.info.padded(w))):
+        yield
+        return
+    tally.bar.update(tally.task, description=f"compiling for {h}x{w} px (one-time warm-up)")
+    try:
+        yield
+    finally:
+        tally.bar.update(tally.task, description="translating")
 
 
 def _loaded(todo: list[Job], s: _Settings, pool: ThreadPoolExecutor, tally: _Tally,
@@ -236,6 +273,8 @@ def _loaded(todo: list[Job], s: _Settings, pool: ThreadPoolExecutor, tally: _Tal
             except MemoryError:
                 tally.fail(job, f"{job.src}: out of memory while decoding — lower --max-pixels")
                 continue
+            if item.alpha is not None and item.alpha.min() < 255 and not stores_alpha(job.dst):
+                tally.alpha_dropped.append(job)
             yield item
     finally:
         for _, future in loads:  # interrupted: do not decode what will not be used

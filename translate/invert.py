@@ -227,7 +227,8 @@ def add_invert_parser(sub: Any) -> None:
     p.add_argument("--encoder", action="store_true",
                    help="start from a small encoder trained on G's own samples")
     p.add_argument("--encoder-steps", type=int, default=300, help="encoder training steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random starts (and the "
+                   "encoder's training samples)")
     p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     p.add_argument("--ema", action="store_true", help="use the EMA generator")
     p.set_defaults(func=cmd_invert)

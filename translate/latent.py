@@ -61,28 +61,31 @@ def combine(codes: Tensor, terms: list[Term]) -> Tensor:
 
 @torch.no_grad()
 def arithmetic_picture(G: nn.Module, terms: list[Term], codes: Tensor, seed: int
-                       ) -> tuple[Tensor, Tensor]:
-    """(result code, picture rows). One row per term: its samples, then the decoded mean of
-    their codes in the last column; the last row: the decoded result, then variations with
-    small noise added to the result code (N(0, 0.25^2), as the paper shows neighbours)."""
+                       ) -> tuple[Tensor, list[Tensor], list[str]]:
+    """(result code, picture rows, row labels). One row per term: the decoded mean of its
+    codes, then (for a group of several) its samples; the last row: the decoded result, then
+    variations with small noise added to the result code (N(0, 0.25^2), as the paper shows
+    neighbours), as many as the widest group and at least 3. Rows end where their images do:
+    no blank cells."""
     result = combine(codes, terms)
-    cols = max(len(idx) for _, idx in terms) + 1
-    blank = None
-    rows = []
-    for _, idx in terms:
-        samples = G(codes[idx]).float()
+    rows, labels = [], []
+    for k, (sign, idx) in enumerate(terms):
         mean = G(codes[idx].mean(dim=0, keepdim=True)).float()
-        blank = torch.ones_like(mean)  # white cells where a group is shorter than the widest
-        rows.append(torch.cat([samples, *[blank] * (cols - 1 - len(idx)), mean]))
+        rows.append(torch.cat([mean, G(codes[idx]).float()]) if len(idx) > 1 else mean)
+        op = "" if k == 0 else "+ " if sign > 0 else "- "
+        labels.append(f"{op}mean of {', '.join(map(str, idx))}" if len(idx) > 1 else
+                      f"{op}sample {idx[0]}")
     g = torch.Generator().manual_seed(seed + 1)
-    jitter = 0.25 * torch.randn(cols - 1, codes.shape[1], generator=g)
-    variants = torch.cat([result[None], result[None] + jitter])
-    rows.append(G(variants).float())
-    return result, torch.stack(rows)
+    n_var = max(3, *(len(idx) for _, idx in terms))
+    jitter = 0.25 * torch.randn(n_var, codes.shape[1], generator=g)
+    rows.append(G(torch.cat([result[None], result[None] + jitter])).float())
+    labels.append("= result, then + noise")
+    return result, rows, labels
 
 
 def arithmetic_image(G: nn.Module, expression: str, n: int, seed: int) -> tuple[Tensor, object]:
-    """(result code, HxWx3 uint8 picture) for `translate sample --arithmetic`."""
+    """(result code, HxWx3 uint8 picture) for `translate sample --arithmetic`: rows labelled
+    with their term, the means (and the result) in the first column, set apart by a gap."""
     terms = parse(expression)
-    result, rows = arithmetic_picture(G, terms, grid_codes(G.z_dim, n, seed), seed)
-    return result, viz.grid(list(rows))
+    result, rows, labels = arithmetic_picture(G, terms, grid_codes(G.z_dim, n, seed), seed)
+    return result, viz.grid(rows, labels=labels, gap_after=1)

@@ -32,8 +32,11 @@ __all__ = [
     "frechet_distance",
     "grid_modes",
     "kid_from_features",
+    "kid_interval",
+    "kid_subsets",
     "load_inception",
     "mean_and_stderr",
+    "metric_images",
     "mode_stats",
     "psnr",
     "psnr_per_image",
@@ -239,25 +242,65 @@ def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     return float(within - 2 * k_xy.mean())
 
 
+def kid_subsets(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+                seed: int = 0) -> np.ndarray:
+    """(subsets,) unbiased MMD^2 estimates, each on `subset_size` random rows of each set
+    (drawn without replacement, clipped to the smaller set)."""
+    f1, f2 = _check_features(f1, "f1"), _check_features(f2, "f2")
+    if f1.shape[1] != f2.shape[1]:
+        raise ValueError(f"feature sizes differ: {f1.shape[1]} vs {f2.shape[1]}")
+    m = min(subset_size, len(f1), len(f2))
+    rng = np.random.default_rng(seed)
+    return np.array([
+        _mmd2_unbiased(f1[rng.choice(len(f1), m, replace=False)],
+                       f2[rng.choice(len(f2), m, replace=False)])
+        for _ in range(subsets)
+    ])
+
+
 def kid_from_features(f1: np.ndarray, f2: np.ndarray, subsets: int = 100,
                       subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
     """KID (Binkowski et al. 2018): unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3.
 
     Averaged over `subsets` random subsets of `subset_size` rows from each set (drawn without
     replacement, clipped to the smaller set). Returns (mean, std over subsets). Unbiased, so
-    it can be slightly negative when both sets come from one distribution.
+    it can be slightly negative when both sets come from one distribution. With at most
+    `subset_size` images every subset is the whole set and the std is 0: see kid_interval.
     """
-    f1, f2 = _check_features(f1, "f1"), _check_features(f2, "f2")
-    if f1.shape[1] != f2.shape[1]:
-        raise ValueError(f"feature sizes differ: {f1.shape[1]} vs {f2.shape[1]}")
-    m = min(subset_size, len(f1), len(f2))
-    rng = np.random.default_rng(seed)
-    estimates = [
-        _mmd2_unbiased(f1[rng.choice(len(f1), m, replace=False)],
-                       f2[rng.choice(len(f2), m, replace=False)])
-        for _ in range(subsets)
-    ]
+    estimates = kid_subsets(f1, f2, subsets, subset_size, seed)
     return float(np.mean(estimates)), float(np.std(estimates))
+
+
+def kid_interval(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+                 seed: int = 0, level: float = 0.95) -> tuple[float, float, int]:
+    """A confidence interval for KID by subset bootstrap: the central `level` share of the KID
+    estimates on `subsets` random subsets of m = min(subset_size, n1 // 2, n2 // 2) rows (at
+    least 2). Half the images at most, so that the subsets differ even for small test sets;
+    an estimate on m images varies more than one on all of them, so the interval errs wide.
+    Returns (low, high, m)."""
+    m = max(2, min(subset_size, len(f1) // 2, len(f2) // 2))
+    estimates = kid_subsets(f1, f2, subsets, m, seed + 1)  # not the point estimate's draws
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(estimates, [tail, 100 - tail])
+    return float(low), float(high), m
+
+
+# --- The one way images reach a feature extractor ---------------------------------------
+
+def metric_images(x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+    """Images (N, C, H, W) in [-1, 1] as every FID/KID here feeds them to an extractor: RGB
+    (a grey channel repeated), rounded to the 256 levels of an 8-bit file, then resized to
+    `size` with torch's antialiased bilinear filter (half-pixel centres). Rounding first makes a
+    generator's float output and the same image saved losslessly (PNG, BMP, TIFF, lossless
+    WebP) and read back give identical features; the filter is the same for every input."""
+    x = x.detach().float().clamp(-1, 1)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    x = torch.round((x + 1) * 127.5) / 127.5 - 1
+    if size is not None and tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False,
+                          antialias=True)
+    return x
 
 
 # --- Features of image folders --------------------------------------------------------
@@ -270,11 +313,7 @@ def _device_of(extractor: FeatureExtractor) -> torch.device:
 
 
 def _load_resized(path: Path, size: tuple[int, int] | None) -> Tensor:
-    x = to_tensor(load_image(path, channels=3))
-    if size is not None and tuple(x.shape[-2:]) != size:
-        # antialias so that downscaling does not alias fine detail into the features.
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return x
+    return metric_images(to_tensor(load_image(path, channels=3)), size)
 
 
 def folder_features(folder: str | Path, extractor: FeatureExtractor, batch_size: int = 32,
@@ -324,5 +363,6 @@ def fid_kid_folders(folder1: str | Path, folder2: str | Path, extractor: Feature
             raise UserError(f"{folder}: FID/KID need at least 2 images, found {len(f)}; "
                             f"add images")
     kid_mean, kid_std = kid_from_features(f1, f2, kid_subsets, kid_subset_size, seed)
+    kid_lo, kid_hi, _ = kid_interval(f1, f2, kid_subsets, kid_subset_size, seed)
     return {"fid": fid_from_features(f1, f2), "kid_mean": kid_mean, "kid_std": kid_std,
-            "n1": len(f1), "n2": len(f2)}
+            "kid_lo": kid_lo, "kid_hi": kid_hi, "n1": len(f1), "n2": len(f2)}

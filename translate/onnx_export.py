@@ -39,19 +39,27 @@ def _quiet():
 
 
 def export_onnx(net: nn.Module, meta: dict[str, str], path: Path, opset: int = 18) -> str:
-    """Write `path` and check it against PyTorch on two odd sizes; returns a report line."""
+    """Write `path` and check it against PyTorch on two inputs; returns a report line.
+
+    Image-to-image generators take "image" (N, C, H, W; dynamic batch, height and width) and
+    give "translated"; latent generators (dcgan, wgan_gp, cgan, infogan, toy) take "z"
+    (N, z_dim, with cgan's one-hot class and infogan's codes in its last entries, as the
+    metadata describes) and give "sample" (N, C, S, S images, or N x 2 toy points)."""
     onnx = _need("onnx")
     _need("onnxruntime")
     net = net.float().eval()
-    m, c = int(meta["size_multiple"]), int(meta["in_channels"])
-    example = torch.zeros(1, c, 2 * m if m >= 32 else 64, 2 * m if m >= 32 else 64)
-    batch, height, width = (torch.export.Dim("batch", min=1), torch.export.Dim("height"),
-                            torch.export.Dim("width"))
+    if meta.get("latent") == "true":
+        example, names, checks = _latent_io(int(meta["z_dim"]))
+        dynamic = ({0: torch.export.Dim("batch", min=1)},)
+    else:
+        example, names, checks = _image_io(int(meta["size_multiple"]), int(meta["in_channels"]))
+        dynamic = ({0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height"),
+                    3: torch.export.Dim("width")},)
     with _quiet():
         program = torch.onnx.export(
             net, (example,), dynamo=True, opset_version=opset, external_data=False,
-            input_names=["image"], output_names=["translated"],
-            dynamic_shapes=({0: batch, 2: height, 3: width},), verbose=False,
+            input_names=[names[0]], output_names=[names[1]], dynamic_shapes=dynamic,
+            verbose=False,
         )
     model = program.model_proto
     for key, value in meta.items():
@@ -62,17 +70,32 @@ def export_onnx(net: nn.Module, meta: dict[str, str], path: Path, opset: int = 1
     tmp.replace(path)
     worst = 0.0
     sess = _session(path)
-    for n, h, w in ((1, 3 * m, 5 * m), (2, 7 * m, 2 * m)):
-        x = torch.randn(n, c, h, w).clamp(-1, 1)
+    for x in checks:
         with torch.no_grad():
             ref = net(x).numpy()
-        got = sess.run(None, {"image": x.numpy()})[0]
+        got = sess.run(None, {names[0]: x.numpy()})[0]
         worst = max(worst, float(np.abs(got - ref).max()))
     if worst > 1e-4:
         path.unlink()
         raise ModelError(f"{path}: ONNX output differs from PyTorch by {worst:.2e} (> 1e-4); "
                          "not written — please report this with your torch/onnx versions")
-    return f"wrote {path} (ONNX opset {opset}, max |onnx - torch| = {worst:.1e} on 2 sizes)"
+    what = "batch sizes" if meta.get("latent") == "true" else "sizes"
+    return f"wrote {path} (ONNX opset {opset}, max |onnx - torch| = {worst:.1e} on 2 {what})"
+
+
+def _image_io(m: int, c: int) -> tuple[torch.Tensor, tuple[str, str], list[torch.Tensor]]:
+    """Example input, (input, output) names and two checks at odd multiples of the size."""
+    side = 2 * m if m >= 32 else 64
+    checks = [torch.randn(n, c, h, w).clamp(-1, 1) for n, h, w in ((1, 3 * m, 5 * m),
+                                                                   (2, 7 * m, 2 * m))]
+    return torch.zeros(1, c, side, side), ("image", "translated"), checks
+
+
+def _latent_io(z_dim: int) -> tuple[torch.Tensor, tuple[str, str], list[torch.Tensor]]:
+    """Example input, (input, output) names and two checks of other batch sizes."""
+    g = torch.Generator().manual_seed(0)
+    checks = [torch.randn(n, z_dim, generator=g) for n in (1, 5)]
+    return torch.zeros(1, z_dim), ("z", "sample"), checks
 
 
 def _session(path: Path):
@@ -93,6 +116,10 @@ def load_onnx(path: Path, generator_cls: Any):
     except Exception as e:  # noqa: BLE001 - protobuf decode errors have no common base
         raise ModelError(f"{path}: not a readable ONNX file ({e}); re-export it") from None
     meta = {p.key: p.value for p in model.metadata_props}
+    if meta.get("latent") == "true":
+        raise UserError(f"{path}: a latent generator (input z, no image); run it with "
+                        "onnxruntime directly (input 'z', output 'sample'), or sample the run "
+                        "with `translate sample RUN`")
     if "size_multiple" not in meta:
         raise ModelError(f"{path}: ONNX file without translate metadata; export it with "
                          "`translate export RUN --onnx`")

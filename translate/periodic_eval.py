@@ -3,24 +3,25 @@ scores it, on the live nets of the main process, so quality curves sit next to t
 log.jsonl, the progress line, the trackers and `translate plot`.
 
     toy runs                     eval/modes, eval/hq, eval/rkl   PacGAN protocol, 2,500 samples
-    CycleGAN on the demo data    eval/psnr                       G_ab(testA) vs the true testB
-    CycleGAN on other data       eval/kid                        G_ab(testA) vs train.eval_data
-                                                                 (default ROOT/testB)
-    latent GANs on image folders eval/kid                        G(z) vs train.eval_data
+    CycleGAN, CUT on the demo    eval/psnr                       G_ab(testA) vs the true testB
+    CycleGAN, CUT on other data  eval/kid (+ _lo, _hi: its 95%   G_ab(testA) vs train.eval_data
+                                 interval)                       (default ROOT/testB)
+    latent GANs on image folders eval/kid (+ _lo, _hi)           G(z) vs train.eval_data
 
-With train.ema > 0 the EMA generators are scored, as in the sample grids. Latent codes are drawn
+The protocol of the scores (translate/protocol.py) is written to RUN/eval_protocol.json at the
+first evaluation. With train.ema > 0 the EMA generators are scored, as in the sample grids. Latent codes are drawn
 from a private seeded generator: every evaluation sees the same codes, and the training RNG
 streams are not touched (a run with evaluation trains exactly like one without).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from translate.config import RunConfig
@@ -32,6 +33,9 @@ KID_MAX_IMAGES = 1000  # generated images per KID evaluation (at most the refere
 SEED = 0  # latent codes of every evaluation, as `translate eval --seed 0`
 # Methods whose G(z) takes z ~ N(0, I) alone (a conditional G also needs its labels or codes).
 GAUSSIAN_LATENT = ("gan", "dcgan", "wgan_gp")
+KEYS = {"toy": ("eval/modes", "eval/hq", "eval/rkl"), "psnr": ("eval/psnr",),
+        "kid": ("eval/kid", "eval/kid_lo", "eval/kid_hi")}  # what each kind of scorer logs
+PROTOCOL_FILE = "eval_protocol.json"  # in the run folder, written at the first evaluation
 
 
 def kind_of(cfg: RunConfig) -> str:
@@ -75,7 +79,51 @@ def build(cfg: RunConfig, main: bool, device: torch.device) -> Scorer | None:
     if cfg.train.eval_every == 0:
         return None
     kind = kind_of(cfg)
-    return SCORERS[kind](cfg, device) if main else None
+    if cfg.train.keep_best and cfg.train.keep_best not in KEYS[kind]:
+        raise ConfigError(f"train.keep_best: {cfg.train.keep_best} is not scored in this run "
+                          f"(its periodic scores: {', '.join(KEYS[kind])}); pick one of those")
+    if not main:
+        return None
+    return _writing_protocol(SCORERS[kind](cfg, device), cfg.out_dir / PROTOCOL_FILE,
+                             protocol_of(cfg, kind))
+
+
+def protocol_of(cfg: RunConfig, kind: str) -> dict:
+    """The evaluation protocol of a run's periodic scores (translate/protocol.py)."""
+    from translate.evaluate import PACGAN_SAMPLES, feature_label
+    from translate.images import list_images
+    from translate.protocol import describe
+
+    def count(folder: Path) -> int:
+        return len(list_images(folder)[0])
+
+    t, d = cfg.train, cfg.data
+    which = "the live " + ("EMA " if t.ema > 0 else "") + "generators at each eval step"
+    if kind == "toy":
+        return describe(which, {"samples": PACGAN_SAMPLES})
+    if kind == "psnr":
+        return describe(which, {f: count(Path(d.root) / f) for f in ("testA", "testB")})
+    reference = Path(t.eval_data) if t.eval_data else Path(d.root) / "testB"
+    n_ref = count(reference)
+    counts = {"generated": count(Path(d.root) / "testA") if d.kind == "unpaired" else
+              min(n_ref, KID_MAX_IMAGES), "reference": n_ref}
+    return describe(which, counts, feature_label(t.eval_features), t.eval_features,
+                    (d.crop_size, d.crop_size))
+
+
+def _writing_protocol(scorer: Scorer, path: Path, protocol: dict) -> Scorer:
+    """`scorer` that first writes the protocol next to the run's log (once per start)."""
+    written = []
+
+    def score(nets: Nets) -> dict[str, float]:
+        if not written:
+            tmp = path.with_name("." + path.name + ".tmp")
+            tmp.write_text(json.dumps(protocol, indent=2) + "\n")
+            tmp.replace(path)
+            written.append(path)
+        return scorer(nets)
+
+    return score
 
 
 def evaluate(scorer: Scorer, nets: Nets) -> dict[str, float]:
@@ -138,16 +186,14 @@ def psnr_scorer(cfg: RunConfig, device: torch.device) -> Scorer:
 def _features(xs: list[Tensor], extractor: Callable, size: int) -> np.ndarray:
     from translate.evaluate import image_features
 
-    xs = [x if x.shape[-2:] == (size, size) else
-          F.interpolate(x, size=(size, size), mode="bilinear", antialias=True) for x in xs]
-    return image_features(xs, extractor)
+    return image_features(xs, extractor, size=(size, size))
 
 
 def kid_scorer(cfg: RunConfig, device: torch.device) -> Scorer:
     """KID against held-out images, both sides resized to the training crop size (the size the
     nets see), with the features of train.eval_features."""
     from translate.evaluate import apply_all, feature_extractor, load_folder
-    from translate.metrics import kid_from_features
+    from translate.metrics import kid_from_features, kid_interval
 
     t, d, size = cfg.train, cfg.data, cfg.data.crop_size
     extractor, _ = feature_extractor(t.eval_features)
@@ -166,8 +212,10 @@ def kid_scorer(cfg: RunConfig, device: torch.device) -> Scorer:
             z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(SEED))
             fake = [G(c.to(device)).float().cpu().clamp(-1, 1) for c in z.split(32)]
             fake = list(torch.cat(fake).split(1))
-        kid, _ = kid_from_features(_features(fake, extractor, size), ref_feats)
-        return {"eval/kid": kid}
+        fake_feats = _features(fake, extractor, size)
+        kid, _ = kid_from_features(fake_feats, ref_feats)
+        low, high, _ = kid_interval(fake_feats, ref_feats)
+        return {"eval/kid": kid, "eval/kid_lo": low, "eval/kid_hi": high}
 
     return score
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from translate import viz
 from translate.core.runlog import RUN_SHAPE
 from translate.errors import UserError
 
@@ -27,7 +28,12 @@ SCALE = 2  # drawn at SCALE x and downsampled: PIL's lines are not anti-aliased
 _LEFT, _RIGHT, _TOP, _BOTTOM = 72, 200, 28, 36  # panel margins around the plot area, pixels
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
             (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-_SKIP = ("step", "time")  # not curves: the x axis, and wall time (the speed panel shows it)
+# Not curves: the x axis, wall time (the speed panel shows it), the health warnings (text).
+_SKIP = ("step", "time", "warnings")
+# Keys drawn against their own axis on the right of a panel they share: the schedule's
+# multiplier (about 1) beside learning rates (about 1e-4) would flatten them onto zero.
+_RIGHT_AXIS = ("lr_scale",)
+_RIGHT_TICKS = 48  # pixels between the plot area and the legend for the right axis' labels
 
 
 # ---------------------------------------------------------------------------- data (pure)
@@ -84,7 +90,7 @@ def parse_log(lines: list[str]) -> Log:
 
 def group_keys(keys: list[str]) -> dict[str, list[str]]:
     """Panels in display order: G, D, other prefixes (sorted; "lr" also takes the schedule's
-    lr_scale), unprefixed keys, speed."""
+    lr_scale, drawn against its own axis on the right), unprefixed keys, speed."""
     special = {"it_s": "speed (it/s)", "lr_scale": "lr"}
     groups: dict[str, list[str]] = {}
     for k in keys:
@@ -148,10 +154,7 @@ def value_range(arrays: list[np.ndarray]) -> tuple[float, float]:
 
 
 def _font(px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=px * SCALE)
-    except (TypeError, OSError):  # Pillow without FreeType: the small bitmap font
-        return ImageFont.load_default()
+    return viz.font(px * SCALE)
 
 
 def _runs(x: np.ndarray, y: np.ndarray) -> list[list[tuple[float, float]]]:
@@ -178,16 +181,28 @@ def _lighter(c: tuple[int, int, int]) -> tuple[int, int, int]:
     return tuple(int(v + 0.65 * (255 - v)) for v in c)
 
 
-def _draw_axes(d: ImageDraw.ImageDraw, box: tuple[float, float, float, float],
-               xr: tuple[float, float], yr: tuple[float, float], font) -> None:
+def _draw_y_ticks(d: ImageDraw.ImageDraw, box: tuple[float, float, float, float],
+                  yr: tuple[float, float], font, right: bool = False) -> None:
+    """Tick labels of a y axis: on the left with grid lines, or on the right with tick marks
+    (a second axis, in the colour-neutral grey of the first)."""
     x0, y0, x1, y1 = box
     yticks, ystep = nice_ticks(*yr)
     top = max(abs(v) for v in yticks) if yticks else None
     for v in yticks:
         py = y1 - (v - yr[0]) / (yr[1] - yr[0]) * (y1 - y0)
-        d.line([(x0, py), (x1, py)], fill=(230, 230, 230), width=SCALE)
-        d.text((x0 - 6 * SCALE, py), tick_label(v, ystep, top), fill=(60, 60, 60), font=font,
-               anchor="rm")
+        label = tick_label(v, ystep, top)
+        if right:
+            d.line([(x1, py), (x1 + 4 * SCALE, py)], fill=(60, 60, 60), width=SCALE)
+            d.text((x1 + 6 * SCALE, py), label, fill=(60, 60, 60), font=font, anchor="lm")
+        else:
+            d.line([(x0, py), (x1, py)], fill=(230, 230, 230), width=SCALE)
+            d.text((x0 - 6 * SCALE, py), label, fill=(60, 60, 60), font=font, anchor="rm")
+
+
+def _draw_axes(d: ImageDraw.ImageDraw, box: tuple[float, float, float, float],
+               xr: tuple[float, float], yr: tuple[float, float], font) -> None:
+    x0, _, x1, y1 = box
+    _draw_y_ticks(d, box, yr, font)
     xticks, xstep = nice_ticks(*xr, n=6, integer=True)
     top = max(abs(v) for v in xticks) if xticks else None
     for v in xticks:
@@ -199,7 +214,7 @@ def _draw_axes(d: ImageDraw.ImageDraw, box: tuple[float, float, float, float],
 
 
 def _draw_legend(d: ImageDraw.ImageDraw, x: float, y: float, keys: list[str], log: Log,
-                 font) -> None:
+                 font, right: tuple[str, ...] = ()) -> None:
     s = SCALE
     rows = int((PANEL_HEIGHT - _TOP - _BOTTOM) / 16)
     for i, k in enumerate(keys):
@@ -211,6 +226,8 @@ def _draw_legend(d: ImageDraw.ImageDraw, x: float, y: float, keys: list[str], lo
         label = k.split("/", 1)[1] if "/" in k else k
         if log.non_finite[k]:
             label += f" ({log.non_finite[k]} nan/inf)"
+        if k in right:
+            label += " (right axis)"
         d.line([(x, ly + 6 * s), (x + 18 * s, ly + 6 * s)], fill=_PALETTE[i % len(_PALETTE)],
                width=3 * s)
         d.text((x + 24 * s, ly), label, fill=(30, 30, 30), font=font, anchor="lt")
@@ -222,26 +239,32 @@ def _draw_panel(d: ImageDraw.ImageDraw, top: float, name: str, keys: list[str], 
     s = SCALE
     box = (_LEFT * s, top + _TOP * s, (WIDTH - _RIGHT) * s, top + (PANEL_HEIGHT - _BOTTOM) * s)
     x0, y0, x1, y1 = box
-    yr = value_range([log.series[k] for k in keys])
+    right = tuple(k for k in keys if k in _RIGHT_AXIS and len(keys) > 1)
+    yr = value_range([log.series[k] for k in keys if k not in right])
+    yr_right = value_range([log.series[k] for k in right])
     _draw_axes(d, box, xr, yr, small)
+    if right:
+        _draw_y_ticks(d, box, yr_right, small, right=True)
     d.text((x0, top + 8 * s), name, fill=(0, 0, 0), font=bold, anchor="lt")
     d.text((x1, y1 + 20 * s), "step", fill=(60, 60, 60), font=small, anchor="rt")
     px = x0 + (log.steps - xr[0]) / (xr[1] - xr[0]) * (x1 - x0)
-    for i, k in enumerate(keys):
+    # The right axis' curves first: where they meet a left-axis curve, that one stays on top.
+    for i, k in sorted(enumerate(keys), key=lambda ik: ik[1] not in right):
         colour = _PALETTE[i % len(_PALETTE)]
         # With smoothing, the raw curve stays visible as a pale line under the smoothed one.
         layers = [(log.series[k], colour, 2 * s)]
         if smooth > 0:
             layers = [(log.series[k], _lighter(colour), s),
                       (ema_smooth(log.series[k], smooth), colour, 2 * s)]
+        lo, hi = yr_right if k in right else yr
         for values, c, w in layers:
-            py = y1 - (values - yr[0]) / (yr[1] - yr[0]) * (y1 - y0)
+            py = y1 - (values - lo) / (hi - lo) * (y1 - y0)
             # Keys logged only at some steps (eval/* every train.eval_every) join their own
             # points; only a logged nan/inf breaks a line.
             keep = log.present.get(k, np.ones(len(py), dtype=bool))
             for run in _runs(px[keep], py[keep]):
                 _draw_series(d, run, c, w)
-    _draw_legend(d, x1 + 12 * s, y0, keys, log, small)
+    _draw_legend(d, x1 + (12 + _RIGHT_TICKS * bool(right)) * s, y0, keys, log, small, right)
 
 
 def render(log: Log, title: str, smooth: float = 0.0) -> Image.Image:

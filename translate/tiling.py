@@ -122,15 +122,24 @@ def _mirror_index(n: int, size: int) -> torch.Tensor:
 
 def _run_tiled(fn: Generator, info: ModelInfo, x: torch.Tensor, tile: int, overlap: int,
                batch_size: int) -> torch.Tensor:
-    """Translate one 1xCxHxW image tile by tile and blend the tiles into a float canvas."""
+    """Translate one 1xCxHxW image tile by tile and blend the tiles into a float canvas.
+
+    The tiles cover the image mirror-padded to the size multiple, as the untiled run sees it,
+    and the canvas is cropped back: tiles cut from the bare image would end at its last pixel,
+    where the untiled net sees mirrored pixels, and the right and bottom edges came out
+    differently (a trained U-Net, 470 px wide: 2.1 grey levels on average over the last 40
+    columns, 5x the interior's, and up to 42).
+    """
+    h, w = x.shape[2:]
+    x = _mirror_pad(x, info.padded(h), info.padded(w))
     norms = norm_layers(fn)
     stats: list[tuple[torch.Tensor, torch.Tensor]] = []
     if norms:
         stats, whole = _overview(fn, info, x, norms, batch_size * tile * tile)
         if whole is not None:  # it fitted in the memory of one batch of tiles: exact result
-            return whole
+            return whole[..., :h, :w]
     with _frozen(norms, stats):
-        return _blend(fn, info, x, tile, overlap, batch_size)
+        return _blend(fn, info, x, tile, overlap, batch_size)[..., :h, :w]
 
 
 def _blend(fn: Generator, info: ModelInfo, x: torch.Tensor, tile: int, overlap: int,

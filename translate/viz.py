@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 
@@ -11,17 +12,45 @@ def to_rgb(x: Tensor) -> Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
-def grid(rows: list[Tensor], pad: int = 2) -> np.ndarray:
-    """Rows of NCHW images in [-1, 1] (same N, H, W) -> one HxWx3 uint8 picture."""
+def font(px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """PIL's built-in font at `px` pixels (no font file needed)."""
+    try:
+        return ImageFont.load_default(size=px)
+    except (TypeError, OSError):  # Pillow without FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def grid(rows: list[Tensor], pad: int = 2, labels: list[str] | None = None,
+         gap_after: int | None = None) -> np.ndarray:
+    """Rows of NCHW images in [-1, 1] (same C, H, W; rows may hold different numbers of
+    images) -> one HxWx3 uint8 picture on white. `labels`: one text per row, in a margin on
+    the left; `gap_after`: a wider gap after that many columns (e.g. a mean and its samples)."""
     rows = [to_rgb(r.detach().float().cpu()) for r in rows]
-    n, _, h, w = rows[0].shape
-    out = torch.ones(3, len(rows) * (h + pad) + pad, n * (w + pad) + pad)
+    h, w = rows[0].shape[2:]
+    cols = max(len(r) for r in rows)
+    gap = [pad + (3 * pad if j == gap_after else 0) for j in range(cols)]
+    left = [pad + sum(gap[1:j + 1]) + j * w for j in range(cols)]
+    out = torch.ones(3, len(rows) * (h + pad) + pad, left[-1] + w + pad)
     for i, r in enumerate(rows):
-        for j in range(n):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            out[:, y : y + h, x : x + w] = r[j]
-    img = ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return img.permute(1, 2, 0).numpy()
+        y = pad + i * (h + pad)
+        for j in range(len(r)):
+            out[:, y : y + h, left[j] : left[j] + w] = r[j]
+    img = ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return img if labels is None else _label_rows(img, labels, h, pad)
+
+
+def _label_rows(img: np.ndarray, labels: list[str], h: int, pad: int) -> np.ndarray:
+    """The picture with a white margin on its left holding labels[i] beside row i."""
+    face = font(max(9, min(14, h // 2)))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    margin = max(int(probe.textlength(t, font=face)) for t in labels) + 3 * pad
+    canvas = Image.new("RGB", (img.shape[1] + margin, img.shape[0]), "white")
+    canvas.paste(Image.fromarray(img), (margin, 0))
+    d = ImageDraw.Draw(canvas)
+    for i, text in enumerate(labels):
+        d.text((margin - pad, pad + i * (h + pad) + h / 2), text, fill=(20, 20, 20), font=face,
+               anchor="rm")
+    return np.asarray(canvas)
 
 
 def square_grid(images: Tensor, columns: int) -> np.ndarray:

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from translate.errors import UserError
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
+BEST_RECORD = "best.json"  # marks checkpoints/best/step_N (translate/core/best.py)
 
 
 @dataclass
@@ -56,6 +57,8 @@ class TrainState:
     lr_scale: float = 1.0      # lowered by NaN rollbacks
     fingerprint: str = ""      # of method + model config: resuming another recipe is refused
     rollbacks: int = 0         # NaN rollbacks so far (train.on_nan = "rollback")
+    precision: str = ""        # the precision it trained in (auto resolved); "" = not recorded
+    global_batch: int = 0      # per-process batch x processes x accumulation; 0 = not recorded
 
 
 def fingerprint(method: str, model_cfg: object) -> str:
@@ -73,21 +76,40 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=step_of)
+
+
+# --resume values that look in the run folder itself; "auto-or-new" lets a run start when there
+# is no checkpoint, where "auto" refuses (a mistyped --run-dir must not train from scratch).
+AUTO = ("auto", "auto-or-new")
 
 
 def resolve(run_dir: Path, resume: str) -> Path | None:
-    """`auto`: the newest complete checkpoint or None; otherwise a checkpoint folder or a run."""
-    if resume == "auto":
+    """`auto`/`auto-or-new`: the newest complete checkpoint or None; otherwise a checkpoint
+    folder or a run folder."""
+    if resume in AUTO:
         found = list_checkpoints(run_dir)
         return found[-1] if found else None
     path = Path(resume)
+    if (path / BEST_RECORD).is_file():
+        raise UserError(f"{path}: the best checkpoint (train.keep_best) holds the weights only, "
+                        "no optimizer or random states; resume from the run's rolling "
+                        "checkpoints (--resume auto), or use it with export/eval --best")
     if (path / "state.json").is_file():
         return path
     found = list_checkpoints(path)
     if found:
         return found[-1]
     raise UserError(f"{path}: no complete checkpoint there; pass a run folder or checkpoints/step_N")
+
+
+def run_of(ckpt: Path) -> Path | None:
+    """The run folder of a checkpoint folder (RUN/checkpoints/step_N), if it lies in one."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+
+
+def step_of(ckpt: Path) -> int:
+    return int(STEP_DIR.match(ckpt.name).group(1)) if STEP_DIR.match(ckpt.name) else -1
 
 
 def resolve_on_all(accelerator: Accelerator, run_dir: Path, resume: str) -> Path | None:
@@ -225,7 +247,9 @@ def save(
                 _discard(final)
             os.replace(tmp, final)
             _fsync_dir(final.parent)
-            for old in list_checkpoints(run_dir)[:-keep]:
+            # The one just written is never pruned, so the checkpoint a run reports exists.
+            others = [p for p in list_checkpoints(run_dir) if p != final]
+            for old in others[:max(0, len(others) - (keep - 1))]:
                 _discard(old)
     except (OSError, SafetensorError, RuntimeError) as e:
         # safetensors and torch.save report a full disk as their own error types.
@@ -263,6 +287,22 @@ def _check_pickles(path: Path, rank: int) -> None:
                             "it was not executed; resume from another checkpoint") from None
 
 
+def read_state(path: Path, expected_fingerprint: str | None) -> TrainState:
+    """A checkpoint's state.json, refused when another recipe (method or model) made it
+    (not checked when `expected_fingerprint` is None)."""
+    try:
+        state = TrainState(**json.loads((path / "state.json").read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{path}/state.json: unreadable checkpoint state ({e}); "
+                        "resume from another checkpoint") from None
+    if expected_fingerprint is not None and state.fingerprint != expected_fingerprint:
+        raise UserError(
+            f"{path}: checkpoint was made by a different recipe (method or model settings "
+            "differ); resume with the recipe that made it, or start a new run folder"
+        )
+    return state
+
+
 def load(
     accelerator: Accelerator,
     path: Path,
@@ -271,16 +311,7 @@ def load(
 ) -> tuple[TrainState, dict[str, Tensor]]:
     """Collective. Restores nets, optimizers, RNG (via accelerate), EMA; returns the train state
     and this process's method state (empty if the checkpoint has none for this rank)."""
-    try:
-        state = TrainState(**json.loads((path / "state.json").read_text()))
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"{path}/state.json: unreadable checkpoint state ({e}); "
-                        "resume from another checkpoint") from None
-    if state.fingerprint != expected_fingerprint:
-        raise UserError(
-            f"{path}: checkpoint was made by a different recipe (method or model settings "
-            "differ); resume with the recipe that made it, or start a new run folder"
-        )
+    state = read_state(path, expected_fingerprint)
     _check_pickles(path, accelerator.process_index)
     try:
         accelerator.load_state(str(path))

@@ -126,8 +126,9 @@ class StopRequest:
         return agreed or None
 
 
-def interrupted(signum: int, step: int, ckpt) -> Interrupted:
+def interrupted(signum: int, step: int, ckpt, again: str) -> Interrupted:
+    """`again`: the exact command (or call) that continues the run."""
     name = signal.Signals(signum).name
     where = f"checkpoint {ckpt}" if ckpt is not None else "no checkpoint (step 0)"
-    return Interrupted(f"stopped by {name} at step {step}; {where}; continue with --resume auto",
+    return Interrupted(f"stopped by {name} at step {step}; {where}; continue with: {again}",
                        signum)

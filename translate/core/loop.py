@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,16 +14,15 @@ from accelerate import state as state_mod
 from accelerate.utils import set_seed
 from torch import Tensor, nn
 
-from translate import config as config_mod
 from translate import data as data_mod
-from translate import periodic_eval
+from translate import health_monitor, periodic_eval
 from translate.config import RunConfig
-from translate.core import checkpoint, faults, penalties, precision, tracking
+from translate.core import best, checkpoint, faults, penalties, precision, rundir, tracking
 from translate.core.ema import ema_update, make_ema
 from translate.core.faults import Diverged
 from translate.core.runlog import RUN_SHAPE, RunLog
 from translate.core.schedules import lr_factor
-from translate.errors import ConfigError, UserError
+from translate.errors import ConfigError
 from translate.methods import METHODS
 from translate.methods.base import Phase
 
@@ -37,25 +35,35 @@ class RunResult:
     logs: dict[str, float] = field(default_factory=dict)
 
 
-def make_accelerator(cfg: RunConfig) -> Accelerator:
+def machine_precision(cfg: RunConfig) -> tuple[str, str]:
+    """The run's autocast mode on this machine ("no", "bf16", "fp16") and why it was chosen,
+    refusing what the machine cannot do. `translate train --dry-run` asks it too, so it refuses
+    what a run would."""
     on_cpu = not torch.cuda.is_available()
-    trackers = tracking.accelerator_kwargs(cfg)  # a tracker that is not installed stops us here
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    mixed = precision.training_precision(cfg.train.mixed_precision, launcher,
-                                         torch.device("cpu" if on_cpu else "cuda"))
+    mixed, why = precision.training_precision(cfg.train.mixed_precision,
+                                              precision.launcher_precision(),
+                                              torch.device("cpu" if on_cpu else "cuda"))
     if on_cpu and mixed == "fp16":
         raise ConfigError("train.mixed_precision: fp16 is not available on CPU (accelerate would "
                           "silently train in fp32); use bf16 or no")
     if on_cpu and cfg.train.sync_batchnorm:
         raise ConfigError("train.sync_batchnorm: torch's SyncBatchNorm refuses CPU tensors (it "
                           "runs on GPUs only); set train.sync_batchnorm = false on CPU")
+    return mixed, why
+
+
+def make_accelerator(cfg: RunConfig) -> tuple[Accelerator, str]:
+    """The run's Accelerator and why it computes in its precision (for the start line)."""
+    on_cpu = not torch.cuda.is_available()
+    trackers = tracking.accelerator_kwargs(cfg)  # a tracker that is not installed stops us here
+    mixed, why = machine_precision(cfg)
     if not (state_mod.PartialState._shared_state and state_mod.PartialState().num_processes > 1):
         # In one process (tests, notebooks) a second run may ask for another precision;
         # accelerate keeps one global state, so start it afresh.
         state_mod.AcceleratorState._reset_state()
     # cpu=True on a CPU machine is what makes `accelerate launch --multi_gpu` processes form one
     # gloo group instead of training independently.
-    return Accelerator(cpu=on_cpu, mixed_precision=mixed, **trackers)
+    return Accelerator(cpu=on_cpu, mixed_precision=mixed, **trackers), why
 
 
 def total_steps(cfg: RunConfig, dataset, world: int) -> tuple[int, int]:
@@ -187,6 +195,9 @@ class Session:
     decay_start: int
     run_dir: Path
     scorer: periodic_eval.Scorer | None = None  # train.eval_every's scores (main process only)
+    precision_why: str = ""  # how the precision was chosen, for the start line
+    health: health_monitor.Monitor | None = None  # train.health's checks (main process only)
+    best: best.Keeper | None = None  # train.keep_best's checkpoint (main process only)
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -200,7 +211,9 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def setup(cfg: RunConfig) -> Session:
-    accelerator = make_accelerator(cfg)
+    """The run's accelerator, nets, optimizers and data. Writes nothing: the run folder is
+    made by `train` once the folder's rules (rundir.plan) allow the start."""
+    accelerator, precision_why = make_accelerator(cfg)
     run_dir = cfg.out_dir
     check_run_dir(run_dir)
     set_seed(cfg.seed)  # identical initial weights on every rank
@@ -208,9 +221,6 @@ def setup(cfg: RunConfig) -> Session:
     method = spec.build(cfg)
     dataset = data_mod.build_dataset(cfg)
     scorer = periodic_eval.build(cfg, accelerator.is_main_process, accelerator.device)
-    # Only now, with settings and data known to be usable, does the run folder appear.
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
     names = list(method.nets)
     raw = [method.nets[n] for n in names]
     if cfg.train.sync_batchnorm:
@@ -225,8 +235,9 @@ def setup(cfg: RunConfig) -> Session:
         nets = {n: torch.compile(m) for n, m in nets.items()}
     ema = {g: make_ema(method.nets[g]) for g in method.generators} if cfg.train.ema > 0 else {}
     total, decay = total_steps(cfg, dataset, accelerator.num_processes)
+    monitor = health_monitor.build(cfg, method, dataset, accelerator.is_main_process)
     return Session(cfg, accelerator, method, nets, list(prepared[len(names):]), ema, dataset,
-                   total, decay, run_dir, scorer)
+                   total, decay, run_dir, scorer, precision_why, monitor)
 
 
 def _save(s: Session, state: checkpoint.TrainState) -> Path:
@@ -236,11 +247,16 @@ def _save(s: Session, state: checkpoint.TrainState) -> Path:
                            s.cfg.train.keep_checkpoints)
 
 
+def _shown_nets(s: Session) -> dict[str, nn.Module]:
+    nets = {n: s.accelerator.unwrap_model(m) for n, m in s.nets.items()}
+    nets.update(s.ema)  # the EMA generators when there are some, as in the sample grids
+    return nets
+
+
 def _sample(s: Session, log: RunLog, step: int, fixed) -> None:
     if not s.accelerator.is_main_process:
         return
-    nets = {n: s.accelerator.unwrap_model(m) for n, m in s.nets.items()}
-    nets.update(s.ema)
+    nets = _shown_nets(s)
     modes = {n: m.training for n, m in nets.items()}
     for m in nets.values():
         m.eval()  # eval: sampling must not move BatchNorm statistics (exact resume)
@@ -257,45 +273,70 @@ def _evaluate(s: Session) -> dict[str, float]:
     and wait for the main one at the next gradient all-reduce."""
     if s.scorer is None:
         return {}
-    nets = {n: s.accelerator.unwrap_model(m) for n, m in s.nets.items()}
-    nets.update(s.ema)  # the EMA generators when there are some, as in the sample grids
-    return periodic_eval.evaluate(s.scorer, nets)
+    return periodic_eval.evaluate(s.scorer, _shown_nets(s))
 
 
-def _start(s: Session, resume: str | None) -> tuple[checkpoint.TrainState, Path | None]:
-    """The state to start from: a checkpoint's, or step 0 with fresh per-rank seeding."""
-    acc = s.accelerator
+def _health(s: Session, step: int, fixed, values: dict[str, float], due: bool) -> list[str]:
+    """Health checks (main process, no collective): adds health/* to `values`; returns the
+    warning lines that became due."""
+    if s.health is None:
+        return []
+    s.health.observe(step, values)
+    if not due:
+        return []
+    calls = health_monitor.generator_calls(s.method, _shown_nets(s), fixed)
+    checks, warnings = s.health.check(step, calls)
+    values.update(checks)
+    return warnings
+
+
+def _start(s: Session, path: Path | None) -> tuple[checkpoint.TrainState, Path | None]:
+    """The state to start from: checkpoint `path`'s, or step 0 with fresh per-rank seeding."""
+    acc, t = s.accelerator, s.cfg.train
     fp = checkpoint.fingerprint(s.cfg.method, s.cfg.model)
-    path = checkpoint.resolve_on_all(acc, s.run_dir, resume) if resume else None
     if path is None:
         # Per-rank stream for what is not drawn per sample (dropout, pool, DiffAugment).
         torch.manual_seed(s.cfg.seed + 1000 * acc.process_index)
-        return checkpoint.TrainState(fingerprint=fp), None
-    state, method_state = checkpoint.load(acc, path, fp, s.ema)
-    s.method.load_state(method_state)
+        state = checkpoint.TrainState(fingerprint=fp)
+    else:
+        state, method_state = checkpoint.load(acc, path, fp, s.ema)
+        s.method.load_state(method_state)
+    # What the next resume must keep (rundir.plan checks it): for a resume, the same values.
+    state.precision = acc.mixed_precision
+    state.global_batch = t.batch_size * acc.num_processes * t.grad_accum
     return state, path
 
 
-def train(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> RunResult:
+def train(cfg: RunConfig, resume: str | None = None, progress: bool = True,
+          overwrite: bool = False, again: list[str] | None = None) -> RunResult:
+    """Train `cfg` into its run folder (rundir has the folder's rules).
+
+    resume: None (a new run), "auto" (the newest checkpoint; none is an error), "auto-or-new",
+        or a checkpoint or run folder. A resume continues the run as its config.json says.
+    overwrite: start a new run where one exists; the old one is moved to RUN.old-<time>.
+    again: the command line that continues this run, for the message of a stop (Ctrl-C)."""
     s = setup(cfg)
     acc, t = s.accelerator, cfg.train
-    state, path = _start(s, resume)
-    if acc.is_main_process:  # after the resume checks: a refused resume keeps the old config
-        try:
-            config_mod.save(cfg, s.run_dir / "config.json")
-        except OSError as e:
-            raise UserError(f"{s.run_dir}: cannot write the run's config.json ({e.strerror}); "
-                            f"{checkpoint.fix_for(e)}, then run again") from None
+    plan = rundir.plan_on_all(acc, cfg, resume, overwrite,
+                              lambda c: total_steps(c, s.dataset, acc.num_processes))
+    state, path = _start(s, plan.checkpoint)
+    # Only now, with settings, data and checkpoint known to be usable, is the folder touched.
+    notes = rundir.open_folder(cfg, plan) if acc.is_main_process else []
+    s.best = best.keeper(t.keep_best, s.run_dir, state.step, acc.is_main_process)
     trackers = tracking.start(acc, cfg, state.step)
     log = RunLog(s.run_dir, acc.is_main_process, s.total, state.step, progress, trackers)
-    # Also in the first log.jsonl record of this start (a resume may change the process count);
-    # per-process batch and accumulation are in config.json.
+    # Also in the first log.jsonl record of this start (a resume may change the process count
+    # or extend the run); per-process batch and accumulation are in config.json.
     shape = {f"{RUN_SHAPE}processes": acc.num_processes,
-             f"{RUN_SHAPE}global_batch": t.batch_size * acc.num_processes * t.grad_accum}
+             f"{RUN_SHAPE}global_batch": state.global_batch, f"{RUN_SHAPE}steps": s.total}
     log.print(f"{cfg.method} '{cfg.name}': {data_mod.describe(s.dataset)}; global batch "
               f"{t.batch_size} x {acc.num_processes} processes x {t.grad_accum} accumulation = "
-              f"{shape['run/global_batch']}; {s.total} steps; precision {acc.mixed_precision}"
+              f"{state.global_batch}; {s.total} steps; precision {acc.mixed_precision} "
+              f"({s.precision_why})"
               + (f"; resumed from {path}" if path else ""))
+    for note in notes:
+        log.print(note)
+    again_text = rundir.continue_command(again, s.run_dir, acc.num_processes)
     fixed = s.method.fixed_batch(s.dataset, t.n_samples, cfg.seed) if acc.is_main_process else None
     batches = Batches(cfg, s.dataset, acc, state.batches)
     last_ckpt, logs = path, {}
@@ -319,7 +360,7 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> R
                         log.print(f"stopping: saving a checkpoint at step {state.step} "
                                   "(press Ctrl-C again to quit at once)")
                         last_ckpt = _save(s, state)
-                    raise faults.interrupted(signum, state.step, last_ckpt)
+                    raise faults.interrupted(signum, state.step, last_ckpt, again_text)
     finally:
         log.close()
         if trackers is not None:
@@ -339,7 +380,8 @@ def run_step(s: Session, state: checkpoint.TrainState, batches: Batches, log: Ru
     state.step += 1
     state.batches = batches.drawn
     eval_now = t.eval_every > 0 and (state.step % t.eval_every == 0 or state.step == s.total)
-    log_now = state.step % t.log_every == 0 or state.step == s.total or eval_now
+    health_now = health_monitor.due(s.cfg, state.step, s.total)
+    log_now = state.step % t.log_every == 0 or state.step == s.total or eval_now or health_now
     if log_now:
         logs = global_mean(acc, logs)
     # Every step where it is free (one CPU process); else at log steps, where the values are
@@ -347,15 +389,19 @@ def run_step(s: Session, state: checkpoint.TrainState, batches: Batches, log: Ru
     if log_now or (acc.device.type == "cpu" and acc.num_processes == 1):
         faults.check_finite(logs, state.step)
     log.advance(state.step)
+    scores = _evaluate(s) if eval_now else {}
     if log_now:
-        scores = _evaluate(s) if eval_now else {}
-        log.log(state.step, {**shape, **{k: float(v) for k, v in logs.items()}, **scores})
+        values = {**shape, **{k: float(v) for k, v in logs.items()}, **scores}
+        warnings = _health(s, state.step, fixed, values, health_now)
+        log.log(state.step, values, warnings)
         shape.clear()
     if state.step % t.sample_every == 0 or state.step == s.total:
         _sample(s, log, state.step, fixed)
     saved = None
     if state.step % t.save_every == 0 or state.step == s.total:
         saved = _save(s, state)
+    if s.best is not None and scores:  # Keep the best checkpoint (train.keep_best).
+        s.best.offer(s.accelerator, s.run_dir, state, s.nets, s.ema, scores)
     return logs, saved
 
 

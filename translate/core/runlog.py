@@ -20,6 +20,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
+from rich.text import Text
 
 if TYPE_CHECKING:
     from translate.core.tracking import Trackers
@@ -46,6 +48,33 @@ def _record(line: str) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+class _TrainBar(Progress):
+    """Step count, bar, rate, elapsed time and ETA on one line, the latest losses on the next:
+    the first line fits 80 columns (the bar shrinks), the losses are cut to the width."""
+
+    def __init__(self, console: Console):
+        fixed = Column(no_wrap=True)  # never shortened: only the bar gives way
+        super().__init__(
+            TextColumn("[bold]step", table_column=fixed), MofNCompleteColumn(table_column=fixed),
+            BarColumn(bar_width=None), TextColumn("{task.fields[rate]}", table_column=fixed),
+            TimeElapsedColumn(table_column=fixed), TextColumn("eta", table_column=fixed),
+            TimeRemainingColumn(table_column=fixed), console=console, transient=False)
+
+    def get_renderables(self):
+        yield self.make_tasks_table(self.tasks)
+        for task in self.tasks:
+            if task.fields.get("logs"):
+                yield Text(task.fields["logs"], no_wrap=True, overflow="ellipsis")
+
+
+def records(path: Path) -> list[dict]:
+    """The readable records of a log.jsonl (a line cut short by a kill is left out)."""
+    if not Path(path).is_file():
+        return []
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    return [r for line in lines if (r := _record(line)) is not None and "step" in r]
+
+
 class RunLog:
     """Main-process only (the loop creates it with enabled=False elsewhere)."""
 
@@ -63,13 +92,9 @@ class RunLog:
         if not enabled:
             return
         self._truncate_after(start)
+        self.total, self.start = total, start
         if self.live:
-            self.bar = Progress(
-                TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
-                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
-                TimeRemainingColumn(), TextColumn("{task.fields[logs]}"),
-                console=self.console, transient=False,
-            )
+            self.bar = _TrainBar(console=self.console)
             self.task = self.bar.add_task("train", total=total, completed=start, rate="", logs="")
             self.bar.start()
 
@@ -100,7 +125,9 @@ class RunLog:
         if self.bar is not None:
             self.bar.update(self.task, completed=step)
 
-    def log(self, step: int, values: dict[str, float]) -> None:
+    def log(self, step: int, values: dict[str, float], warnings: list[str] = ()) -> None:
+        """One record of scalars; `warnings` (lines of text) go into the record under
+        "warnings" and to the terminal, not to the trackers (scalars only)."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -108,6 +135,8 @@ class RunLog:
         self.last = (step, now)
         record = {"step": step, "time": round(now - self.t0, 3), "it_s": round(rate, 4)}
         record.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
+        if warnings:
+            record["warnings"] = list(warnings)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.trackers is not None:
@@ -116,7 +145,18 @@ class RunLog:
             self.bar.update(self.task, completed=step, rate=f"{rate:.2f} it/s",
                             logs=format_logs(values, 4))
         else:
-            self.print(f"step {step}  {rate:.2f} it/s  {format_logs(values)}")
+            self.print(f"step {step}/{self.total}  {rate:.2f} it/s  eta {self._eta(step, now)}  "
+                       f"{format_logs(values)}")
+        for line in warnings:
+            self.print(f"warning: {line}")
+
+    def _eta(self, step: int, now: float) -> str:
+        """h:mm:ss left at the mean rate of this start (setup time included, so it errs long)."""
+        done = step - self.start
+        if done <= 0:
+            return "-:--:--"
+        left = round((self.total - step) * (now - self.t0) / done)
+        return f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
 
     def sample(self, step: int, image: np.ndarray) -> Path | None:
         if not self.enabled:

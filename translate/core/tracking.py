@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from translate.config import RunConfig, to_dict
+from translate.config import RunConfig, flat
 from translate.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
@@ -56,12 +56,8 @@ def accelerator_kwargs(cfg: RunConfig) -> dict[str, Any]:
 
 def flat_config(cfg: RunConfig) -> dict[str, bool | int | float | str]:
     """{"train.lr_g": 0.0002, ...}: the hyperparameter types every tracker accepts."""
-    out: dict[str, bool | int | float | str] = {}
-    for key, value in to_dict(cfg).items():
-        for sub, v in (value.items() if isinstance(value, dict) else [(None, value)]):
-            name = f"{key}.{sub}" if sub else key
-            out[name] = v if isinstance(v, (bool, int, float, str)) else str(v)
-    return out
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+            for k, v in flat(cfg).items()}
 
 
 def _saved_id(path: Path, make: Callable[[], str]) -> str:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from translate.config import RunConfig
 from translate.data.classes import LabelledImages
+from translate.data.demo import DEMO_ROOT_DEFAULT
 from translate.data.folders import DataError, DataWarning, FolderImages, UnpairedImages
 from translate.data.toy import ToyMixture, sample_toy, toy_modes, toy_std
 from translate.errors import UserError
@@ -34,7 +35,10 @@ def _root(cfg: RunConfig) -> Path:
         raise DataError("data.root is empty: set data.root in the recipe or pass --data PATH")
     root = Path(cfg.data.root).expanduser()
     if not root.exists():
-        raise DataError(f"{root}: dataset folder not found — check data.root (or --data PATH)")
+        hint = ("the demo data is built by `translate demo` (run it once in this folder), or "
+                if root == DEMO_ROOT_DEFAULT else "")
+        raise DataError(f"{root}: dataset folder not found — {hint}check data.root (or --data "
+                        "PATH)")
     if not root.is_dir():
         raise DataError(f"{root}: is a file, not a folder — data.root must be a folder of images")
     return root
@@ -45,10 +49,18 @@ def _unpaired(cfg: RunConfig, split: str) -> Dataset:
 
 
 def _folder(cfg: RunConfig, split: str) -> Dataset:
+    root = _root(cfg)
     classes = getattr(cfg.model, "classes", ())  # class-conditional methods label by subfolder
+    if all((root / name).is_dir() for name in ("trainA", "trainB")):
+        # Searched recursively (or read as classes), the root of an unpaired dataset would mix
+        # both domains and the test images into one training set.
+        fix = ("a folder with one subfolder per class" if classes else
+               f"one domain's folder, e.g. --data {root / 'trainA'}")
+        raise DataError(f"{root}: an unpaired (CycleGAN) dataset (trainA, trainB, ...), not "
+                        f"training data for {cfg.method}; pass {fix}")
     if classes:
-        return LabelledImages(_root(cfg), split, cfg.data, cfg.seed, classes)
-    return FolderImages(_root(cfg), split, cfg.data, cfg.seed)
+        return LabelledImages(root, split, cfg.data, cfg.seed, classes)
+    return FolderImages(root, split, cfg.data, cfg.seed)
 
 
 def _toy(cfg: RunConfig, split: str) -> Dataset:

@@ -86,8 +86,9 @@ def scan(folder: Path, data: DataConfig) -> ImageList:
             f"{' '.join(IMAGE_EXTENSIONS)}) — put this domain's images there")
     good, bad = [], []
     for path in images:
-        reason = header_problem(path, data.max_pixels)
+        reason, size = read_header(path, data.max_pixels)
         if reason is None:
+            _check_crop(path, size, data)
             good.append(path)
         elif data.strict:
             raise ImageError(reason + " (--strict / data.strict=true stops on unreadable "
@@ -107,20 +108,33 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def header_problem(path: Path, max_pixels: int) -> str | None:
-    """Why `path` cannot be used, judged from its header alone; None if it looks fine."""
+def read_header(path: Path, max_pixels: int) -> tuple[str | None, tuple[int, int]]:
+    """(why `path` cannot be used, judged from its header alone, or None; its width and
+    height, (0, 0) when unreadable)."""
     try:
         with Image.open(path) as im:
             w, h = im.size
     except PermissionError:
-        return f"{path}: permission denied — make the file readable (chmod +r) or remove it"
+        return (f"{path}: permission denied — make the file readable (chmod +r) or remove it",
+                (0, 0))
     except Exception as e:  # noqa: BLE001 — PIL raises many types (OSError, SyntaxError, ...)
         detail = " ".join(str(e).split()) or type(e).__name__
-        return f"{path}: not a readable image ({detail}) — re-export or remove it"
+        return f"{path}: not a readable image ({detail}) — re-export or remove it", (0, 0)
     if w * h > max_pixels:
         return (f"{path}: {w}x{h} pixels is more than data.max_pixels={max_pixels} — "
-                f"shrink the image or raise the limit with {TRAIN_LIMIT.format(w * h)}")
-    return None
+                f"shrink the image or raise the limit with {TRAIN_LIMIT.format(w * h)}"), (w, h)
+    return None, (w, h)
+
+
+def _check_crop(path: Path, size: tuple[int, int], data: DataConfig) -> None:
+    """preprocess "crop" takes crops of the images as they are: one smaller than the crop would
+    be padded with mirrored borders that the nets then learn as content."""
+    w, h = size
+    if data.preprocess == "crop" and min(w, h) < data.crop_size:
+        raise DataError(f"{path}: {w}x{h} pixels is smaller than data.crop_size "
+                        f"{data.crop_size} with data.preprocess = \"crop\" (crops without "
+                        "resizing); lower data.crop_size, use preprocess resize_and_crop, or "
+                        "remove the image")
 
 
 # ---------------------------------------------------------------------------- loading

@@ -61,3 +61,6 @@ class MethodSpec:
     build: Callable[[Any], Method]
     check: Callable[[Any], None] = field(default=lambda cfg: None)
     resolve: Callable[[Any], Any] = field(default=lambda cfg: cfg)
+    # Image-to-image: its generators translate domain A to B ("G_ab") and maybe back ("G_ba"),
+    # so `translate eval` scores a run on testA/testB and `translate demo` can train it.
+    image_to_image: bool = False

@@ -147,20 +147,25 @@ def class_grid(cfg: RunConfig, G: nn.Module, n: int, generator: torch.Generator,
                class_name: str | None) -> np.ndarray:
     """`translate sample --class NAME`: n samples of one class in a square grid; without a
     class, one row per class with the same noise down each column."""
-    classes = cfg.model.classes
-    if class_name is None:
-        columns = max(1, math.isqrt(n))
-        z = torch.randn(columns, cfg.model.z_dim, generator=generator).repeat(len(classes), 1)
-        y = torch.arange(len(classes)).repeat_interleave(columns)
-    else:
-        if class_name not in classes:
-            raise UserError(f"--class: {class_name!r} is not a class of this run; valid: "
-                            f"{', '.join(classes)}")
-        columns = max(1, math.isqrt(n))
-        z = torch.randn(n, cfg.model.z_dim, generator=generator)
-        y = torch.full((n,), classes.index(class_name))
+    classes, columns = cfg.model.classes, max(1, math.isqrt(n))
+    if class_name is not None:
+        return viz.square_grid(class_samples(cfg, G, n, generator, class_name), columns)
+    z = torch.randn(columns, cfg.model.z_dim, generator=generator).repeat(len(classes), 1)
+    y = torch.arange(len(classes)).repeat_interleave(columns)
     x = G(generator_input(z, y, len(classes))).float()
     return viz.square_grid(x, columns)
+
+
+def class_samples(cfg: RunConfig, G: nn.Module, n: int, generator: torch.Generator,
+                  class_name: str) -> Tensor:
+    """n samples (N, C, H, W in [-1, 1]) of one class, each with its own noise."""
+    classes = cfg.model.classes
+    if class_name not in classes:
+        raise UserError(f"--class: {class_name!r} is not a class of this run; valid: "
+                        f"{', '.join(classes)}")
+    z = torch.randn(n, cfg.model.z_dim, generator=generator)
+    y = torch.full((n,), classes.index(class_name))
+    return G(generator_input(z, y, len(classes))).float()
 
 
 def build(cfg: RunConfig) -> CGAN:

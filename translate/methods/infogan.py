@@ -205,14 +205,18 @@ def code_grid(cfg: RunConfig, G: nn.Module, n: int, generator: torch.Generator,
     which only code i changes (every category, or a sweep of a continuous code)."""
     m = cfg.model
     if code is None:
-        x = G(generator_input(m, *prior_codes(m, n, generator))).float()
-        return viz.square_grid(x, max(1, int(n ** 0.5)))
+        return viz.square_grid(prior_samples(cfg, G, n, generator), max(1, int(n ** 0.5)))
     if not 0 <= code < m.n_cat + m.n_cont:
         raise UserError(f"--vary-code: {code} is not a code of this run; valid: "
                         f"{describe_codes(m)}")
     cols = m.cat_dim if code < m.n_cat else CONT_STEPS
     inputs, cols = vary_code_input(m, code, *prior_codes(m, max(1, n // cols), generator))
     return viz.square_grid(G(inputs).float(), cols)
+
+
+def prior_samples(cfg: RunConfig, G: nn.Module, n: int, generator: torch.Generator) -> Tensor:
+    """n samples (N, C, H, W in [-1, 1]) with z and the codes drawn from their priors."""
+    return G(generator_input(cfg.model, *prior_codes(cfg.model, n, generator))).float()
 
 
 @torch.no_grad()

@@ -47,7 +47,9 @@ class PatchDiscriminator(nn.Module):
             layers += [
                 conv(width, width_out, stride, conv_bias(norm)),
                 make_norm(norm, width_out),
-                nn.LeakyReLU(0.2, True),
+                # Not in place: instance norm returns a view, and autograd pays for an in-place
+                # op on a view with a copy of the whole tensor in backward (CopySlices).
+                nn.LeakyReLU(0.2),
             ]
             width = width_out
         layers.append(conv(width, 1, 1, True))

@@ -1,11 +1,14 @@
 """The CycleGAN ResNet generator (Zhu et al. 2017, after Johnson et al. 2016)."""
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 from translate.errors import ConfigError
 from translate.nets.layers import (
     PADDINGS,
     UPSAMPLES,
+    ReflectionPad2d,
     check_choice,
     check_norm,
     conv_bias,
@@ -25,15 +28,17 @@ class ResidualBlock(nn.Module):
         super().__init__()
         bias = conv_bias(norm)
         layers: list[nn.Module] = [
-            nn.ReflectionPad2d(1),
+            ReflectionPad2d(1),
             nn.Conv2d(channels, channels, 3, bias=bias),
             make_norm(norm, channels),
-            nn.ReLU(inplace=True),
+            # Not in place: instance norm returns a view, and autograd pays for an in-place op
+            # on a view with a copy of the whole tensor in backward (CopySlices).
+            nn.ReLU(),
         ]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         layers += [
-            nn.ReflectionPad2d(1),
+            ReflectionPad2d(1),
             nn.Conv2d(channels, channels, 3, bias=bias),
             make_norm(norm, channels),
         ]
@@ -51,6 +56,11 @@ class ResnetGenerator(nn.Module):
     Input H and W must be multiples of 4 (`size_multiple`) to come back at the same size.
     The defaults build the paper's net (transposed convs, zero-padded downsampling convs): an
     export whose metadata predates `padding` rebuilds as it was trained.
+
+    Its encoder doubles as a feature extractor (CUT's PatchNCE, Park et al. 2020): feature point
+    0 is the input, 1 and 2 the outputs of the two downsampling convs (before their norm), and
+    2 + k the output of residual block k; `feature_channels` and `feature_strides` give each
+    point's width and its downsampling factor, so heads on them can be built before any forward.
     """
 
     kind: str
@@ -84,27 +94,44 @@ class ResnetGenerator(nn.Module):
         bias = conv_bias(norm)
 
         layers: list[nn.Module] = [
-            nn.ReflectionPad2d(3),
+            ReflectionPad2d(3),
             nn.Conv2d(in_channels, ngf, 7, bias=bias),
             make_norm(norm, ngf),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),  # not in place: see ResidualBlock
         ]
+        ends = [0]  # feature point i is the output of layers[:ends[i]]
         for mult in (1, 2):
-            layers += [
-                nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=bias,
-                          padding_mode=padding_mode(padding)),
-                make_norm(norm, ngf * mult * 2),
-                nn.ReLU(inplace=True),
-            ]
-        layers += [ResidualBlock(ngf * 4, norm, dropout) for _ in range(n_blocks)]
+            layers.append(nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1,
+                                    bias=bias, padding_mode=padding_mode(padding)))
+            ends.append(len(layers))
+            # Not in place: with norm "none" the ReLU would overwrite the conv output that is a
+            # feature point.
+            layers += [make_norm(norm, ngf * mult * 2), nn.ReLU()]
+        for _ in range(n_blocks):
+            layers.append(ResidualBlock(ngf * 4, norm, dropout))
+            ends.append(len(layers))
+        self.feature_ends = tuple(ends)
+        self.feature_channels = (in_channels, ngf * 2, *[ngf * 4] * (n_blocks + 1))
+        self.feature_strides = (1, 2, *[4] * (n_blocks + 1))
         for mult in (4, 2):
             layers += [
                 upsample_x2(upsample, ngf * mult, ngf * mult // 2, bias, kernel=3),
                 make_norm(norm, ngf * mult // 2),
-                nn.ReLU(inplace=True),
+                nn.ReLU(),  # not in place: see ResidualBlock
             ]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, 7), nn.Tanh()]
+        layers += [ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+    def forward(self, x: Tensor, features: Sequence[int] | None = None) -> Tensor | list[Tensor]:
+        """The translation of x; with `features`, instead the encoder's outputs at those feature
+        points, in that order (only the layers up to the deepest point run). Both go through
+        forward so that a DDP or compiled wrapper sees every call."""
+        if features is None:
+            return self.model(x)
+        ends = [self.feature_ends[i] for i in features]
+        found = {0: x}
+        for n, layer in enumerate(self.model[:max(ends)], start=1):
+            x = layer(x)
+            if n in ends:
+                found[n] = x
+        return [found[e] for e in ends]

@@ -1,5 +1,7 @@
 """The pix2pix / CycleGAN U-Net generator (Isola et al. 2017, after Ronneberger et al. 2015)."""
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -28,6 +30,9 @@ class UnetGenerator(nn.Module):
     the decoder levels that sit between two 8ngf levels. The defaults build the reference's net
     (transposed convs, zero padding): an export whose metadata predates `upsample` and
     `padding` rebuilds as it was trained.
+
+    Its encoder doubles as a feature extractor (CUT's PatchNCE): feature point 0 is the input and
+    point i the output of encoder level i (what its skip carries), at 1/2**i of the input size.
     """
 
     kind: str
@@ -63,6 +68,8 @@ class UnetGenerator(nn.Module):
         bias = conv_bias(norm)
         widths = [ngf * min(2**i, 8) for i in range(num_downs)]
         innermost = num_downs - 1
+        self.feature_channels = (in_channels, *widths)
+        self.feature_strides = tuple(2**i for i in range(num_downs + 1))
 
         def conv(cin: int, cout: int, kernel: int, stride: int, bias: bool) -> nn.Conv2d:
             return nn.Conv2d(cin, cout, kernel, stride, 1, bias=bias,
@@ -107,7 +114,17 @@ class UnetGenerator(nn.Module):
                 layers.append(nn.Dropout(dropout))
             self.up.append(nn.Sequential(*layers))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, features: Sequence[int] | None = None) -> Tensor | list[Tensor]:
+        """The translation of x; with `features`, instead the encoder's outputs at those feature
+        points, in that order (only the levels up to the deepest point run). Both go through
+        forward so that a DDP or compiled wrapper sees every call."""
+        if features is not None:
+            found = [x]
+            h = self.stem(x) if self.stem is not None else x
+            for down in self.down[:max(features)]:
+                h = down(h)
+                found.append(h)
+            return [found[i] for i in features]
         if self.stem is not None:
             x = self.stem(x)
         full, skips = x, []

@@ -1,0 +1,172 @@
+"""Compiled inference (translate/compiled.py, `translate apply --compile`): results within one
+grey level of eager in a named precision, the eager fallbacks, the auto rule, the warm-up."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from PIL import Image
+
+import translate
+from translate import compiled
+from translate.compiled import MAX_SIZES, sizes_worth_compiling
+from translate.errors import UserError
+from translate.infer import ModelInfo, translate_folder, translate_tensor
+
+RGB = ModelInfo(in_channels=3, out_channels=3, size_multiple=4, min_size=8)
+
+
+def _picture(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Smooth colours plus noise: a generator's output on it is not flat."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([np.sin(5 * xx), np.cos(4 * yy), np.sin(3 * xx * yy)], -1) * 100 + 128
+    return (img + rng.normal(0, 20, img.shape)).clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_matches_eager_within_one_level(generator, precision):
+    # A 300x260 image (padded to 300x260: the size multiple is 4) compiles once; a batch runs
+    # image by image through the same graph (no new shape for the batch dimension).
+    eager = translate.load_generator(generator, precision=precision, device="cpu")
+    fast = translate.load_generator(generator, precision=precision, device="cpu", compile=True)
+    assert fast.precision == precision
+    batch = np.stack([_picture(300, 260, seed=s) for s in (1, 2)])
+    a, b = eager(batch).astype(np.float64), fast(batch).astype(np.float64)
+    assert b.shape == batch.shape
+    assert np.abs(a - b).mean() <= 1.0, (precision, np.abs(a - b).mean())  # levels of 255
+    assert fast.forward.failed is None and fast.forward.seen == {(300, 260)}
+
+
+def test_sizes_beyond_the_chosen_run_eager(generator):
+    eager = translate.load_generator(generator, precision="fp32", device="cpu")
+    fast = translate.load_generator(generator, precision="fp32", device="cpu",
+                                    compile=[(40, 48)])
+    img = _picture(36, 44)
+    np.testing.assert_array_equal(fast(img), eager(img))  # not chosen: the eager forward ran
+    assert not fast.forward.compiles(36, 44) and fast.forward.compiles(40, 48)
+    assert fast.forward.seen == set()
+
+
+def test_tiled_norm_generators_run_eager(generator):
+    # Tiling patches the norm layers to whole-image statistics, which a frozen graph would not
+    # see: the compiled generator then runs eager, and gives exactly the eager result.
+    eager = translate.load_generator(generator, precision="fp32", device="cpu")
+    fast = translate.load_generator(generator, precision="fp32", device="cpu", compile=True)
+    x = torch.from_numpy(_picture(200, 120)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    want = translate_tensor(eager, eager.info, x, tile=64, overlap=16, batch_size=2)
+    got = translate_tensor(fast, fast.info, x, tile=64, overlap=16, batch_size=2)
+    assert torch.equal(want, got) and fast.forward.seen == set()
+
+
+def test_a_failed_compile_warns_once_and_runs_eager(generator, monkeypatch):
+    eager = translate.load_generator(generator, precision="fp32", device="cpu")
+    fast = translate.load_generator(generator, precision="fp32", device="cpu", compile=True)
+
+    def broken(x):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(fast.forward, "_graph", broken)
+    img = _picture(40, 48)
+    with pytest.warns(RuntimeWarning, match="no C.. compiler"):
+        out = fast(img)
+    np.testing.assert_array_equal(out, eager(img))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast(img)  # the failure is remembered: no second attempt, no second warning
+    assert "no C++ compiler" in fast.forward.failed
+
+
+def test_onnx_refuses_compile(tmp_path):
+    path = tmp_path / "G.onnx"
+    path.write_bytes(b"not read: the flag is refused first")
+    with pytest.raises(UserError, match="--compile is for the torch backend"):
+        translate.load_generator(path, compile=True)
+
+
+def test_auto_compiles_only_sizes_with_enough_pixels():
+    many, few = [(256, 256)] * 250, [(500, 375)] * 10
+    assert sizes_worth_compiling(many + few, RGB) == [(256, 256)]
+    assert sizes_worth_compiling(many[:200], RGB) == []  # 13 megapixels: below the rule
+    assert sizes_worth_compiling([(2000, 3000)] * 10, RGB) == []  # tiled: runs eager anyway
+    assert sizes_worth_compiling([(2000, 3000)] * 10, RGB, tile=0) == [(2000, 3000)]
+    assert sizes_worth_compiling([(255, 255)] * 250, RGB) == [(256, 256)]  # padded to 4
+    odd = [(h, 64) for h in range(64, 64 * 40, 64)]
+    assert len(sizes_worth_compiling(odd, RGB, min_pixels=1)) == MAX_SIZES
+
+
+def test_cli_auto_reads_sizes_from_headers(generator, tmp_path, monkeypatch):
+    from cli import _compile_choice
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, (h, w) in enumerate([(64, 48), (30, 200)]):
+        Image.fromarray(_picture(h, w)).save(src / f"{i}.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 48x64, shown (and translated) 64x48
+    Image.fromarray(_picture(48, 64)).save(src / "turned.jpg", exif=exif)
+    args = argparse.Namespace(compile="auto", model=str(generator), backend="auto",
+                              input=str(src), output=str(tmp_path / "out"), format=None,
+                              overwrite=False, resize=None, tile="auto")
+    assert _compile_choice(args) is False  # a few small images never repay a compile
+    monkeypatch.setattr(compiled, "AUTO_MIN_PIXELS", 6100)  # 2 x 64 x 48 above, 30 x 200 below
+    assert _compile_choice(args) == [(64, 48)]
+    args.resize = 32  # the longer side becomes 32: 32x24 is a size of its own
+    monkeypatch.setattr(compiled, "AUTO_MIN_PIXELS", 1500)
+    assert _compile_choice(args) == [(32, 24)]
+
+
+def test_progress_bar_shows_the_warm_up(monkeypatch, tmp_path):
+    from rich.progress import Progress
+
+    class Compiling:
+        """A batch function that 'compiles' on the first call of each size."""
+
+        def __init__(self) -> None:
+            self.seen: set[tuple[int, int]] = set()
+
+        def compiles(self, h: int, w: int) -> bool:
+            return (h, w) not in self.seen
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            self.seen.add(tuple(x.shape[2:]))
+            return x
+
+    shown: list[str] = []
+    update = Progress.update
+
+    def record(self, task, **kw):
+        if "description" in kw:
+            shown.append(kw["description"])
+        return update(self, task, **kw)
+
+    monkeypatch.setattr(Progress, "update", record)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(_picture(20, 24, seed=i)).save(src / f"{i}.png")
+    report = translate_folder(Compiling(), RGB, src, tmp_path / "out", batch_size=1)
+    assert report.translated == 3
+    assert shown == ["compiling for 20x24 px (one-time warm-up)", "translating"]
+
+
+def test_apply_cli_compile_on_matches_off(generator, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    sizes = [(70, 50), (71, 52), (40, 100)]  # two padded sizes: 72x52 (twice) and 40x100
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(_picture(h, w, seed=i)).save(src / f"{i}.png")
+    outs = {}
+    for mode in ("on", "off"):
+        outs[mode] = tmp_path / mode
+        run_cli("apply", str(generator), str(src), str(outs[mode]), "--compile", mode,
+                "--precision", "fp32", "--no-progress")
+    for i, (h, w) in enumerate(sizes):
+        on = np.asarray(Image.open(outs["on"] / f"{i}.png"), np.float64)
+        off = np.asarray(Image.open(outs["off"] / f"{i}.png"), np.float64)
+        assert on.shape == (h, w, 3) and np.abs(on - off).mean() <= 1.0

@@ -1,0 +1,229 @@
+"""CUT and FastCUT (Park, Efros, Zhang, Zhu 2020, "Contrastive Learning for Unpaired
+Image-to-Image Translation"): one generator G_ab: A -> B, one PatchGAN D_b, and PatchNCE, which
+keeps each patch of G_ab(x) closest, among the patches of x, to the patch of x at the same place.
+
+The features are G_ab's own encoder's (translate.nets.resnet feature points); a two-layer MLP
+head per chosen point (the paper's H_l) projects the sampled patches onto the unit sphere. The
+heads are one net, "H", built from the encoder's known widths before the optimizer, so
+checkpoints, resume, DDP and EMA treat it like any other net (the reference builds them lazily
+on the first batch).
+
+CUT = lambda_nce 1 + the identity term PatchNCE(y, G_ab(y)) for y in B; FastCUT = lambda_nce 10,
+no identity term, flip equivariance (G_ab of a mirrored x, mirrored back, must match x's
+features). Unlike the reference, each image draws its own patch positions and its own flip from
+(seed, global sample number), so 2 processes with batch b train exactly as 1 with batch 2b.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from translate import viz
+from translate.config import RunConfig, non_negative, positive
+from translate.core import noise, objectives
+from translate.errors import ConfigError
+from translate.methods.base import Batch, Nets, Phase
+from translate.methods.cyclegan import CycleGAN, TranslationNetsConfig, build_generator
+from translate.nets import build_net, init_weights
+
+_FLIP_STREAM = 1  # noise streams of this method: flips, then one per feature point
+_PATCH_STREAM = 2
+
+
+@dataclass(frozen=True)
+class CUTConfig(TranslationNetsConfig):  # generator and D keys as CycleGAN's
+    lambda_gan: float = non_negative(1.0)  # weight of G's adversarial loss
+    lambda_nce: float = non_negative(1.0)  # PatchNCE weight: CUT 1, FastCUT 10
+    nce_idt: bool = True                  # identity PatchNCE on G_ab(y), y in B (CUT; FastCUT: off)
+    flip_equivariance: bool = False       # FastCUT: compare G_ab(mirrored x), mirrored back, with x
+    # Encoder feature points. ResNet: 0 = the input, 1-2 = the downsampling convs, 2 + k =
+    # residual block k (the paper's layers 0, 4, 8, 12, 16 are the input, both downsamplings,
+    # blocks 1 and 5). U-Net: 0 = the input, i = encoder level i (1/2**i of the input size).
+    nce_layers: tuple[int, ...] = (0, 1, 2, 3, 7)
+    num_patches: int = positive(256)      # patches sampled per image and feature point
+    nce_t: float = positive(0.07)         # InfoNCE temperature
+    head_width: int = positive(256)       # units of both layers of each projection head
+
+
+def check(cfg: RunConfig) -> None:
+    m, d = cfg.model, cfg.data
+    if d.kind != "unpaired":
+        raise ConfigError("data.kind: cut trains on two unpaired folders; set data.kind = "
+                          "'unpaired' with data.root holding trainA and trainB")
+    multiple = _strides(m)[-1]
+    if d.preprocess != "none" and d.crop_size % multiple:
+        raise ConfigError(f"data.crop_size: {d.crop_size} is not a multiple of {multiple}, the "
+                          f"{m.generator} generator's stride; use e.g. "
+                          f"{max(multiple, d.crop_size // multiple * multiple)}")
+    if m.nce_idt and d.channels_a != d.channels_b:
+        raise ConfigError("model.nce_idt: the identity term feeds B images to G_ab, which needs "
+                          "data.channels_a == data.channels_b; set model.nce_idt = false")
+    points = len(_strides(m))
+    if not m.nce_layers or len(set(m.nce_layers)) != len(m.nce_layers):
+        raise ConfigError(f"model.nce_layers: {list(m.nce_layers)} must name at least one "
+                          "feature point, each once, e.g. [0, 1, 2, 3]")
+    beyond = [i for i in m.nce_layers if not 0 <= i < points]
+    if beyond:
+        what = (f"a ResNet with n_blocks = {m.n_blocks} (0 input, 1-2 downsampling convs, 2 + k "
+                "residual block k); lower it or raise model.n_blocks" if m.generator == "resnet"
+                else f"a U-Net with unet_downs = {m.unet_downs} (0 input, i encoder level i); "
+                "lower it")
+        raise ConfigError(f"model.nce_layers: {beyond[0]} is beyond the encoder's feature points "
+                          f"0..{points - 1} of {what}")
+    if d.preprocess != "none":
+        check_patches(m, d.crop_size, d.crop_size)
+
+
+def check_patches(m: CUTConfig, height: int, width: int) -> None:
+    """num_patches must fit in every chosen feature map of a height x width input."""
+    strides = _strides(m)
+    side = min(-(-height // strides[i]) * -(-width // strides[i]) for i in m.nce_layers)
+    if m.num_patches > side:
+        raise ConfigError(f"model.num_patches: {m.num_patches} is more than the {side} positions "
+                          f"of the smallest chosen feature map at {height}x{width} px; lower it "
+                          f"to at most {side} or drop the deep points from model.nce_layers")
+
+
+def _strides(m: CUTConfig) -> tuple[int, ...]:
+    """Each feature point's downsampling factor, as the generator's `feature_strides`."""
+    if m.generator == "resnet":
+        return (1, 2, *[4] * (m.n_blocks + 1))
+    return tuple(2**i for i in range(m.unet_downs + 1))
+
+
+class ProjectionHeads(nn.Module):
+    """One MLP per feature point (Linear-ReLU-Linear, `width` units), L2-normalised output."""
+
+    def __init__(self, channels: list[int], width: int) -> None:
+        super().__init__()
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(c, width), nn.ReLU(), nn.Linear(width, width))
+            for c in channels)
+
+    def forward(self, patches: list[Tensor]) -> list[Tensor]:
+        return [F.normalize(mlp(p), dim=-1, eps=1e-7) for mlp, p in zip(self.mlps, patches)]
+
+
+def patch_nce(q: Tensor, k: Tensor, t: float) -> Tensor:
+    """PatchNCE of N images: q and k are (N, P, D) unit vectors of P patches at the same
+    positions; for query i of an image the positive is key i of the same image and the
+    negatives are its other P - 1 keys (never another image's). Returns the (N,) mean
+    cross-entropy over each image's queries, computed in float32."""
+    logits = torch.bmm(q.float(), k.float().transpose(1, 2)) / t  # (N, P, P)
+    target = torch.arange(q.shape[1], device=q.device).repeat(q.shape[0])
+    loss = F.cross_entropy(logits.flatten(0, 1), target, reduction="none")
+    return loss.view(q.shape[0], -1).mean(1)
+
+
+def patch_positions(keys: Tensor, positions: int, n: int, seed: int, stream: int) -> Tensor:
+    """(len(keys), n) distinct positions in [0, positions) per image: a pure function of
+    (seed, stream, key), so it does not depend on the process count or the resume point."""
+    u = noise.uniform(keys, (positions,), seed, stream)
+    return torch.argsort(u, dim=1, stable=True)[:, :n]
+
+
+def gather(feature: Tensor, idx: Tensor) -> Tensor:
+    """The (N, P, C) feature vectors of an (N, C, H, W) map at flat positions idx (N, P)."""
+    flat = feature.flatten(2).transpose(1, 2)  # (N, H*W, C)
+    return torch.gather(flat, 1, idx[:, :, None].expand(-1, -1, flat.shape[2]))
+
+
+class CUT:
+    def __init__(self, cfg: RunConfig):
+        m, ca, cb = cfg.model, cfg.data.channels_a, cfg.data.channels_b
+        self.cfg, self.seed = m, cfg.seed
+        G = build_generator(m, ca, cb)
+        self.nets: Nets = {
+            "G_ab": G,
+            "D_b": build_net("patchgan", in_channels=cb, ndf=m.ndf, n_layers=m.n_layers_d,
+                             norm=m.norm),
+            "H": ProjectionHeads([G.feature_channels[i] for i in m.nce_layers], m.head_width),
+        }
+        for net in self.nets.values():
+            init_weights(net, 0.02)
+        self.d_obj, self.g_obj = objectives.get(m.objective)
+        t = cfg.train
+        # G first, then D on the same batch with G's fakes (as CycleGAN here; the reference
+        # steps D first): one forward of G per step. The heads train with G.
+        self.phases = [
+            Phase("G", ("G_ab", "H"), self.g_loss, t.lr_g, t.betas_g, is_generator=True),
+            Phase("D", ("D_b",), self.d_loss, t.lr_d, t.betas_d, new_batch=False),
+        ]
+        self.generators: dict[str, dict[str, Any]] = {"G_ab": {"from": "A", "to": "B"}}
+
+    def nce(self, G: nn.Module, H: nn.Module, src: Tensor, out: Tensor, keys: Tensor,
+            flipped: Tensor | None = None) -> Tensor:
+        """(N,) PatchNCE of each output out[i] = G(src[i]) against its source, averaged over the
+        feature points; `flipped` (N,) marks outputs of a mirrored source, mirrored back here."""
+        m, layers = self.cfg, list(self.cfg.nce_layers)
+        feat_q = G(out, layers)
+        if flipped is not None:
+            feat_q = [torch.where(flipped[:, None, None, None], f.flip(3), f) for f in feat_q]
+        with torch.no_grad():  # the keys get no gradient (the reference detaches them)
+            feat_k = G(src, layers)
+        check_patches(m, *src.shape[-2:])  # with preprocess "none" the size is known only now
+        idx = [patch_positions(keys, f.shape[2] * f.shape[3], m.num_patches, self.seed,
+                               _PATCH_STREAM + i).to(f.device) for i, f in zip(layers, feat_k)]
+        q = H([gather(f, j) for f, j in zip(feat_q, idx)])
+        with torch.no_grad():
+            k = H([gather(f, j) for f, j in zip(feat_k, idx)])
+        return torch.stack([patch_nce(a, b, m.nce_t) for a, b in zip(q, k)]).mean(0)
+
+    def g_loss(self, nets: Nets, batch: Batch, prev: dict) -> dict[str, Tensor]:
+        m = self.cfg
+        G, a, b = nets["G_ab"], batch["a"], batch["b"]
+        n = len(a)
+        # CUT: x and y through G in one batch; each y's patches draw from keys 2k + 1.
+        src = torch.cat([a, b]) if m.nce_idt else a
+        keys = torch.cat([2 * batch["k"], 2 * batch["k"] + 1]) if m.nce_idt else 2 * batch["k"]
+        flipped = None
+        if m.flip_equivariance:
+            flipped = noise.uniform(batch["k"], (), self.seed, _FLIP_STREAM).to(a.device) < 0.5
+            flipped = flipped.repeat(len(src) // n)
+            gen = G(torch.where(flipped[:, None, None, None], src.flip(3), src))
+        else:
+            gen = G(src)
+        fake_b = gen[:n]
+        nce = self.nce(G, nets["H"], src, gen, keys, flipped)
+        out = {"adv": m.lambda_gan * self.g_obj(nets["D_b"](fake_b)), "nce": nce[:n].mean()}
+        if m.nce_idt:
+            out["nce_idt"] = nce[n:].mean()
+            out["loss"] = out["adv"] + m.lambda_nce * 0.5 * (out["nce"] + out["nce_idt"])
+        else:
+            out["loss"] = out["adv"] + m.lambda_nce * out["nce"]
+        out["fake_b"] = fake_b.detach()
+        return out
+
+    def d_loss(self, nets: Nets, batch: Batch, prev: dict) -> dict[str, Tensor]:
+        D = nets["D_b"]
+        real_out, fake_out = D(batch["b"]), D(prev["fake_b"])
+        # Halved as in the reference: slows D relative to G.
+        loss = 0.5 * self.d_obj(real_out, fake_out, self.cfg.real_target)
+        return {"loss": loss,
+                "real_b": objectives.real_probability(real_out, self.cfg.objective),
+                "fake_b": objectives.real_probability(fake_out, self.cfg.objective)}
+
+    fixed_batch = CycleGAN.fixed_batch  # the first n (a, b) pairs
+
+    def sample(self, nets: Nets, fixed: Batch) -> Any:
+        """Rows: A, G_ab(A), B, G_ab(B) (what the identity term keeps close to B)."""
+        G = nets["G_ab"]
+        dev = next(G.parameters()).device
+        a, b = fixed["a"].to(dev), fixed["b"].to(dev)
+        rows = [a, G(a), b, G(b)] if a.shape[1] == b.shape[1] else [a, G(a), b]
+        return viz.grid([r.float() for r in rows])
+
+    def state(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        pass
+
+
+def build(cfg: RunConfig) -> CUT:
+    return CUT(cfg)
