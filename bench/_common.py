@@ -92,7 +92,7 @@ def peak_rss_mb() -> float:
 def native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX): the same test that makes
     precision "auto" pick bf16, so the bench measures what a user's default would run."""
-    from translate.core.precision import cpu_has_bf16
+    from translate.precision import cpu_has_bf16
 
     return cpu_has_bf16()
 
@@ -148,7 +148,7 @@ def machine(threads: int) -> dict[str, object]:
                 flags = set(value.split())
     except OSError:
         pass
-    from translate.core.precision import NATIVE_BF16_FLAGS
+    from translate.precision import NATIVE_BF16_FLAGS
 
     return {"cpu": model, "flags": [f for f in FLAGS_THAT_MATTER if f in flags],
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -105,10 +105,10 @@ def train_variant(variant: str, steps: int, seed: int, data_root: Path, run_dir:
     import torch
     from _common import peak_rss_mb
 
-    from translate import config as config_mod
-    from translate.core.loop import train
-    from translate.core.precision import training_precision
+    from translate import recipe as config_mod
     from translate.demo import find_recipe
+    from translate.precision import training_precision
+    from translate.runner import train
 
     torch.set_num_threads(1)
     overrides = [f'data.root="{data_root}"', f'run_dir="{run_dir}"', f"train.steps={steps}",
@@ -168,8 +168,8 @@ def precision_gap(fp32: Path, bf16: Path) -> dict[str, float]:
     (the issue asks for a mean absolute difference of at most 1 level, i.e. 1/255)."""
     import torch
 
-    from translate.evaluate import load_folder
-    from translate.metrics import psnr
+    from translate.eval.evaluate import load_folder
+    from translate.eval.metrics import psnr
 
     x, y = (torch.cat(load_folder(folder, 3)[1]) for folder in (fp32, bf16))
     levels = ((x - y).abs() * 127.5).round()  # both are 8-bit PNGs mapped to [-1, 1]

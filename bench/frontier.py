@@ -97,11 +97,11 @@ def train_and_score(recipe: str, task: str, size: int, data_root: Path, run_dir:
         return json.loads(saved.read_text())
     import torch
 
-    from translate import config as config_mod
+    from translate import recipe as config_mod
     from translate.core.faults import Interrupted
-    from translate.core.loop import train
-    from translate.core.precision import training_precision
     from translate.demo import find_recipe
+    from translate.precision import training_precision
+    from translate.runner import train
 
     torch.set_num_threads(threads)
     cfg = config_mod.load(find_recipe(RECIPES[recipe].file),
@@ -160,7 +160,8 @@ def pace(jobs: list[tuple], steps: int, threads: int) -> list[dict[str, Any]]:
 
     import torch
 
-    from translate import config as config_mod
+    from translate import recipe as config_mod
+    from translate import runner
     from translate.core import checkpoint, loop
     from translate.demo import find_recipe
 
@@ -170,7 +171,7 @@ def pace(jobs: list[tuple], steps: int, threads: int) -> list[dict[str, Any]]:
         for i, (recipe, task, size, data_root, _, extra, _) in enumerate(jobs):
             cfg = config_mod.load(find_recipe(RECIPES[recipe].file),
                                   overrides(recipe, data_root, Path(tmp) / str(i), size, extra))
-            s = loop.setup(cfg)
+            s = runner.setup(cfg)
             state = checkpoint.TrainState(fingerprint="pace")
             batches = loop.Batches(cfg, s.dataset, s.accelerator, 0)
             for _ in range(2):

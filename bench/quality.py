@@ -4,7 +4,7 @@
 
 For every seed and each of ring and grid it trains one method's recipe from scratch
 (translate.config.load + translate.core.loop.train), then scores 2,500 generator samples with the
-PacGAN protocol (translate.evaluate.eval_toy_run): modes captured, fraction of high-quality
+PacGAN protocol (translate.eval.evaluate.eval_toy_run): modes captured, fraction of high-quality
 samples, reverse KL. It prints mean ± standard error over seeds beside Table 1 of Lin et al.,
 "PacGAN" (NeurIPS 2018) and our targets; `--json` adds one JSON line per method at the end.
 Methods (METHODS below): wgan_gp, gan (plain, drops modes), and the GAN's mode-collapse remedies,
@@ -64,9 +64,9 @@ TARGETS = {"ring": (8.0, 0.98, 0.03), "grid": (25.0, 0.95, 0.03)}
 def train_and_score(method: str, toy: str, seed: int, run_dir: Path, steps: int | None,
                     overrides: list[str], ema: bool, samples: int) -> dict[str, Any]:
     """Train one toy run (resuming a finished or interrupted one in run_dir) and score it."""
-    from translate import config
-    from translate.core.loop import train
-    from translate.evaluate import eval_toy_run
+    from translate import recipe as config
+    from translate.eval.evaluate import eval_toy_run
+    from translate.runner import train
 
     pattern, method_sets = METHODS[method]
     ours = [f"seed={seed}", f"run_dir={json.dumps(str(run_dir))}"]
@@ -86,7 +86,7 @@ def train_and_score(method: str, toy: str, seed: int, run_dir: Path, steps: int 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
     """{toy_metric: mean over seeds, toy_metric_se: standard error} for every toy run."""
-    from translate.metrics import mean_and_stderr
+    from translate.eval.metrics import mean_and_stderr
 
     out: dict[str, float] = {}
     for toy in TOYS:
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         return frontier.main([a for a in argv if a != "--translation"])
     args = parse(argv)
     from translate.errors import UserError
-    from translate.eval_report import jsonable
+    from translate.eval.report import jsonable
 
     try:
         if args.runs is not None:

@@ -15,7 +15,7 @@ row of its own, shown with what it resolved to on this machine. Measured:
   alternation with the CycleGAN fp32 step of that size;
 - a DCGAN and a WGAN-GP iteration (5 critic steps) at 64 px, batch 64;
 - `apply` end to end (translate_folder on PNGs: decode, generator, encode) at 256 and 1024 px:
-  torch eager and compiled (translate/compiled.py) per precision, and onnxruntime;
+  torch eager and compiled (translate/infer/compiled.py) per precision, and onnxruntime;
 - a self-check: `translate train` run as a subprocess on the 128 px batch-1 config in fp32 and
   auto; its own it/s must agree with the bench's figures within 15%.
 
@@ -91,11 +91,12 @@ def child_train(spec: dict[str, Any]) -> Unit:
     from _common import peak_rss_mb
     from torch.utils.flop_counter import FlopCounterMode
 
-    from translate import config
+    from translate import recipe as config
+    from translate import runner
     from translate.core import checkpoint, loop
 
     cfg = config.load(ROOT / "recipes" / spec["recipe"], spec["overrides"])
-    s = loop.setup(cfg)
+    s = runner.setup(cfg)
     state = checkpoint.TrainState(fingerprint="bench")
     batches = loop.Batches(cfg, s.dataset, s.accelerator, 0)
     draw, waited = batches.next, [0.0, 0]
@@ -310,7 +311,7 @@ def prepare(work: Path, cases: list[Case]) -> dict[str, float]:
     from safetensors.torch import save_file
     from torch.utils.flop_counter import FlopCounterMode
 
-    from translate import config
+    from translate import recipe as config
     from translate.export import metadata
     from translate.nets import build_net, init_weights
 

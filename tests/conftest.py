@@ -87,12 +87,12 @@ TINY_CUT = [
 def generator(tmp_path_factory, tiny_unpaired) -> Path:
     """G_ab of a 1-step tiny CycleGAN run on tiny_unpaired, exported as safetensors (read-only:
     tests that damage a model copy it first)."""
-    from translate import config
-    from translate.core.loop import train
+    from translate import recipe as recipe_mod
     from translate.export import export_run
+    from translate.runner import train
 
     run = tmp_path_factory.mktemp("gen") / "run"
-    cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
+    cfg = recipe_mod.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
         f'data.root="{tiny_unpaired}"', f'run_dir="{run}"', "train.steps=1"])
     train(cfg, progress=False)
     export_run(run)

@@ -87,7 +87,7 @@ sys.addaudithook(_audit)
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-import cli
+from translate import cli
 from translate.core import checkpoint, loop
 
 sessions: list[loop.Session] = []
@@ -98,8 +98,8 @@ rng: list[str] = []
 _setup, _run_phase, _run_step, _start = loop.setup, loop.run_phase, loop.run_step, loop._start
 
 
-def _observed_setup(cfg):
-    s = _setup(cfg)
+def _observed_setup(*args, **kw):
+    s = _setup(*args, **kw)
     sessions.append(s)
     return s
 

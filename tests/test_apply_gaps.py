@@ -22,8 +22,7 @@ import translate
 from translate.errors import UserError
 from translate.export import metadata
 from translate.infer import translate_folder
-from translate.nets import build_net, init_weights
-from translate.tiling import (
+from translate.infer.tiling import (
     ModelInfo,
     _frozen,
     _overview,
@@ -32,6 +31,7 @@ from translate.tiling import (
     norm_layers,
     translate_tensor,
 )
+from translate.nets import build_net, init_weights
 
 RESNET = ModelInfo(in_channels=3, out_channels=3, size_multiple=4, min_size=8)
 

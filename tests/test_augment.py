@@ -13,9 +13,10 @@ from translate.augment import (
     parse_policy,
     sample_params,
 )
-from translate.config import apply_overrides, from_dict
+from translate.config import apply_overrides
 from translate.errors import ConfigError
 from translate.methods.cyclegan import CycleGAN
+from translate.recipe import from_dict
 
 
 def images(n: int = 4, c: int = 3, h: int = 16, w: int = 24, seed: int = 0) -> torch.Tensor:

@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT
 
 from translate import config
+from translate import recipe as recipe_mod
 
 
 def _bench():
@@ -26,7 +27,7 @@ Q = _bench()
 
 def _load(method: str, toy: str) -> config.RunConfig:
     pattern, sets = Q.METHODS[method]
-    return config.load(ROOT / "recipes" / pattern.format(toy=toy), list(sets))
+    return recipe_mod.load(ROOT / "recipes" / pattern.format(toy=toy), list(sets))
 
 
 @pytest.mark.parametrize("method", sorted(Q.METHODS))
@@ -91,14 +92,14 @@ FR = _frontier()
 @pytest.mark.parametrize("task", sorted(FR.TASKS))
 def test_every_frontier_recipe_resolves_on_every_task(recipe, task, tmp_path):
     size = FR.TASKS[task]
-    cfg = config.load(ROOT / "recipes" / FR.RECIPES[recipe].file,
+    cfg = recipe_mod.load(ROOT / "recipes" / FR.RECIPES[recipe].file,
                       FR.overrides(recipe, tmp_path / "data", tmp_path / "run", size, ()))
     assert (cfg.data.crop_size, cfg.data.preprocess, cfg.data.flip) == (size, "crop", True)
     assert cfg.train.epochs == 0 and cfg.train.steps > 0
 
 
 def test_old_demo_recipe_is_the_one_before_issue_13():
-    cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml", list(FR.OLD_DEMO))
+    cfg = recipe_mod.load(ROOT / "recipes" / "cyclegan_demo.toml", list(FR.OLD_DEMO))
     m, t = cfg.model, cfg.train
     assert (m.generator, m.unet_downs, m.ngf, m.ndf, m.n_layers_d) == ("unet", 4, 16, 16, 2)
     assert (m.upsample, m.padding, m.unet_full_res) == ("transpose", "zero", False)

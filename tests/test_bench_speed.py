@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY_CYCLEGAN, run_cli
 
-from translate import config
+from translate import recipe as recipe_mod
 
 sys.path.insert(0, str(ROOT / "bench"))
 import _common
@@ -22,7 +22,7 @@ def test_every_training_variant_names_its_precision(variant, tmp_path):
     sets = speed.VARIANTS[variant]
     precision = [s for s in sets if s.startswith("train.mixed_precision=")]
     assert len(precision) == 1, sets  # never left to the default
-    cfg = config.load(ROOT / "recipes" / "cyclegan_horse2zebra.toml", sets)
+    cfg = recipe_mod.load(ROOT / "recipes" / "cyclegan_horse2zebra.toml", sets)
     want = "auto" if variant == "auto" else "no" if variant.startswith("fp32") else "bf16"
     assert cfg.train.mixed_precision == want
     assert cfg.train.compile is ("compile" in variant)

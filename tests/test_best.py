@@ -14,14 +14,15 @@ from safetensors.torch import load_file
 from test_faults import Cli
 
 from translate import config
+from translate import recipe as recipe_mod
 from translate.core import best, checkpoint
-from translate.core.loop import train
 from translate.errors import UserError
 from translate.export import read_metadata, run_generators
+from translate.runner import train
 
 
 def _cyclegan(root: Path, run: Path, steps: int, *sets: str) -> config.RunConfig:
-    return config.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
+    return recipe_mod.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
         f'data.root="{root}"', f'run_dir="{run}"', f"train.steps={steps}",
         'train.mixed_precision="no"', 'train.lr_schedule="constant"', "train.lr_g=2e-3",
         "train.eval_every=1", "train.log_every=1", "train.sample_every=1000",

@@ -14,12 +14,13 @@ from PIL import Image
 from safetensors import safe_open
 
 from translate import config
-from translate.core.loop import train
+from translate import recipe as recipe_mod
 from translate.data import batches, build_dataset
 from translate.errors import UserError
+from translate.explore.sample import sample_command
 from translate.export import load_generator, run_generators
 from translate.methods.cgan import generator_input
-from translate.sample import sample_command
+from translate.runner import train
 
 # Two classes that differ at a glance: noisy blue and noisy red squares, in [-1, 1] RGB.
 COLOURS = {"blue": (30, 60, 220), "red": (220, 40, 30)}
@@ -43,7 +44,7 @@ def colour_of(name: str) -> torch.Tensor:
 
 
 def cfg_for(root: Path, run: Path, steps: int, extra: list[str] | None = None):
-    return config.load(ROOT / "recipes" / "cgan.toml", TINY + [
+    return recipe_mod.load(ROOT / "recipes" / "cgan.toml", TINY + [
         f'data.root="{root}"', f'run_dir="{run}"', f"train.steps={steps}", *(extra or [])])
 
 
@@ -67,7 +68,7 @@ def test_classes_come_from_sorted_subfolders_and_reach_config_json(data, tmp_pat
     cfg = cfg_for(data, tmp_path / "r", 1)
     assert cfg.model.classes == ("blue", "red")
     config.save(cfg, tmp_path / "config.json")
-    again = config.load_json(tmp_path / "config.json")  # no data needed any more
+    again = recipe_mod.load_json(tmp_path / "config.json")  # no data needed any more
     assert again == cfg
     # An explicit list picks and orders the classes.
     cfg = cfg_for(data, tmp_path / "r", 1, ['model.classes=["red", "blue"]'])

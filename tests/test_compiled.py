@@ -1,4 +1,4 @@
-"""Compiled inference (translate/compiled.py, `translate apply --compile`): results within one
+"""Compiled inference (translate/infer/compiled.py, `translate apply --compile`): results within one
 grey level of eager in a named precision, the eager fallbacks, the auto rule, the warm-up."""
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from conftest import run_cli
 from PIL import Image
 
 import translate
-from translate import compiled
-from translate.compiled import MAX_SIZES, sizes_worth_compiling
 from translate.errors import UserError
-from translate.infer import ModelInfo, translate_folder, translate_tensor
+from translate.infer import ModelInfo, compiled, translate_folder, translate_tensor
+from translate.infer.compiled import MAX_SIZES, sizes_worth_compiling
 
 RGB = ModelInfo(in_channels=3, out_channels=3, size_multiple=4, min_size=8)
 
@@ -101,7 +100,7 @@ def test_auto_compiles_only_sizes_with_enough_pixels():
 
 
 def test_cli_auto_reads_sizes_from_headers(generator, tmp_path, monkeypatch):
-    from cli import _compile_choice
+    from translate.cli import _compile_choice
 
     src = tmp_path / "in"
     src.mkdir()

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from translate import config
-from translate.config import RunConfig, apply_overrides, from_dict
+from translate import recipe as recipe_mod
+from translate.config import RunConfig, apply_overrides
 from translate.core.objectives import minimax_d
 from translate.errors import ConfigError, UserError
+from translate.recipe import from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
@@ -50,7 +52,7 @@ def test_there_are_recipes():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_loads(path):
-    cfg = config.load(path)
+    cfg = recipe_mod.load(path)
     assert isinstance(cfg, RunConfig)
     raw = config.tomllib.loads(path.read_text(encoding="utf-8"))
     assert cfg.method == raw["method"]
@@ -63,16 +65,16 @@ def test_every_recipe_loads(path):
 
 
 def test_recipe_names_are_unique():
-    names = [config.load(p).name for p in RECIPES]
+    names = [recipe_mod.load(p).name for p in RECIPES]
     assert len(names) == len(set(names))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_save_then_load_json_round_trips(path, tmp_path):
-    cfg = config.load(path, ["train.steps=7", "seed=3"])
+    cfg = recipe_mod.load(path, ["train.steps=7", "seed=3"])
     out = tmp_path / "config.json"
     config.save(cfg, out)
-    again = config.load_json(out)
+    again = recipe_mod.load_json(out)
     assert again == cfg
     assert type(again.model) is type(cfg.model)
     assert isinstance(again.train.betas_g, tuple)
@@ -90,7 +92,7 @@ def test_the_default_run_folder_is_per_recipe_and_data_folder():
     """One recipe on two datasets, or two recipes on one, never share a folder by default, and
     no recipe lands in runs/demo (translate demo's own folder)."""
     def out_dir(recipe: str, *sets: str) -> Path:
-        return config.load(ROOT / "recipes" / recipe, list(sets)).out_dir
+        return recipe_mod.load(ROOT / "recipes" / recipe, list(sets)).out_dir
 
     assert out_dir("cyclegan_demo.toml") == Path("runs/cyclegan_demo-demo")
     assert out_dir("cyclegan_demo.toml", 'data.root="/data/horses/"') == \
@@ -137,7 +139,7 @@ def test_overrides_of_every_type():
 def test_overrides_win_over_the_recipe_and_leave_it_alone(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text('name = "r"\n[train]\nsteps = 50\nbatch_size = 2\n', encoding="utf-8")
-    cfg = config.load(recipe, ["train.steps=3"])
+    cfg = recipe_mod.load(recipe, ["train.steps=3"])
     assert (cfg.train.steps, cfg.train.batch_size) == (3, 2)
     raw = {"train": {"steps": 50}}
     apply_overrides(raw, ["train.steps=3", "data.flip=false"])
@@ -296,7 +298,7 @@ def test_batch_must_be_a_multiple_of_pack():
 def test_missing_recipe_names_the_file(tmp_path):
     path = tmp_path / "nope.toml"
     with pytest.raises(ConfigError) as info:
-        config.load(path)
+        recipe_mod.load(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
@@ -305,7 +307,7 @@ def test_broken_recipe_names_the_file(tmp_path, content):
     path = tmp_path / "broken.toml"
     path.write_bytes(content)
     with pytest.raises(ConfigError) as info:
-        config.load(path)
+        recipe_mod.load(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
@@ -315,7 +317,7 @@ def test_broken_run_config_json_is_a_config_error(tmp_path, content):
     if content is not None:
         path.write_text(content, encoding="utf-8")
     with pytest.raises(ConfigError) as info:
-        config.load_json(path)
+        recipe_mod.load_json(path)
     assert "\n" not in str(info.value)
     if content != '{"train": {"steps": -1}}':
         assert str(path) in str(info.value)
@@ -385,19 +387,19 @@ def test_save_never_leaves_a_truncated_config(tmp_path, monkeypatch):
     except OSError:
         pass
     monkeypatch.undo()
-    assert config.load_json(path) in (old, new)
+    assert recipe_mod.load_json(path) in (old, new)
 
 
 def test_a_run_saved_before_the_padding_key_keeps_its_zero_padding(tmp_path):
     """New CycleGAN runs reflect-pad their generators; a run whose config.json predates the
     key was trained with zero padding and must be resumed and exported as such."""
-    cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml")
+    cfg = recipe_mod.load(ROOT / "recipes" / "cyclegan_demo.toml")
     assert cfg.model.padding == "reflect"
     saved = config.to_dict(cfg)
     del saved["model"]["padding"]
     path = tmp_path / "config.json"
     path.write_text(json.dumps(saved), encoding="utf-8")
-    old = config.load_json(path)
+    old = recipe_mod.load_json(path)
     assert old.model.padding == "zero"
     assert dataclasses.replace(old.model, padding="reflect") == cfg.model
 

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_distributed import COMMON, assert_ranks_identical, assert_same_run, reference, worker
 
-from translate import config
+from translate import recipe as recipe_mod
 from translate.core.loop import set_trainable
 from translate.methods import METHODS
 from translate.methods.cut import gather, patch_nce, patch_positions
@@ -27,7 +27,7 @@ VARIANTS = {  # name: recipe (the demo recipes, made tiny by TINY_CUT)
 
 
 def tiny_method(tiny_unpaired: Path, *extra: str):
-    cfg = config.load(ROOT / "recipes" / "cut_demo.toml",
+    cfg = recipe_mod.load(ROOT / "recipes" / "cut_demo.toml",
                       TINY_CUT + [f'data.root="{tiny_unpaired}"', *extra])
     torch.manual_seed(0)
     return cfg, METHODS["cut"].build(cfg)

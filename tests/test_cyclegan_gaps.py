@@ -16,7 +16,8 @@ from safetensors import safe_open
 from torch import nn
 
 import translate
-from translate import config, viz
+from translate import recipe as recipe_mod
+from translate import viz
 from translate.export import export_run
 from translate.methods import METHODS
 from translate.nets import build_net
@@ -163,7 +164,7 @@ def test_cyclegan_trains_with_dropout(tiny_unpaired, tmp_path):
 def test_sample_grid_rows_are_labelled(tiny_unpaired):
     """The training sample grid: real A, translated, reconstructed, then the same for B, each
     row with its label in a margin on the left, the images right of it."""
-    cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml",
+    cfg = recipe_mod.load(ROOT / "recipes" / "cyclegan_demo.toml",
                       TINY_CYCLEGAN + [f'data.root="{tiny_unpaired}"'])
     method = METHODS["cyclegan"].build(cfg)
     g = torch.Generator().manual_seed(0)

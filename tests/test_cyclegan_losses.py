@@ -13,12 +13,13 @@ import torch
 from conftest import ROOT, TINY_CYCLEGAN
 from torch import Tensor, nn
 
-from translate import config
-from translate.config import apply_overrides, from_dict
+from translate import recipe as recipe_mod
+from translate.config import apply_overrides
 from translate.core import objectives
-from translate.core.loop import setup
 from translate.methods.cyclegan import CycleGAN, CycleGANConfig
 from translate.methods.pool import ImagePool
+from translate.recipe import from_dict
+from translate.runner import setup
 
 A, B = 0.6, -0.4
 
@@ -89,7 +90,7 @@ def test_identity_weight_falls_to_zero_by_identity_until():
 
 def test_the_loop_hands_every_phase_the_progress_of_the_run(tiny_unpaired, tmp_path,
                                                             monkeypatch):
-    from translate.core.loop import train
+    from translate.runner import train
 
     seen: list[tuple[str, float]] = []
     g_loss, d_loss = CycleGAN.g_loss, CycleGAN.d_loss
@@ -102,7 +103,7 @@ def test_the_loop_hands_every_phase_the_progress_of_the_run(tiny_unpaired, tmp_p
 
     monkeypatch.setattr(CycleGAN, "g_loss", spy(g_loss, "G"))
     monkeypatch.setattr(CycleGAN, "d_loss", spy(d_loss, "D"))
-    cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
+    cfg = recipe_mod.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
         f'data.root="{tiny_unpaired}"', f'run_dir="{tmp_path / "run"}"', "train.steps=4"])
     train(cfg, progress=False)
     assert seen == [(p, s / 4) for s in range(4) for p in ("G", "D")]
@@ -223,7 +224,7 @@ def test_nets_run_once_per_pair_only_when_images_do_not_mix(sets):
 @pytest.mark.parametrize("recipe", [None, "cyclegan_horse2zebra.toml"])
 def test_optimizers_are_adam_2e4_betas_half(recipe, tiny_unpaired, tmp_path):
     path = ROOT / "recipes" / recipe if recipe else None
-    cfg = config.load(path, TINY_CYCLEGAN + [f'data.root="{tiny_unpaired}"',
+    cfg = recipe_mod.load(path, TINY_CYCLEGAN + [f'data.root="{tiny_unpaired}"',
                                              f'run_dir="{tmp_path / "run"}"'])
     s = setup(cfg)
     names = [ph.name for ph in s.method.phases]

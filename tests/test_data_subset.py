@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY_CYCLEGAN, run_cli
 from PIL import Image
 
-from translate import config as config_mod
+from translate import recipe as recipe_mod
 from translate.config import DataConfig, RunConfig
 from translate.data import build_dataset
 from translate.errors import ConfigError
@@ -73,13 +73,13 @@ def test_test_split_is_never_cut(root: Path) -> None:
 ])
 def test_bad_values_are_one_line_config_errors(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as e:
-        config_mod.load(None, [override])
+        recipe_mod.load(None, [override])
     assert str(e.value) == message
 
 
 def test_toy_data_refuses_a_subset() -> None:
     with pytest.raises(ConfigError, match=r"^data.max_items: the toy data"):
-        config_mod.load(None, ['data.kind="toy"', "data.max_items=5"])
+        recipe_mod.load(None, ['data.kind="toy"', "data.max_items=5"])
 
 
 def test_cli_trains_on_the_subset_and_rejects_bad_values(tiny_unpaired: Path,
@@ -91,7 +91,7 @@ def test_cli_trains_on_the_subset_and_rejects_bad_values(tiny_unpaired: Path,
         base += ["--set", item]
     proc = run_cli("train", recipe, *base, "--set", "data.max_items=3")
     assert f"unpaired {tiny_unpaired} (train): 3 A + 3 B images" in proc.stdout + proc.stderr
-    saved = config_mod.load_json(tmp_path / "run" / "config.json")
+    saved = recipe_mod.load_json(tmp_path / "run" / "config.json")
     assert saved.data.max_items == 3
 
     bad = run_cli("train", recipe, *base, "--set", "data.max_items=-3", check=False)

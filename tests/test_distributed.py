@@ -36,7 +36,8 @@ from conftest import ROOT, TINY_CUT, TINY_CYCLEGAN, random_image_folder, run_cli
 from safetensors.torch import load_file
 from torch import nn
 
-from translate import config
+from translate import recipe as recipe_mod
+from translate import runner
 from translate.core import loop
 from translate.errors import ConfigError
 from translate.methods import gan as gan_mod
@@ -154,9 +155,9 @@ def assert_same_run(run: Path, ref: Path, steps: list[int]) -> None:
 
 def reference(recipe: str, run: Path, sets: list[str], steps: int = 6) -> None:
     """The same run in this process, with one process holding the whole batch."""
-    cfg = config.load(ROOT / "recipes" / recipe, sets + COMMON + [
+    cfg = recipe_mod.load(ROOT / "recipes" / recipe, sets + COMMON + [
         f"train.steps={steps}", f'run_dir="{run}"', "train.save_every=3"])
-    loop.train(cfg, progress=False)
+    runner.train(cfg, progress=False)
 
 
 def test_cyclegan_2_processes_equal_1_with_twice_the_batch_across_a_resume(tiny_unpaired,
@@ -300,7 +301,7 @@ def test_epoch_length_counts_processes_and_accumulation(tiny_unpaired):
     """The LR schedule is a function of the step; what could depend on the process count is the
     number of steps of an epoch-based recipe, which must count global batches."""
     def steps(batch: int, accum: int, world: int) -> tuple[int, int]:
-        cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
+        cfg = recipe_mod.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
             f'data.root="{tiny_unpaired}"', f"train.batch_size={batch}",
             f"train.grad_accum={accum}", "train.epochs=2", "train.epochs_decay=1",
             'train.lr_schedule="linear"'])
@@ -348,8 +349,8 @@ def test_bf16_trains_every_method(name, tiny_unpaired, tmp_path, monkeypatch):
     dtypes: set[torch.dtype] = set()
     setup = loop.setup
 
-    def observed(cfg):
-        s = setup(cfg)
+    def observed(*args, **kw):
+        s = setup(*args, **kw)
         for net in s.nets.values():
             for m in net.modules():
                 if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
@@ -366,10 +367,10 @@ def test_bf16_trains_every_method(name, tiny_unpaired, tmp_path, monkeypatch):
         return unroll(*args, **kwargs)
 
     monkeypatch.setattr(gan_mod, "unroll", observed_unroll)
-    cfg = config.load(ROOT / "recipes" / recipe, sets + [
+    cfg = recipe_mod.load(ROOT / "recipes" / recipe, sets + [
         f'data.root="{root}"', 'train.mixed_precision="bf16"', "train.steps=2",
         f'run_dir="{tmp_path / "run"}"', "train.log_every=1", "train.sample_every=2"])
-    result = loop.train(cfg, progress=False)
+    result = runner.train(cfg, progress=False)
     assert result.step == 2 and (tmp_path / "run" / "samples" / "step_0000002.png").is_file()
     assert torch.bfloat16 in dtypes, f"autocast did not run in bf16: {dtypes}"
     assert all(torch.isfinite(torch.tensor(v)) for v in result.logs.values()), result.logs
@@ -400,9 +401,9 @@ def test_precision_that_would_silently_run_fp32_is_refused(flags, launcher_preci
 def test_sync_batchnorm_is_refused_on_cpu_with_a_clear_message(tmp_path):
     sets = DCGAN + [f'data.root="{random_image_folder(tmp_path / "img")}"',
                     f'run_dir="{tmp_path / "run"}"']
-    cfg = config.load(ROOT / "recipes" / "dcgan.toml", sets + ["train.sync_batchnorm=true"])
+    cfg = recipe_mod.load(ROOT / "recipes" / "dcgan.toml", sets + ["train.sync_batchnorm=true"])
     with pytest.raises(ConfigError, match="train.sync_batchnorm: .*CPU"):
-        loop.setup(cfg)
+        runner.setup(cfg)
     assert not (tmp_path / "run").exists()  # refused before the run folder is made
 
 

@@ -34,8 +34,8 @@ from torch import nn
 
 from translate.core import loop
 from translate.core.penalties import gradient_penalty, loss_scale, r1_penalty
+from translate.explore.plot import parse_log
 from translate.methods.base import Phase
-from translate.plot import parse_log
 
 TOY_R1 = ["model.hidden=16", 'model.penalty="r1"', "train.ema=0.9"]
 # What rank 1 may write inside the run folder: accelerate's save_state makes the checkpoint's

@@ -16,13 +16,11 @@ import torch
 from conftest import ROOT, TINY_CYCLEGAN, run_cli
 from PIL import Image
 
-from translate import config
-from translate.core.loop import train
+from translate import recipe as recipe_mod
 from translate.errors import UserError
-from translate.eval_report import add_eval_parser
-from translate.evaluate import toy_scores
-from translate.export import export_run, run_generators
-from translate.plot import (
+from translate.eval.evaluate import toy_scores
+from translate.eval.report import add_eval_parser
+from translate.explore.plot import (
     PANEL_HEIGHT,
     TITLE_HEIGHT,
     WIDTH,
@@ -32,10 +30,12 @@ from translate.plot import (
     parse_log,
     tick_label,
 )
+from translate.export import export_run, run_generators
+from translate.runner import train
 
 
 def _wired(command: str) -> bool:
-    import cli
+    from translate import cli
 
     sub = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
     return command in sub.choices
@@ -44,7 +44,7 @@ def _wired(command: str) -> bool:
 def _main(argv: list[str]) -> int:
     """cli.main once eval/plot are wired into cli.py; until then the same parsers, with the
     same error contract (UserError -> "error: ..." on stderr, exit code 2)."""
-    import cli
+    from translate import cli
 
     if _wired(argv[0]):
         return cli.main(argv)
@@ -77,7 +77,7 @@ def _error(capsys, argv: list[str]) -> str:
 @pytest.fixture(scope="module")
 def cyclegan_run(tmp_path_factory, tiny_unpaired) -> Path:
     run = tmp_path_factory.mktemp("eval") / "run"
-    cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
+    cfg = recipe_mod.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
         f'data.root="{tiny_unpaired}"', f'run_dir="{run}"', "train.steps=2",
         "train.log_every=1"])
     train(cfg, progress=False)
@@ -88,7 +88,7 @@ def cyclegan_run(tmp_path_factory, tiny_unpaired) -> Path:
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("eval") / "toy"
-    cfg = config.load(ROOT / "recipes" / "toy_gan_ring.toml", [
+    cfg = recipe_mod.load(ROOT / "recipes" / "toy_gan_ring.toml", [
         "model.hidden=16", f'run_dir="{run}"', "train.steps=6", "train.log_every=2"])
     train(cfg, progress=False)
     return run
@@ -104,7 +104,7 @@ def _folder(path: Path) -> torch.Tensor:
 
 
 def test_eval_run_scores_against_the_demo_truth(capsys, cyclegan_run, tiny_unpaired):
-    from translate.metrics import psnr, ssim
+    from translate.eval.metrics import psnr, ssim
 
     r = _json(capsys, ["eval", str(cyclegan_run), "--json"])
     assert r["kind"] == "translation" and r["truth"] is True and r["n_a"] == r["n_b"] == 4
@@ -167,7 +167,7 @@ def test_eval_fid_features_small(capsys, cyclegan_run):
 
 def test_eval_writes_its_protocol_and_warns_that_fid_on_few_images_is_biased(
         capsys, cyclegan_run, tmp_path):
-    from translate.protocol import extractor_sha256
+    from translate.eval.protocol import extractor_sha256
 
     assert _main(["eval", str(cyclegan_run), "--fid-features", "small", "--json"]) == 0
     captured = capsys.readouterr()

@@ -15,17 +15,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import translate
-from translate import config
-from translate.core import precision
-from translate.core.loop import train
+from translate import precision
+from translate import recipe as recipe_mod
 from translate.errors import ModelError, UserError
 from translate.export import export_run, run_generators
+from translate.runner import train
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_unpaired) -> Path:
     run = tmp_path_factory.mktemp("export") / "run"
-    cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
+    cfg = recipe_mod.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
         f'data.root="{tiny_unpaired}"', f'run_dir="{run}"', "train.steps=3",
         "train.save_every=2", "train.ema=0.5"])
     train(cfg, progress=False)
@@ -201,7 +201,7 @@ def _picture(h: int, w: int) -> np.ndarray:
 
 
 def test_backend_follows_the_model_file_and_mismatches_are_one_line(exported, tmp_path, capsys):
-    import cli
+    from translate import cli
 
     st, onnx = exported / "G_ab.safetensors", exported / "G_ab.onnx"
     src = tmp_path / "in"
@@ -292,7 +292,7 @@ def test_float_input_computes_in_fp32_unless_bf16_is_asked(exported, monkeypatch
 
 def test_export_check_line_and_rejection(exported, tmp_path, monkeypatch):
     from translate import onnx_export
-    from translate.export import load_torch_generator
+    from translate.infer.load import load_torch_generator
 
     net, meta = load_torch_generator(exported / "G_ab.safetensors")
     line = onnx_export.export_onnx(net, meta, tmp_path / "G.onnx")
@@ -314,8 +314,7 @@ def test_export_check_line_and_rejection(exported, tmp_path, monkeypatch):
 
 
 def test_export_and_apply_flags_through_the_cli(trained_run, tmp_path):
-    from translate.export import model_info, read_metadata
-    from translate.infer import ModelInfo
+    from translate.infer import ModelInfo, model_info, read_metadata
 
     proc = run_cli("export", str(trained_run), "--step", "2", "--ema", "--out",
                    str(tmp_path / "e"), "--onnx")

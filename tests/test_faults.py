@@ -32,12 +32,12 @@ from conftest import ROOT
 from PIL import Image
 from safetensors.torch import load_file
 
-import cli
-from translate import config
+from translate import cli, config
+from translate import recipe as recipe_mod
 from translate.core import checkpoint, loop
 from translate.core.faults import MAX_ROLLBACKS
-from translate.core.loop import train
 from translate.errors import UserError
+from translate.runner import train
 
 TOY = ["model.hidden=16", "train.batch_size=8"]
 TOY_RECIPE = "recipes/toy_gan_ring.toml"
@@ -50,7 +50,7 @@ NO_SAMPLES = 1_000_000  # sample_every: sampling only at the last step
 def _cfg(run: Path, steps: int, save_every: int, *sets: str) -> config.RunConfig:
     """The config `translate train` builds from _train_args (log/save cadence aside, which
     do not change the weights)."""
-    return config.load(ROOT / TOY_RECIPE, TOY + [
+    return recipe_mod.load(ROOT / TOY_RECIPE, TOY + [
         f"train.steps={steps}", "train.epochs=0", "train.epochs_decay=0", f'run_dir="{run}"',
         "train.log_every=1", f"train.sample_every={NO_SAMPLES}", f"train.save_every={save_every}",
         *sets])

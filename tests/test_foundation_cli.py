@@ -26,12 +26,12 @@ from conftest import ROOT, random_image_folder, run_cli
 from PIL import Image
 from test_train import _weights
 
-import cli
-from translate import config
+from translate import cli
+from translate import recipe as recipe_mod
 from translate.config import TrainConfig
-from translate.core.loop import train
 from translate.errors import UserError
-from translate.sample import sample_command
+from translate.explore.sample import sample_command
+from translate.runner import train
 
 TOY = ["--set", "model.hidden=16", "--set", "train.batch_size=8"]
 ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|\][^\x07]*\x07|[()][A-Z0-9])")
@@ -42,7 +42,7 @@ def dcgan_run(tmp_path_factory) -> Path:
     """A tiny DCGAN run with checkpoints at steps 2 and 4."""
     base = tmp_path_factory.mktemp("dcgan")
     data = random_image_folder(base / "img")
-    cfg = config.load(ROOT / "recipes" / "dcgan.toml", [
+    cfg = recipe_mod.load(ROOT / "recipes" / "dcgan.toml", [
         "model.ngf=4", "model.ndf=4", "model.image_size=32", "data.crop_size=32",
         "model.z_dim=8", "train.batch_size=4", f'data.root="{data}"', "train.steps=4",
         "train.save_every=2", "train.sample_every=100", f'run_dir="{base / "run"}"'])

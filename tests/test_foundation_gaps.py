@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 from test_train import _losses, _weights
 
 from translate import config
+from translate import recipe as recipe_mod
 from translate.core import checkpoint, loop
-from translate.core.loop import train
 from translate.methods import METHODS
+from translate.runner import train
 
 TOY = ["model.hidden=16", "model.z_dim=5", "train.batch_size=8"]
 TINY_DCGAN = ["model.ngf=4", "model.ndf=4", "model.image_size=32", "data.crop_size=32",
@@ -24,7 +25,7 @@ TINY_DCGAN = ["model.ngf=4", "model.ndf=4", "model.image_size=32", "data.crop_si
 
 
 def _cfg(recipe: str, run: Path, steps: int, sets: list[str]) -> config.RunConfig:
-    return config.load(ROOT / "recipes" / recipe, [
+    return recipe_mod.load(ROOT / "recipes" / recipe, [
         f"train.steps={steps}", f'run_dir="{run}"', "train.log_every=1",
         "train.sample_every=1000", "train.save_every=1000", *sets])
 

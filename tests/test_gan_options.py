@@ -12,7 +12,8 @@ from conftest import ROOT, TINY_CYCLEGAN, run_cli
 from PIL import Image
 from torch import nn
 
-from translate import config
+from translate import recipe as recipe_mod
+from translate import runner
 from translate.core import loop
 from translate.errors import ConfigError
 from translate.methods import METHODS
@@ -40,9 +41,9 @@ def _image_sets(folder: Path) -> list[str]:
 
 
 def _train(recipe: str, sets: list[str], run: Path, steps: int = 2) -> dict:
-    cfg = config.load(ROOT / "recipes" / recipe, [*sets, f"train.steps={steps}",
+    cfg = recipe_mod.load(ROOT / "recipes" / recipe, [*sets, f"train.steps={steps}",
                                                   f'run_dir="{run}"'])
-    result = loop.train(cfg, progress=False)
+    result = runner.train(cfg, progress=False)
     assert result.step == steps
     logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert len(logs) == steps
@@ -92,7 +93,7 @@ def test_spectral_norm_option_reaches_every_method_d(tmp_path, tiny_unpaired):
                                      "train.log_every=1", "train.sample_every=100",
                                      "train.save_every=100"])]
     for i, (recipe, sets) in enumerate(cases):
-        cfg = config.load(ROOT / "recipes" / recipe, [*sets, "model.spectral_norm=true"])
+        cfg = recipe_mod.load(ROOT / "recipes" / recipe, [*sets, "model.spectral_norm=true"])
         method = METHODS[cfg.method].build(cfg)
         ds = [n for n in method.nets if n.startswith("D")]
         for name in ds:
@@ -135,10 +136,10 @@ def test_attention_option_places_blocks_and_trains(tmp_path):
         build_net("dcgan_g", image_size=32, attention=32)
     folder = _folder(tmp_path / "images")
     with pytest.raises(ConfigError, match="model.self_attention"):
-        config.load(ROOT / "recipes" / "dcgan.toml", [*_image_sets(folder),
+        recipe_mod.load(ROOT / "recipes" / "dcgan.toml", [*_image_sets(folder),
                                                       "model.self_attention=32"])
     with pytest.raises(ConfigError, match="model.self_attention"):
-        config.load(ROOT / "recipes" / "toy_gan_ring.toml", [*TOY, "model.self_attention=8"])
+        recipe_mod.load(ROOT / "recipes" / "toy_gan_ring.toml", [*TOY, "model.self_attention=8"])
     _train("dcgan.toml", [*_image_sets(folder), "model.self_attention=8"], tmp_path / "run")
 
 
@@ -166,7 +167,7 @@ def test_minibatch_std_group_must_divide_the_batch(tmp_path):
     with pytest.raises(ConfigError, match="must divide"):
         MinibatchStd(3)(torch.randn(8, 2))
     with pytest.raises(ConfigError, match="model.minibatch_std"):
-        config.load(ROOT / "recipes" / "toy_gan_ring.toml",
+        recipe_mod.load(ROOT / "recipes" / "toy_gan_ring.toml",
                     [*TOY, "model.pack=2", "model.minibatch_std=3"])
     proc = run_cli("train", "recipes/toy_gan_ring.toml", "--set", "model.minibatch_std=3",
                    "--set", "train.batch_size=8", "--dry-run", check=False)
@@ -186,10 +187,10 @@ def test_minibatch_std_option_trains(tmp_path):
 
 
 def _toy_session(tmp_path: Path, k: int, extra: list[str] | None = None) -> loop.Session:
-    cfg = config.load(ROOT / "recipes" / "toy_gan_ring.toml",
+    cfg = recipe_mod.load(ROOT / "recipes" / "toy_gan_ring.toml",
                       [*TOY, f"model.unrolled_steps={k}", f'run_dir="{tmp_path}/k{k}"',
                        *(extra or [])])
-    return loop.setup(cfg)
+    return runner.setup(cfg)
 
 
 def _g_grads(s: loop.Session, batch: dict) -> list[torch.Tensor]:

@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import cli
+from translate import cli
 from translate.infer import ModelInfo, translate_folder
 
 TINY_SETS = [a for s in TINY_CYCLEGAN for a in ("--set", s)]
@@ -341,7 +341,7 @@ import json, os, sys
 sys.path.insert(0, {root!r})
 os.umask(int(sys.argv[2], 8))
 {prelude}
-import cli
+from translate import cli
 for argv in json.loads(sys.argv[1]):
     code = cli.main(argv)
     if code != 0:

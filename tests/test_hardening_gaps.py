@@ -31,10 +31,11 @@ from PIL import Image
 
 from translate import config
 from translate import data as data_mod
+from translate import recipe as recipe_mod
 from translate.core import checkpoint, faults
-from translate.core.loop import train
 from translate.errors import ImageError, UserError
 from translate.images import TRAIN_LIMIT, _temp_name, is_temp_name
+from translate.runner import train
 
 TOY_RECIPE = "recipes/toy_gan_ring.toml"
 TOY = ["model.hidden=16", "train.batch_size=8"]
@@ -205,7 +206,7 @@ FAULTS = {"read-only mount": (_read_only_mount, "Read-only file system", READ_ON
 
 
 def _toy_cfg(run: Path, steps: int) -> config.RunConfig:
-    return config.load(ROOT / TOY_RECIPE, TOY + [
+    return recipe_mod.load(ROOT / TOY_RECIPE, TOY + [
         f"train.steps={steps}", "train.epochs=0", "train.epochs_decay=0", f'run_dir="{run}"',
         "train.save_every=2", "train.sample_every=1000000"])
 
@@ -330,7 +331,7 @@ def test_data_max_pixels_skips_or_refuses_a_larger_training_image(tiny_unpaired,
 def test_an_image_grown_after_the_scan_names_the_training_setting(tiny_unpaired, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_unpaired, data)
-    cfg = config.load(ROOT / RECIPE, TINY_CYCLEGAN + [
+    cfg = recipe_mod.load(ROOT / RECIPE, TINY_CYCLEGAN + [
         f'data.root="{data}"', "data.max_pixels=1000", "data.strict=true"])
     dataset = data_mod.build_dataset(cfg)
     for p in (data / "trainA").iterdir():  # every file grows past the limit after the scan

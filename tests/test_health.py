@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, TINY_CYCLEGAN, run_cli
 
-from translate import health, health_monitor
+from translate import recipe as recipe_mod
 from translate.data.demo import build_demo
-from translate.evaluate import load_folder
+from translate.eval import health
+from translate.eval import monitor as health_monitor
+from translate.eval.evaluate import load_folder
 from translate.nets import build_net, init_weights
 
 
@@ -203,7 +205,7 @@ def test_monitor_reads_d_and_losses_from_the_log_records(demo, tmp_path):
 
 
 def test_health_keys_make_one_plot_panel_and_warnings_are_no_curve(tmp_path):
-    from translate.plot import group_keys, parse_log
+    from translate.explore.plot import group_keys, parse_log
 
     lines = [json.dumps({"step": 1, "G/loss": 1.0, "health/identity": 0.5}),
              json.dumps({"step": 2, "G/loss": 1.0, "health/identity": 0.1,
@@ -261,12 +263,11 @@ def test_a_run_made_to_collapse_warns_in_its_output_and_log_and_doctor_reads_it(
 
 
 def test_health_can_be_switched_off_and_has_its_own_interval(tiny_unpaired, tmp_path):
-    from translate import config
-    from translate.core.loop import train
+    from translate.runner import train
 
     def logged(*sets: str) -> list[dict]:
         run = tmp_path / str(len(list(tmp_path.iterdir())))
-        cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
+        cfg = recipe_mod.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
             f'data.root="{tiny_unpaired}"', f'run_dir="{run}"', "train.steps=6",
             "train.log_every=3", "train.sample_every=100", *sets])
         train(cfg, progress=False)

@@ -13,7 +13,7 @@ from torch import nn
 from translate.errors import ModelError, UserError
 from translate.images import load_image_rgba, to_tensor, to_uint8
 from translate.infer import ApplyWarning, ModelInfo, translate_folder, translate_tensor
-from translate.tiling import _mirror_pad
+from translate.infer.tiling import _mirror_pad
 
 RGB = ModelInfo(in_channels=3, out_channels=3, size_multiple=4)
 

@@ -15,9 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from translate import config
+from translate import recipe as recipe_mod
 from translate.core.checkpoint import list_checkpoints
-from translate.core.loop import train
 from translate.errors import ConfigError, UserError
+from translate.explore.sample import sample_command
 from translate.methods import METHODS
 from translate.methods.infogan import (
     CONT_STEPS,
@@ -26,7 +27,7 @@ from translate.methods.infogan import (
     q_accuracy,
     vary_code_input,
 )
-from translate.sample import sample_command
+from translate.runner import train
 
 CAT_DIM = 4
 TINY = ["model.ngf=16", "model.ndf=16", "model.z_dim=8", f"model.cat_dim={CAT_DIM}",
@@ -45,7 +46,7 @@ def image_folder(root: Path, n: int = 16, size: int = 32) -> Path:
 
 
 def cfg_for(root: Path, run: Path, steps: int, extra: list[str] | None = None):
-    return config.load(ROOT / "recipes" / "infogan.toml", TINY + [
+    return recipe_mod.load(ROOT / "recipes" / "infogan.toml", TINY + [
         f'data.root="{root}"', f'run_dir="{run}"', f"train.steps={steps}", *(extra or [])])
 
 
@@ -64,7 +65,7 @@ def trained(data, tmp_path_factory) -> Path:
 
 def load_nets(run: Path) -> tuple[config.RunConfig, dict[str, torch.nn.Module]]:
     """G and D (with Q) from the newest checkpoint: the loop saves nets in method order."""
-    cfg = config.load_json(run / "config.json")
+    cfg = recipe_mod.load_json(run / "config.json")
     method = METHODS[cfg.method].build(cfg)
     ckpt = list_checkpoints(run)[-1]
     for i, net in enumerate(method.nets.values()):
@@ -78,7 +79,7 @@ def load_nets(run: Path) -> tuple[config.RunConfig, dict[str, torch.nn.Module]]:
 
 
 def test_code_sweeps_keep_everything_else_fixed():
-    m = config.load(ROOT / "recipes" / "infogan.toml", TINY).model  # 1 categorical, 2 continuous
+    m = recipe_mod.load(ROOT / "recipes" / "infogan.toml", TINY).model  # 1 categorical, 2 continuous
     z, cat = torch.randn(3, 8), torch.randint(CAT_DIM, (3, 1))
     cont = torch.rand(3, 2) * 2 - 1
     x, cols = vary_code_input(m, 0, z, cat, cont)
@@ -95,7 +96,7 @@ def test_code_sweeps_keep_everything_else_fixed():
 
 
 def test_info_loss_is_zero_for_a_perfect_q_and_chance_for_a_blind_one():
-    m = config.load(ROOT / "recipes" / "infogan.toml", TINY).model
+    m = recipe_mod.load(ROOT / "recipes" / "infogan.toml", TINY).model
     cat, cont = torch.randint(CAT_DIM, (64, 1)), torch.rand(64, 2) * 2 - 1
     perfect = torch.cat([torch.nn.functional.one_hot(cat[:, 0], CAT_DIM) * 50.0, cont], 1)
     out = info_loss(m, perfect, cat, cont)
@@ -114,7 +115,7 @@ def test_info_loss_is_zero_for_a_perfect_q_and_chance_for_a_blind_one():
 ])
 def test_impossible_settings_are_config_errors(sets, needle):
     with pytest.raises(ConfigError, match=needle):
-        config.load(ROOT / "recipes" / "infogan.toml", sets)
+        recipe_mod.load(ROOT / "recipes" / "infogan.toml", sets)
 
 
 # ---------------------------------------------------------------------------- training

@@ -10,11 +10,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from translate import config
-from translate.core import loop
+from translate import recipe as recipe_mod
+from translate import runner
+from translate.explore.invert import invert, load_target, train_encoder
 from translate.export import run_generators
 from translate.images import to_uint8
-from translate.invert import invert, load_target, train_encoder
 from translate.nets import build_net, init_weights
 
 
@@ -77,11 +77,11 @@ def test_encoder_start_beats_random_start(G):
 def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("invert")
     folder = random_image_folder(base / "images")
-    cfg = config.load(ROOT / "recipes" / "dcgan.toml", [
+    cfg = recipe_mod.load(ROOT / "recipes" / "dcgan.toml", [
         "model.ngf=8", "model.ndf=4", "model.image_size=32", "data.crop_size=32",
         "model.z_dim=8", "train.batch_size=4", f'data.root="{folder}"', "train.steps=2",
         f'run_dir="{base / "run"}"', "train.sample_every=100"])
-    loop.train(cfg, progress=False)
+    runner.train(cfg, progress=False)
     G = calibrate(run_generators(base / "run")[1]["G"])
     path = base / "run" / "checkpoints" / "step_0000002" / "model.safetensors"
     save_file({k: v.contiguous() for k, v in G.state_dict().items()}, str(path), {"format": "pt"})

@@ -14,9 +14,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from translate import config, latent
-from translate.core import loop
+from translate import recipe as recipe_mod
+from translate import runner
 from translate.errors import UserError
+from translate.explore import latent
 from translate.export import run_generators
 from translate.nets import build_net
 
@@ -26,11 +27,11 @@ def run(tmp_path_factory):
     """A dcgan run trained for 2 steps on random 32x32 images (z_dim 8)."""
     base = tmp_path_factory.mktemp("latent")
     folder = random_image_folder(base / "images")
-    cfg = config.load(ROOT / "recipes" / "dcgan.toml", [
+    cfg = recipe_mod.load(ROOT / "recipes" / "dcgan.toml", [
         "model.ngf=4", "model.ndf=4", "model.image_size=32", "data.crop_size=32",
         "model.z_dim=8", "train.batch_size=4", f'data.root="{folder}"', "train.steps=2",
         f'run_dir="{base / "run"}"', "train.sample_every=100"])
-    loop.train(cfg, progress=False)
+    runner.train(cfg, progress=False)
     give_contrast(base / "run")
     return base / "run"
 

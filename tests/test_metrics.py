@@ -1,4 +1,4 @@
-"""Tests for translate.metrics and translate.fid: hand computations and independent references."""
+"""Tests for translate.eval.metrics and translate.eval.fid: hand computations and independent references."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from PIL import Image
 from scipy import linalg
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from translate import metrics as M
 from translate.errors import ModelError, UserError
-from translate.fid import FIDInceptionV3
+from translate.eval import metrics as M
+from translate.eval.fid import FIDInceptionV3
 
 
 def _images(n: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -265,7 +265,7 @@ def test_metric_images_are_the_same_whatever_the_file_format(tmp_path):
     assert torch.equal(M.metric_images(to_tensor(grey), size),
                        M.metric_images(to_tensor(np.repeat(grey, 3, axis=2)), size))
     # Files through folder_features and tensors through translate eval's path agree.
-    from translate.evaluate import image_features
+    from translate.eval.evaluate import image_features
 
     net = M.small_feature_net()
     from_files = M.folder_features(folder, net, image_size=16)

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from translate import config
+from translate import recipe as recipe_mod
 from translate.errors import ConfigError
+from translate.eval.metrics import checkerboard_peak
 from translate.methods import METHODS
-from translate.metrics import checkerboard_peak
 from translate.nets import NETS, build_net, init_weights
 from translate.nets.layers import SubPixelUpsample
 
@@ -309,7 +309,7 @@ def _smooth(side: int = 64) -> torch.Tensor:
 def _cyclegan_g(kind: str, seed: int, *sets: str) -> nn.Module:
     """G_ab as CycleGAN builds and initialises it from its default [model] settings (small)."""
     torch.manual_seed(seed)
-    cfg = config.load(None, [f'model.generator="{kind}"', "model.ngf=8", "model.n_blocks=2",
+    cfg = recipe_mod.load(None, [f'model.generator="{kind}"', "model.ngf=8", "model.n_blocks=2",
                              "model.unet_downs=4", *sets])
     return METHODS["cyclegan"].build(cfg).nets["G_ab"].eval()
 
@@ -336,7 +336,7 @@ def test_recipes_draw_checkerboards_only_where_they_reproduce_the_paper(recipe):
     """The recipes that reproduce the paper keep its transposed convs (and their checkerboards);
     every other CycleGAN recipe's generator is clean."""
     torch.manual_seed(0)
-    cfg = config.load(recipe)
+    cfg = recipe_mod.load(recipe)
     with torch.no_grad():
         peak = checkerboard_peak(METHODS["cyclegan"].build(cfg).nets["G_ab"].eval()(_smooth()))
     assert (peak > CHECKERBOARD) == (cfg.model.upsample == "transpose"), peak
@@ -354,13 +354,13 @@ def test_no_checkerboard_after_a_short_training_either(kind, demo32, tmp_path):
     """A real CycleGAN run (the training loop, 40 steps at 10x the paper's LR on 32 px crops,
     so the weights move far from their start): the default G_ab still draws no checkerboard
     at 64 px, the transposed variant of the same run does."""
-    from translate.core.loop import train
     from translate.export import run_generators
+    from translate.runner import train
 
     peaks = {}
     for name, sets in (("clean", []), ("transpose", ['model.upsample="transpose"'])):
         run = tmp_path / name
-        cfg = config.load(None, [
+        cfg = recipe_mod.load(None, [
             f'model.generator="{kind}"', "model.ngf=8", "model.ndf=8", "model.n_blocks=2",
             "model.unet_downs=4", "model.n_layers_d=2", f'data.root="{demo32}"',
             'data.preprocess="crop"', "data.load_size=32", "data.crop_size=32",

@@ -14,18 +14,18 @@ from conftest import ROOT, TINY_CYCLEGAN, run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
-from translate import config
-from translate.core.loop import train
-from translate.evaluate import eval_toy_run
+from translate import recipe as recipe_mod
+from translate.eval.evaluate import eval_toy_run
+from translate.explore.plot import group_keys, parse_log
 from translate.export import run_generators
-from translate.plot import group_keys, parse_log
+from translate.runner import train
 
 TOY = ["model.hidden=16", "train.batch_size=8", "train.log_every=4", "train.save_every=3",
        "train.sample_every=100", "train.steps=6"]
 
 
 def _toy(run: Path, *sets: str) -> list[dict]:
-    cfg = config.load(ROOT / "recipes" / "toy_gan_ring.toml", TOY + [f'run_dir="{run}"', *sets])
+    cfg = recipe_mod.load(ROOT / "recipes" / "toy_gan_ring.toml", TOY + [f'run_dir="{run}"', *sets])
     train(cfg, progress=False)
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 

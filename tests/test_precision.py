@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from translate import config
-from translate.core import loop, precision
+from translate import config, precision, runner
+from translate import recipe as recipe_mod
+from translate.core import loop
 from translate.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +92,7 @@ def test_auto_inference_precision(tmp_path, monkeypatch):
 
 
 def _toy(tmp_path: Path, extra: list[str]) -> config.RunConfig:
-    return config.load(ROOT / "recipes" / "toy_gan_ring.toml", [
+    return recipe_mod.load(ROOT / "recipes" / "toy_gan_ring.toml", [
         "model.hidden=16", "train.steps=2", "train.log_every=1", f'run_dir="{tmp_path / "run"}"',
         *extra])
 
@@ -101,8 +102,8 @@ def test_auto_precision_reaches_autocast_in_a_real_run(cpu_kind, tmp_path, monke
     dtypes: set[torch.dtype] = set()
     real_setup = loop.setup
 
-    def observed(cfg):
-        s = real_setup(cfg)
+    def observed(*args, **kw):
+        s = real_setup(*args, **kw)
         for net in s.nets.values():
             for m in net.modules():
                 if isinstance(m, torch.nn.Linear):
@@ -112,13 +113,13 @@ def test_auto_precision_reaches_autocast_in_a_real_run(cpu_kind, tmp_path, monke
     monkeypatch.setattr(loop, "setup", observed)
     cfg = _toy(tmp_path, [])
     assert cfg.train.mixed_precision == "auto"  # the default
-    result = loop.train(cfg, progress=False)
+    result = runner.train(cfg, progress=False)
     assert result.step == 2
     assert (torch.bfloat16 in dtypes) == (expected == "bf16"), dtypes
 
 
 def test_adam_uses_the_fused_kernel_on_cpu(tmp_path):
-    s = loop.setup(_toy(tmp_path, []))
+    s = runner.setup(_toy(tmp_path, []))
     for opt in s.opts:
         group = opt.param_groups[0]
         assert group.get("fused") is True, group

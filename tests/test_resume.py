@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT, TINY_CYCLEGAN, run_cli
 from safetensors.torch import load_file
 
-import cli
+from translate import cli
 from translate.core import checkpoint, loop
 from translate.core.schedules import lr_factor
 from translate.export import read_metadata

@@ -14,6 +14,7 @@ from conftest import ROOT, run_cli
 from PIL import Image
 
 from translate import config
+from translate import recipe as recipe_mod
 from translate.core import tracking
 from translate.errors import ConfigError
 
@@ -101,7 +102,7 @@ def test_unknown_tracker_is_one_line_exit_2(tmp_path):
          "mlflow (comma-separated) or none")]
     assert not run.exists()
     with pytest.raises(ConfigError, match="train.log_with"):
-        config.load(ROOT / "recipes" / "toy_gan_ring.toml", ['train.log_with="tb"'])
+        recipe_mod.load(ROOT / "recipes" / "toy_gan_ring.toml", ['train.log_with="tb"'])
 
 
 def test_missing_tracker_package_names_the_extra(tmp_path):
@@ -126,7 +127,7 @@ def test_wandb_not_installed_names_its_extra(tmp_path):
 
 
 def test_wandb_runs_offline_in_the_run_folder_and_resumes_its_run(tmp_path, monkeypatch):
-    cfg = config.load(ROOT / "recipes" / "toy_gan_ring.toml", [f'run_dir="{tmp_path}"'])
+    cfg = recipe_mod.load(ROOT / "recipes" / "toy_gan_ring.toml", [f'run_dir="{tmp_path}"'])
     monkeypatch.delenv("WANDB_MODE", raising=False)
     first = tracking.TRACKERS["wandb"].init_kwargs(tmp_path, cfg, 0)
     assert first["mode"] == "offline" and first["dir"] == str(tmp_path)
@@ -144,7 +145,7 @@ def test_tensorboard_resume_purges_later_events():
 
 
 def test_flat_config_has_only_plain_values():
-    cfg = config.load(ROOT / "recipes" / "cyclegan_demo.toml")
+    cfg = recipe_mod.load(ROOT / "recipes" / "cyclegan_demo.toml")
     flat = tracking.flat_config(cfg)
     assert flat["train.lr_g"] == cfg.train.lr_g and flat["method"] == "cyclegan"
     assert flat["train.betas_g"] == str(cfg.train.betas_g)
@@ -215,7 +216,7 @@ def test_wandb_through_accelerate_gets_scalars_images_offline_and_one_run_id(tmp
         assert kw["mode"] == "offline" and kw["dir"] == str(run / "tracking")
         assert kw["resume"] == "allow" and kw["id"] == inits[0][2]["id"]
     assert [c[1] for c in recorded if c[0] == "config"] == [sorted(tracking.flat_config(
-        config.load_json(run / "config.json")))]  # stored on the fresh start only
+        recipe_mod.load_json(run / "config.json")))]  # stored on the fresh start only
     logged = {c[1]: c[2] for c in recorded if c[0] == "log" and "G/loss" in c[2]}
     assert sorted(logged) == [2, 4, 6]
     for r in _log(run):

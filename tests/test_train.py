@@ -12,7 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from translate import config
-from translate.core.loop import train
+from translate import recipe as recipe_mod
+from translate.runner import train
 
 RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.toml"))
 
@@ -54,7 +55,7 @@ def _cfg(recipe: str, run: Path, steps: int, sets: list[str],
          mixed_precision: str = "no") -> config.RunConfig:
     """A run whose numbers are compared: its precision is named, never "auto" (which differs
     between CPUs with and without native bf16)."""
-    return config.load(ROOT / "recipes" / recipe, sets + [
+    return recipe_mod.load(ROOT / "recipes" / recipe, sets + [
         f"train.steps={steps}", f'run_dir="{run}"', "train.save_every=3", "train.log_every=1",
         "train.sample_every=100", 'train.lr_schedule="constant"',
         f'train.mixed_precision="{mixed_precision}"'])
@@ -136,7 +137,7 @@ def test_sample_and_interpolate(tmp_path):
 
 
 def test_interpolation_endpoints():
-    from translate.sample import interpolation_codes, slerp
+    from translate.explore.sample import interpolation_codes, slerp
 
     g = torch.Generator().manual_seed(0)
     z = interpolation_codes(8, rows=3, steps=5, generator=g).reshape(3, 5, 8)

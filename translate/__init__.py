@@ -6,7 +6,7 @@ import os
 # so the switch is forced on, even over a NO_ALBUMENTATIONS_UPDATE=0 inherited from the shell.
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 
-__version__ = "0.1.0"
+from translate.version import __version__  # noqa: E402, F401 (after the switch above)
 
 __all__ = ["export_run", "load_config", "load_generator", "train", "translate_folder"]
 
@@ -14,7 +14,7 @@ __all__ = ["export_run", "load_config", "load_generator", "train", "translate_fo
 def __getattr__(name: str):
     # The public API, imported on first use so `import translate` stays light.
     if name == "load_generator":
-        from translate.export import load_generator
+        from translate.infer import load_generator
 
         return load_generator
     if name == "export_run":
@@ -26,11 +26,11 @@ def __getattr__(name: str):
 
         return translate_folder
     if name == "train":
-        from translate.core.loop import train
+        from translate.runner import train
 
         return train
     if name == "load_config":
-        from translate.config import load
+        from translate.recipe import load
 
         return load
     raise AttributeError(f"module 'translate' has no attribute {name!r}")

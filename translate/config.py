@@ -22,6 +22,11 @@ from typing import Any
 from translate.errors import ConfigError
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")  # train.mixed_precision's values (and the flags')
+DEMO_RECIPES = {  # `translate demo --method NAME`: the recipe it trains (translate/demo.py)
+    "cyclegan": "cyclegan_demo.toml",
+    "cut": "cut_demo.toml",
+    "fastcut": "fastcut_demo.toml",
+}
 
 
 def choice(default: Any, *choices: Any) -> Any:
@@ -100,11 +105,11 @@ class TrainConfig:
     n_samples: int = positive(8)          # images (or rows) in a sample grid
     on_nan: str = choice("stop", "stop", "rollback")  # rollback: reload last checkpoint, halve LRs
     log_with: str = "none"                # trackers, comma-separated: tensorboard, wandb, mlflow (files under RUN/tracking)
-    eval_every: int = non_negative(0)     # steps between scores during training (0 = off; translate.periodic_eval)
+    eval_every: int = non_negative(0)     # steps between scores during training (0 = off; translate.eval.periodic)
     eval_data: str = ""                   # held-out images for KID ("" = none; CycleGAN: ROOT/testB)
     eval_features: str = "small"          # KID features: "small" (random net, relative only) or Inception weights path
     keep_best: str = ""                   # score whose best checkpoint is kept in checkpoints/best, e.g. "eval/psnr" ("" = off)
-    health: bool = True                   # health checks: health/* values and warnings (translate/health.py)
+    health: bool = True                   # health checks: health/* values and warnings (translate/eval/health.py)
     health_every: int = non_negative(0)   # steps between health checks (0 = sample_every, rounded up to a log step)
     health_patience: int = positive(3)    # checks in a row a condition must hold before its warning
 
@@ -248,61 +253,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def from_dict(raw: dict[str, Any]) -> RunConfig:
-    from translate.methods import METHODS  # the method decides its model dataclass
-
-    top_keys = {"name", "method", "seed", "run_dir", "model", "data", "train"}
-    unknown = sorted(set(raw) - top_keys)
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown key (valid: {', '.join(sorted(top_keys))})")
-    method = _check_type("method", raw.get("method", "cyclegan"), str)
-    if method not in METHODS:
-        raise ConfigError(f"method: {method!r} is not one of {', '.join(sorted(METHODS))}")
-    cfg = RunConfig(
-        name=_check_type("name", raw.get("name", "run"), str),
-        method=method,
-        seed=_check_type("seed", raw.get("seed", 0), int),
-        run_dir=_check_type("run_dir", raw.get("run_dir", ""), str),
-        model=build(METHODS[method].config, raw.get("model", {}), "model"),
-        data=build(DataConfig, raw.get("data", {}), "data"),
-        train=build(TrainConfig, raw.get("train", {}), "train"),
-    )
-    cfg = METHODS[method].resolve(cfg)  # e.g. cgan's class names, read from data.root once
-    check(cfg)
-    return cfg
-
-
-def check(cfg: RunConfig) -> None:
-    """Cross-field rules, so impossible runs fail before any work starts."""
-    if not 0 <= cfg.seed < 2**32:
-        raise ConfigError(f"seed: must be in [0, 2**32), got {cfg.seed}")
-    if cfg.name in ("", ".", "..") or "/" in cfg.name or "\\" in cfg.name:
-        raise ConfigError(f"name: {cfg.name!r} must be a plain folder name (it names runs/<name>)")
-    t = cfg.train
-    if t.lr_schedule == "linear" and t.epochs == 0 and t.decay_start >= t.steps:
-        raise ConfigError(f"train.decay_start: {t.decay_start} >= train.steps {t.steps}, so the "
-                          "linear schedule would never decay; lower it (0 = half of the steps)")
-    if t.lr_schedule == "constant" and t.epochs_decay > 0:
-        raise ConfigError("train.epochs_decay: needs train.lr_schedule = 'linear' (with a "
-                          "constant schedule the decay epochs would run at full LR)")
-    if t.keep_best:
-        _check_keep_best(t)
-    d = cfg.data
-    if d.kind == "toy" and d.max_items > 0:
-        raise ConfigError("data.max_items: the toy data has no image files to subset; set it to 0 "
-                          "(data.toy_epoch sets a toy epoch's length)")
-    if d.preprocess in ("resize_and_crop", "scale_width_and_crop") and d.crop_size > d.load_size:
-        raise ConfigError(
-            f"data.crop_size: {d.crop_size} is larger than data.load_size {d.load_size}; "
-            "lower crop_size or raise load_size"
-        )
-    from translate.core.tracking import parse as parse_trackers
-    from translate.methods import METHODS
-
-    parse_trackers(t.log_with)  # names only: whether each is installed is checked when training
-    METHODS[cfg.method].check(cfg)
-
-
 # What an interval longer than a run given by --steps becomes: a share of the run, so a short
 # run still has a curve to plot (log) and a few grids to look at (samples). Checkpoints and
 # scores need nothing: the last step always saves one and scores.
@@ -326,58 +276,10 @@ def fit_intervals(cfg: RunConfig, keep: set[str]) -> tuple[RunConfig, str]:
     return dataclasses.replace(cfg, train=dataclasses.replace(t, **fitted)), message
 
 
-def _check_keep_best(t: TrainConfig) -> None:
-    from translate.core.best import DIRECTIONS
-
-    if t.keep_best not in DIRECTIONS:
-        raise ConfigError(f"train.keep_best: {t.keep_best!r} is not a score whose better "
-                          f"direction is known; use one of {', '.join(DIRECTIONS)} (or \"\")")
-    if t.eval_every == 0:
-        raise ConfigError(f"train.keep_best: {t.keep_best} needs periodic scores; set "
-                          "train.eval_every (e.g. --eval-every 100)")
-
-
-def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a TOML recipe (or start from defaults when `path` is None) and apply overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: recipe not found; list the recipes with `ls recipes/`")
-        try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: not valid TOML ({e}); fix the recipe's syntax") from None
-    return from_dict(apply_overrides(raw, overrides or []))
-
-
 def save(cfg: RunConfig, path: Path) -> None:
     tmp = path.with_name("." + path.name + ".tmp")
     tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)  # a failed write never leaves a truncated config.json
-
-
-def load_json(path: Path, overrides: list[str] | None = None) -> RunConfig:
-    """The resolved config of an existing run (RUN/config.json), with `overrides` applied."""
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read the run's config ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: not a run config (expected a JSON object)")
-    return from_dict(apply_overrides(with_legacy_keys(raw), overrides or []))
-
-
-def with_legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
-    """A run saved before a model key existed was trained with that key's old behaviour, which
-    the key's default may no longer be: fill in the values of the method config's `LEGACY`."""
-    from translate.methods import METHODS
-
-    model, method = raw.get("model"), raw.get("method", "cyclegan")
-    legacy = getattr(METHODS[method].config, "LEGACY", {}) if method in METHODS else {}
-    if not isinstance(model, dict) or not legacy:
-        return raw
-    return {**raw, "model": {**legacy, **model}}
 
 
 # Keys holding paths: the same folder spelt another way (relative, absolute, a trailing slash)

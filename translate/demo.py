@@ -14,15 +14,17 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from translate import config as config_mod
+from translate import recipe as recipe_mod
+from translate.config import DEMO_RECIPES as RECIPES
+from translate.data.demo import build_demo
 from translate.errors import UserError
+from translate.eval.metrics import cycle_scores, psnr, ssim
+from translate.export import export_run
+from translate.images import list_images, load_image, to_tensor
+from translate.infer import load_generator, read_metadata, translate_folder
 from translate.methods import METHODS
+from translate.runner import train
 
-RECIPES = {  # `translate demo --method NAME`: the recipe it trains
-    "cyclegan": "cyclegan_demo.toml",
-    "cut": "cut_demo.toml",
-    "fastcut": "fastcut_demo.toml",
-}
 DEMO_RUN_DIRS = {"cyclegan": "runs/demo", "cut": "runs/demo_cut", "fastcut": "runs/demo_fastcut"}
 
 
@@ -35,8 +37,6 @@ def find_recipe(name: str) -> Path:
 
 
 def _load_folder(folder: Path) -> tuple[list[str], torch.Tensor]:
-    from translate.images import list_images, load_image, to_tensor
-
     paths, _ = list_images(folder)
     return ([p.name for p in paths],
             torch.cat([to_tensor(load_image(p)) for p in paths]))
@@ -46,8 +46,6 @@ def score(gen_ab, gen_ba, test_a: Path, test_b: Path, translated: Path) -> dict[
     """PSNR/SSIM of G_ab(testA) against the true translation testB, the do-nothing baseline
     (testA against testB), and the cycle reconstruction G_ba(G_ab(testA)) against testA when
     there is a G_ba (`gen_ba` None: CUT has none)."""
-    from translate.metrics import cycle_scores, psnr, ssim
-
     names, a = _load_folder(test_a)
     _, b = _load_folder(test_b)
     fake_names, fake = _load_folder(translated)
@@ -84,12 +82,6 @@ def run_demo(root: str = "datasets/demo", run_dir: str | None = None, steps: int
     runs/demo_fastcut): a rerun continues (or reuses) the run there as its config.json says;
     `overwrite` moves it aside and trains anew. `method`: a key of RECIPES; `overrides`: --set
     items applied last."""
-    from translate.core import rundir
-    from translate.core.loop import train
-    from translate.data.demo import build_demo
-    from translate.export import export_run, load_generator
-    from translate.infer import translate_folder
-
     console = Console(stderr=True, soft_wrap=True)
     t0 = time.perf_counter()
     root_p = build_demo(Path(root), size=size)
@@ -103,10 +95,10 @@ def run_demo(root: str = "datasets/demo", run_dir: str | None = None, steps: int
     if mixed_precision is not None:
         sets.append(f'train.mixed_precision="{mixed_precision}"')
     sets += overrides or []
-    cfg = config_mod.load(recipe, sets)
+    cfg = recipe_mod.load(recipe, sets)
     resume = None if overwrite else "auto-or-new"  # a finished run resumes instantly
     if resume:
-        cfg = rundir.resume_config(cfg, resume, sets)
+        cfg = recipe_mod.resume_config(cfg, resume, sets)
     again = ["translate", "demo", "--method", method, "--root", str(root), "--run-dir",
              str(run_dir), "--size", str(size),
              *(["--steps", str(steps)] if steps is not None else []),
@@ -138,8 +130,6 @@ def run_demo(root: str = "datasets/demo", run_dir: str | None = None, steps: int
 
 def _exported_step(export: Path, names: list[str]) -> int | None:
     """The step of the exported generators `names` when all are there from one step."""
-    from translate.export import read_metadata
-
     try:
         steps = {int(read_metadata(export / f"{g}.safetensors")["step"]) for g in names}
     except (UserError, KeyError, ValueError):

@@ -15,3 +15,7 @@ class ImageError(UserError):
 
 class ModelError(UserError):
     """A model file cannot be used: wrong format, wrong architecture, truncated."""
+
+
+class DataError(UserError):
+    """The dataset cannot be used as given (missing folders, no images)."""

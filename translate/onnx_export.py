@@ -5,23 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from translate.errors import ModelError, UserError
-
-
-def _need(module: str):
-    try:
-        return __import__(module)
-    except ImportError:
-        raise UserError(f"{module} is not installed; pip install -e '.[onnx]'") from None
+from translate.errors import ModelError
+from translate.infer.onnx import need as _need
+from translate.infer.onnx import session as _session
 
 
 @contextlib.contextmanager
@@ -96,47 +89,3 @@ def _latent_io(z_dim: int) -> tuple[torch.Tensor, tuple[str, str], list[torch.Te
     g = torch.Generator().manual_seed(0)
     checks = [torch.randn(n, z_dim, generator=g) for n in (1, 5)]
     return torch.zeros(1, z_dim), ("z", "sample"), checks
-
-
-def _session(path: Path):
-    ort = _need("onnxruntime")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count() or 1
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own, unexported types
-        raise ModelError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]}); "
-                         "re-export with `translate export RUN --onnx`") from None
-
-
-def load_onnx(path: Path, generator_cls: Any):
-    onnx = _need("onnx")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf decode errors have no common base
-        raise ModelError(f"{path}: not a readable ONNX file ({e}); re-export it") from None
-    meta = {p.key: p.value for p in model.metadata_props}
-    if meta.get("latent") == "true":
-        raise UserError(f"{path}: a latent generator (input z, no image); run it with "
-                        "onnxruntime directly (input 'z', output 'sample'), or sample the run "
-                        "with `translate sample RUN`")
-    if "size_multiple" not in meta:
-        raise ModelError(f"{path}: ONNX file without translate metadata; export it with "
-                         "`translate export RUN --onnx`")
-    inputs = model.graph.input
-    dims = inputs[0].type.tensor_type.shape.dim if inputs else []
-    if len(inputs) != 1 or len(dims) != 4:
-        raise ModelError(f"{path}: expected one NCHW image input, found {len(inputs)} inputs "
-                         f"of rank {len(dims)}; this is not an image generator")
-    if dims[1].HasField("dim_value") and dims[1].dim_value != int(meta["in_channels"]):
-        raise ModelError(f"{path}: input has {dims[1].dim_value} channels but its metadata says "
-                         f"{meta['in_channels']}; re-export it")
-    sess = _session(path)
-    name = sess.get_inputs()[0].name
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(sess.run(None, {name: x.float().cpu().numpy()})[0])
-
-    from translate.export import model_info
-
-    return generator_cls(model_info(meta), meta, forward, "onnx", "fp32")

@@ -5,26 +5,26 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate import state as state_mod
-from accelerate.utils import set_seed
 from torch import Tensor, nn
 
-from translate import data as data_mod
-from translate import health_monitor, periodic_eval
+from translate import precision
 from translate.config import RunConfig
-from translate.core import best, checkpoint, faults, penalties, precision, rundir, tracking
+from translate.core import best, checkpoint, faults, penalties, rundir, tracking
+from translate.core.batches import batches as batch_stream
+from translate.core.batches import steps_per_epoch
 from translate.core.ema import ema_update, make_ema
 from translate.core.faults import Diverged
 from translate.core.runlog import RUN_SHAPE, RunLog
-from translate.core.schedules import lr_factor
+from translate.core.schedules import health_due, lr_factor
 from translate.errors import ConfigError
-from translate.methods import METHODS
-from translate.methods.base import Phase
 
 
 @dataclass
@@ -70,12 +70,12 @@ def total_steps(cfg: RunConfig, dataset, world: int) -> tuple[int, int]:
     """(total generator steps, step where linear LR decay starts)."""
     t = cfg.train
     if t.epochs > 0:
-        per_epoch = data_mod.steps_per_epoch(dataset, t.batch_size * t.grad_accum, world)
+        per_epoch = steps_per_epoch(dataset, t.batch_size * t.grad_accum, world)
         return (t.epochs + t.epochs_decay) * per_epoch, t.epochs * per_epoch
     return t.steps, t.decay_start
 
 
-def make_optimizer(cfg: RunConfig, phase: Phase, nets: dict[str, nn.Module]):
+def make_optimizer(cfg: RunConfig, phase, nets: dict[str, nn.Module]):
     params = [p for name in phase.nets for p in nets[name].parameters()]
     if cfg.train.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=phase.lr)
@@ -116,8 +116,8 @@ class Batches:
         self.device = accelerator.device
         self.channels_last = cfg.train.channels_last
         self.drawn = start
-        self.it = data_mod.batches(dataset, self.per_step, start, self.rank, self.world,
-                                   cfg.data.num_workers)
+        self.it = batch_stream(dataset, self.per_step, start, self.rank, self.world,
+                               cfg.data.num_workers)
 
     def next(self) -> dict[str, Tensor]:
         n = self.drawn
@@ -194,9 +194,9 @@ class Session:
     total: int
     decay_start: int
     run_dir: Path
-    scorer: periodic_eval.Scorer | None = None  # train.eval_every's scores (main process only)
+    scorer: Callable[[dict[str, nn.Module]], dict[str, float]] | None = None  # eval_every's (main)
     precision_why: str = ""  # how the precision was chosen, for the start line
-    health: health_monitor.Monitor | None = None  # train.health's checks (main process only)
+    health: Any = None  # train.health's checks (main process only): observe, check_nets
     best: best.Keeper | None = None  # train.keep_best's checkpoint (main process only)
 
 
@@ -210,17 +210,14 @@ def check_run_dir(run_dir: Path) -> None:
                           "cannot open; choose a run folder with a UTF-8 name") from None
 
 
-def setup(cfg: RunConfig) -> Session:
-    """The run's accelerator, nets, optimizers and data. Writes nothing: the run folder is
-    made by `train` once the folder's rules (rundir.plan) allow the start."""
-    accelerator, precision_why = make_accelerator(cfg)
-    run_dir = cfg.out_dir
-    check_run_dir(run_dir)
-    set_seed(cfg.seed)  # identical initial weights on every rank
-    spec = METHODS[cfg.method]
-    method = spec.build(cfg)
-    dataset = data_mod.build_dataset(cfg)
-    scorer = periodic_eval.build(cfg, accelerator.is_main_process, accelerator.device)
+def setup(method, dataset, cfg: RunConfig, scorer=None, monitor=None,
+          accelerator: Accelerator | None = None, precision_why: str = "") -> Session:
+    """The run's prepared nets and optimizers around what it trains (built above the core, by
+    translate/run.py). Writes nothing: the run folder is made by `train` once the folder's
+    rules (rundir.plan) allow the start."""
+    if accelerator is None:
+        accelerator, precision_why = make_accelerator(cfg)
+    check_run_dir(cfg.out_dir)
     names = list(method.nets)
     raw = [method.nets[n] for n in names]
     if cfg.train.sync_batchnorm:
@@ -235,9 +232,8 @@ def setup(cfg: RunConfig) -> Session:
         nets = {n: torch.compile(m) for n, m in nets.items()}
     ema = {g: make_ema(method.nets[g]) for g in method.generators} if cfg.train.ema > 0 else {}
     total, decay = total_steps(cfg, dataset, accelerator.num_processes)
-    monitor = health_monitor.build(cfg, method, dataset, accelerator.is_main_process)
     return Session(cfg, accelerator, method, nets, list(prepared[len(names):]), ema, dataset,
-                   total, decay, run_dir, scorer, precision_why, monitor)
+                   total, decay, cfg.out_dir, scorer, precision_why, monitor)
 
 
 def _save(s: Session, state: checkpoint.TrainState) -> Path:
@@ -273,7 +269,7 @@ def _evaluate(s: Session) -> dict[str, float]:
     and wait for the main one at the next gradient all-reduce."""
     if s.scorer is None:
         return {}
-    return periodic_eval.evaluate(s.scorer, _shown_nets(s))
+    return s.scorer(_shown_nets(s))
 
 
 def _health(s: Session, step: int, fixed, values: dict[str, float], due: bool) -> list[str]:
@@ -284,8 +280,7 @@ def _health(s: Session, step: int, fixed, values: dict[str, float], due: bool) -
     s.health.observe(step, values)
     if not due:
         return []
-    calls = health_monitor.generator_calls(s.method, _shown_nets(s), fixed)
-    checks, warnings = s.health.check(step, calls)
+    checks, warnings = s.health.check_nets(step, _shown_nets(s), fixed)
     values.update(checks)
     return warnings
 
@@ -307,18 +302,26 @@ def _start(s: Session, path: Path | None) -> tuple[checkpoint.TrainState, Path |
     return state, path
 
 
-def train(cfg: RunConfig, resume: str | None = None, progress: bool = True,
+def train(method, dataset, cfg: RunConfig, scorer=None, *, monitor=None,
+          read_config: rundir.ReadConfig, accelerator: Accelerator | None = None,
+          precision_why: str = "", resume: str | None = None, progress: bool = True,
           overwrite: bool = False, again: list[str] | None = None) -> RunResult:
-    """Train `cfg` into its run folder (rundir has the folder's rules).
+    """Train `method` (nets + phases) on `dataset` as `cfg` says, into its run folder (rundir
+    has the folder's rules). What is trained, scored and checked is built by the caller
+    (translate/run.py builds it from a recipe); the loop knows no particular GAN or data.
 
+    scorer: nets -> {"eval/...": value}, called on the main process every train.eval_every.
+    monitor: the health checks (observe(step, values), check_nets(step, nets, fixed)).
+    read_config: a run's config.json -> its config, for a resume to compare against.
     resume: None (a new run), "auto" (the newest checkpoint; none is an error), "auto-or-new",
         or a checkpoint or run folder. A resume continues the run as its config.json says.
     overwrite: start a new run where one exists; the old one is moved to RUN.old-<time>.
     again: the command line that continues this run, for the message of a stop (Ctrl-C)."""
-    s = setup(cfg)
+    s = setup(method, dataset, cfg, scorer, monitor, accelerator, precision_why)
     acc, t = s.accelerator, cfg.train
     plan = rundir.plan_on_all(acc, cfg, resume, overwrite,
-                              lambda c: total_steps(c, s.dataset, acc.num_processes))
+                              lambda c: total_steps(c, s.dataset, acc.num_processes),
+                              read_config)
     state, path = _start(s, plan.checkpoint)
     # Only now, with settings, data and checkpoint known to be usable, is the folder touched.
     notes = rundir.open_folder(cfg, plan) if acc.is_main_process else []
@@ -329,7 +332,7 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = True,
     # or extend the run); per-process batch and accumulation are in config.json.
     shape = {f"{RUN_SHAPE}processes": acc.num_processes,
              f"{RUN_SHAPE}global_batch": state.global_batch, f"{RUN_SHAPE}steps": s.total}
-    log.print(f"{cfg.method} '{cfg.name}': {data_mod.describe(s.dataset)}; global batch "
+    log.print(f"{cfg.method} '{cfg.name}': {s.dataset.describe()}; global batch "
               f"{t.batch_size} x {acc.num_processes} processes x {t.grad_accum} accumulation = "
               f"{state.global_batch}; {s.total} steps; precision {acc.mixed_precision} "
               f"({s.precision_why})"
@@ -380,7 +383,7 @@ def run_step(s: Session, state: checkpoint.TrainState, batches: Batches, log: Ru
     state.step += 1
     state.batches = batches.drawn
     eval_now = t.eval_every > 0 and (state.step % t.eval_every == 0 or state.step == s.total)
-    health_now = health_monitor.due(s.cfg, state.step, s.total)
+    health_now = health_due(s.cfg.train, state.step, s.total)
     log_now = state.step % t.log_every == 0 or state.step == s.total or eval_now or health_now
     if log_now:
         logs = global_mean(acc, logs)

@@ -26,7 +26,7 @@ import shlex
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,9 @@ SHAPE = frozenset({"train.batch_size", "train.grad_accum"})  # judged by the glo
 PRECISION = "train.mixed_precision"  # judged by the precision the run trained in
 
 Totals = Callable[[RunConfig], tuple[int, int]]  # config -> (total steps, linear decay start)
+# A run's config.json -> its config. Given by the caller: reading one needs the method table,
+# which sits above the core (translate.recipe.load_json).
+ReadConfig = Callable[[Path], RunConfig]
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ def _show(key: str, old: Any, new: Any) -> str:
 
 
 def plan(cfg: RunConfig, resume: str | None, overwrite: bool, processes: int, precision: str,
-         totals: Totals) -> Plan:
+         totals: Totals, read_config: ReadConfig) -> Plan:
     """Check the start against the run folder; raises UserError (one line) when refused.
     `precision` is the one this start trains in (auto resolved)."""
     target = cfg.out_dir
@@ -86,7 +89,7 @@ def plan(cfg: RunConfig, resume: str | None, overwrite: bool, processes: int, pr
     path = checkpoint.resolve(target, resume) if resume else None
     if path is None:
         return _new_run(target, resume, overwrite)
-    return _resumed(cfg, target, path, processes, precision, totals)
+    return _resumed(cfg, target, path, processes, precision, totals, read_config)
 
 
 def _new_run(target: Path, resume: str | None, overwrite: bool) -> Plan:
@@ -111,7 +114,7 @@ def _same_folder(a: Path | None, b: Path) -> bool:
 
 
 def _resumed(cfg: RunConfig, target: Path, path: Path, processes: int, precision: str,
-             totals: Totals) -> Plan:
+             totals: Totals, read_config: ReadConfig) -> Plan:
     source = checkpoint.run_of(path)
     same = _same_folder(source, target)
     left = left_by_a_run(target)
@@ -123,7 +126,7 @@ def _resumed(cfg: RunConfig, target: Path, path: Path, processes: int, precision
     refused: list[str] = []
     old_file = source / "config.json" if source is not None else None
     if old_file is not None and old_file.is_file():
-        old = config_mod.load_json(old_file)
+        old = read_config(old_file)
         changes, refused = _compare(old, cfg, state, totals)
     refused += _as_trained(cfg, state, processes, precision)
     if refused:
@@ -191,11 +194,11 @@ def _compare(old: RunConfig, new: RunConfig, state: checkpoint.TrainState,
 
 
 def plan_on_all(accelerator: Accelerator, cfg: RunConfig, resume: str | None, overwrite: bool,
-                totals: Totals) -> Plan:
+                totals: Totals, read_config: ReadConfig) -> Plan:
     """Collective `plan`: the main process decides, every process gets its answer (or its
     refusal), so no rank acts on a folder listing that lags behind (a shared file system)."""
     args = (cfg, resume, overwrite, accelerator.num_processes, accelerator.mixed_precision,
-            totals)
+            totals, read_config)
     if accelerator.num_processes == 1:
         return plan(*args)
     answer: list[Any] = [None]
@@ -252,34 +255,6 @@ def open_folder(cfg: RunConfig, p: Plan) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- the command line
-
-
-def _source(target: Path, resume: str) -> Path | None:
-    """The run folder a resume reads its config.json from."""
-    if resume in checkpoint.AUTO:
-        return target
-    path = Path(resume)
-    return checkpoint.run_of(path) if (path / "state.json").is_file() else path
-
-
-def resume_config(recipe_cfg: RunConfig, resume: str, overrides: list[str]) -> RunConfig:
-    """The config a resume from the command line trains with: the run's config.json with only
-    the options given on this command line applied. The recipe's own values do not count (the
-    run may have been started with other flags); the recipe must be the run's (name, method).
-    Without a config.json to resume from, `recipe_cfg` (train then says why it cannot resume,
-    or starts a new run for auto-or-new)."""
-    source = _source(recipe_cfg.out_dir, resume)
-    if source is None or not (source / "config.json").is_file():
-        return recipe_cfg
-    cfg = config_mod.load_json(source / "config.json", overrides)
-    if (cfg.name, cfg.method) != (recipe_cfg.name, recipe_cfg.method):
-        raise UserError(f"{source}: made by recipe '{cfg.name}' ({cfg.method}), not by this one "
-                        f"('{recipe_cfg.name}', {recipe_cfg.method}); resume it with its own "
-                        "recipe, or start a new run (another --run-dir, or --overwrite without "
-                        "--resume)")
-    if resume not in checkpoint.AUTO and not any(o.startswith("run_dir=") for o in overrides):
-        cfg = replace(cfg, run_dir=str(source))  # continue the run the checkpoint belongs to
-    return cfg
 
 
 def continue_command(words: list[str] | None, run_dir: Path, processes: int) -> str:

@@ -22,3 +22,16 @@ def lr_factor(step: int, total: int, kind: str = "constant", decay_start: int = 
         span = max(1, total - start)
         return max(0.0, 1.0 - (step - start + 1) / (span + 1))
     raise ValueError(f"unknown schedule {kind!r}")
+
+
+def health_interval(t) -> int:
+    """Steps between health checks (`t`: the run's TrainConfig): train.health_every, else
+    sample_every rounded up to a multiple of log_every (so that the checks fall on log steps
+    and add no log record)."""
+    return t.health_every or -(-t.sample_every // t.log_every) * t.log_every
+
+
+def health_due(t, step: int, total: int) -> bool:
+    """Whether `step` is a health check: the same answer on every process (it makes a log step,
+    which is collective)."""
+    return t.health and (step % health_interval(t) == 0 or step == total)

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from translate.config import DataConfig
 from translate.data.transforms import Draw, Preprocess, draw
-from translate.errors import ImageError, UserError
+from translate.errors import DataError, ImageError
 from translate.images import IMAGE_EXTENSIONS, TRAIN_LIMIT, list_images, load_image, to_tensor
 
 _U64 = (1 << 64) - 1
@@ -30,10 +30,6 @@ _ORDER_STREAM, _ITEM_STREAM = 0, 1
 
 class DataWarning(UserWarning):
     """Images were skipped: the run goes on, but the user should know."""
-
-
-class DataError(UserError):
-    """The dataset cannot be used as given (missing folders, no images)."""
 
 
 # ---------------------------------------------------------------------------- seeding

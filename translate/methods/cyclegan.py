@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from translate import viz
-from translate.augment import diff_augment, diff_augment_pair
+from translate.augment import diff_augment, diff_augment_pair, parse_policy
 from translate.config import RunConfig, choice, fraction, non_negative, positive, probability_target
 from translate.core import objectives
 from translate.errors import ConfigError
@@ -48,7 +48,7 @@ class TranslationNetsConfig:
     objective: str = choice("lsgan", *objectives.OBJECTIVES)
     real_target: float = probability_target(1.0)    # one-sided label smoothing (D only)
 
-    # What a run's config.json saved before a key existed was trained with (config.load_json).
+    # What a run's config.json saved before a key existed was trained with (recipe.load_json).
     LEGACY: ClassVar[dict[str, Any]] = {"padding": "zero"}
 
 
@@ -79,8 +79,6 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("model.lambda_identity: the identity loss needs data.channels_a == "
                           "data.channels_b; set model.lambda_identity = 0")
     if m.diff_augment:
-        from translate.augment import parse_policy
-
         parse_policy(m.diff_augment)
 
 

@@ -18,6 +18,7 @@ from translate import viz
 from translate.config import RunConfig, choice, non_negative, positive, probability_target
 from translate.core import noise, objectives
 from translate.core.penalties import clip_weights, gradient_penalty, r1_penalty
+from translate.data import toy_modes
 from translate.errors import ConfigError
 from translate.methods.base import Batch, Nets, Phase
 from translate.methods.unrolled import OptimizerFactory, unroll
@@ -192,8 +193,6 @@ class GAN:
         dev = next(nets["G"].parameters()).device
         out = nets["G"](z.to(dev)).float()
         if self.toy:
-            from translate.data import toy_modes
-
             return viz.scatter(out, toy_modes(self.toy_name))
         return viz.square_grid(out, int(len(out) ** 0.5))
 

@@ -8,7 +8,7 @@ log.jsonl, the progress line, the trackers and `translate plot`.
                                  interval)                       (default ROOT/testB)
     latent GANs on image folders eval/kid (+ _lo, _hi)           G(z) vs train.eval_data
 
-The protocol of the scores (translate/protocol.py) is written to RUN/eval_protocol.json at the
+The protocol of the scores (translate/eval/protocol.py) is written to RUN/eval_protocol.json at the
 first evaluation. With train.ema > 0 the EMA generators are scored, as in the sample grids. Latent codes are drawn
 from a private seeded generator: every evaluation sees the same codes, and the training RNG
 streams are not touched (a run with evaluation trains exactly like one without).
@@ -25,7 +25,21 @@ import torch
 from torch import Tensor, nn
 
 from translate.config import RunConfig
+from translate.data import toy_modes, toy_std
+from translate.data.demo import is_complete
 from translate.errors import ConfigError
+from translate.eval.evaluate import (
+    PACGAN_SAMPLES,
+    apply_all,
+    feature_extractor,
+    feature_label,
+    image_features,
+    load_folder,
+)
+from translate.eval.metrics import kid_from_features, kid_interval, mode_stats, psnr
+from translate.eval.protocol import describe
+from translate.images import list_images
+from translate.infer.tiling import ModelInfo, translate_tensor
 
 Nets = dict[str, nn.Module]
 Scorer = Callable[[Nets], dict[str, float]]
@@ -40,9 +54,6 @@ PROTOCOL_FILE = "eval_protocol.json"  # in the run folder, written at the first 
 
 def kind_of(cfg: RunConfig) -> str:
     """Which scorer a run gets. Raises ConfigError when the run has nothing to be scored on."""
-    from translate.data.demo import is_complete
-    from translate.images import list_images
-
     t, d = cfg.train, cfg.data
     if d.kind == "toy":
         return "toy"
@@ -89,11 +100,7 @@ def build(cfg: RunConfig, main: bool, device: torch.device) -> Scorer | None:
 
 
 def protocol_of(cfg: RunConfig, kind: str) -> dict:
-    """The evaluation protocol of a run's periodic scores (translate/protocol.py)."""
-    from translate.evaluate import PACGAN_SAMPLES, feature_label
-    from translate.images import list_images
-    from translate.protocol import describe
-
+    """The evaluation protocol of a run's periodic scores (translate/eval/protocol.py)."""
     def count(folder: Path) -> int:
         return len(list_images(folder)[0])
 
@@ -144,10 +151,6 @@ def evaluate(scorer: Scorer, nets: Nets) -> dict[str, float]:
 
 
 def toy_scorer(cfg: RunConfig, device: torch.device) -> Scorer:
-    from translate.data import toy_modes, toy_std
-    from translate.evaluate import PACGAN_SAMPLES
-    from translate.metrics import mode_stats
-
     modes, std = toy_modes(cfg.data.toy), toy_std(cfg.data.toy)
 
     def score(nets: Nets) -> dict[str, float]:
@@ -161,17 +164,12 @@ def toy_scorer(cfg: RunConfig, device: torch.device) -> Scorer:
 
 def _translator(G: nn.Module, device: torch.device) -> Callable[[Tensor], Tensor]:
     """G over CPU images of any size (reflect-padded to its size multiple, as `translate eval`)."""
-    from translate.tiling import ModelInfo, translate_tensor
-
     info = ModelInfo(G.in_channels, G.out_channels, G.size_multiple, G.min_size)
     return lambda x: translate_tensor(lambda b: G(b.to(device)).float().cpu(), info,
                                       x).clamp(-1, 1)
 
 
 def psnr_scorer(cfg: RunConfig, device: torch.device) -> Scorer:
-    from translate.evaluate import apply_all, load_folder
-    from translate.metrics import psnr
-
     root = Path(cfg.data.root)
     _, test_a = load_folder(root / "testA", cfg.data.channels_a)
     _, truth = load_folder(root / "testB", cfg.data.channels_b)
@@ -184,17 +182,12 @@ def psnr_scorer(cfg: RunConfig, device: torch.device) -> Scorer:
 
 
 def _features(xs: list[Tensor], extractor: Callable, size: int) -> np.ndarray:
-    from translate.evaluate import image_features
-
     return image_features(xs, extractor, size=(size, size))
 
 
 def kid_scorer(cfg: RunConfig, device: torch.device) -> Scorer:
     """KID against held-out images, both sides resized to the training crop size (the size the
     nets see), with the features of train.eval_features."""
-    from translate.evaluate import apply_all, feature_extractor, load_folder
-    from translate.metrics import kid_from_features, kid_interval
-
     t, d, size = cfg.train, cfg.data, cfg.data.crop_size
     extractor, _ = feature_extractor(t.eval_features)
     unpaired = d.kind == "unpaired"

@@ -1,5 +1,5 @@
 """`translate eval`'s command line: which evaluation a command line asks for, and the table
-(or JSON object) it prints. The evaluations themselves are in translate/evaluate.py.
+(or JSON object) it prints. The evaluations themselves are in translate/eval/evaluate.py.
 
     translate eval runs/demo                 CycleGAN: PSNR/SSIM vs the known truth (demo data),
                                              do-nothing baseline, cycle reconstruction
@@ -21,19 +21,18 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from translate import config
+from translate import recipe
 from translate.config import RunConfig
 from translate.errors import UserError
-from translate.evaluate import (
-    PACGAN_SAMPLES,
+from translate.eval.evaluate import (
     eval_folders,
     eval_pairs,
     eval_toy_run,
     eval_translation,
     load_translators,
 )
+from translate.eval.protocol import lines as protocol_lines
 from translate.methods import METHODS
-from translate.protocol import lines as protocol_lines
 
 
 def evaluate(args: Any) -> dict[str, Any]:
@@ -74,7 +73,7 @@ def _model(run: str) -> tuple[Path, RunConfig | None]:
     if not path.exists():
         raise UserError(f"{path}: no such run folder or model file")
     found = path / "config.json"
-    return path, config.load_json(found) if found.is_file() else None
+    return path, recipe.load_json(found) if found.is_file() else None
 
 
 def _eval_pairs(args: Any, features: str | None) -> dict[str, Any]:
@@ -171,34 +170,3 @@ def cmd_eval(args: Any) -> int:
         for line in protocol_lines(result["protocol"]):
             console.print(f"protocol: {line}", highlight=False, soft_wrap=True)
     return 0
-
-
-def add_eval_parser(sub: Any) -> None:
-    p = sub.add_parser("eval", help="scores: PSNR/SSIM vs truth, cycle, FID/KID, toy modes")
-    p.add_argument("run", nargs="?", metavar="RUN_OR_EXPORT",
-                   help="run folder, export folder or exported generator (.safetensors/.onnx)")
-    p.add_argument("--folders", nargs=2, metavar=("DIR1", "DIR2"),
-                   help="FID and KID between two image folders instead")
-    p.add_argument("--data", metavar="ROOT", help="dataset root with testA/testB (default: "
-                   "the run's data.root; needed for an exported generator)")
-    p.add_argument("--split", choices=("test", "train"), default="test",
-                   help="which half of the dataset to score (ROOT/<split>A, <split>B)")
-    p.add_argument("--input", metavar="DIR", help="your own aligned pairs: the images to "
-                   "translate (with --truth; instead of --data)")
-    p.add_argument("--truth", metavar="DIR", help="the true translation of each --input image, "
-                   "under the same relative name (any image extension): PSNR/SSIM against it")
-    p.add_argument("--direction", choices=("ab", "ba"), help="with --input: which generator "
-                   "of a run or export folder translates (default ab, G_ab)")
-    p.add_argument("--fid-features", metavar="small|PATH", help="add FID/KID: 'small' (a fixed "
-                   "random net, relative measure only) or the pytorch-fid Inception weights file")
-    p.add_argument("--inception-weights", metavar="PATH",
-                   help="Inception weights for FID/KID (same as --fid-features PATH)")
-    p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
-    p.add_argument("--ema", action="store_true", help="use the EMA generator weights")
-    p.add_argument("--best", action="store_true", help="the run's best checkpoint "
-                   "(train.keep_best) instead of the newest")
-    p.add_argument("--samples", type=int, default=PACGAN_SAMPLES, help="toy runs: samples drawn")
-    p.add_argument("--seed", type=int, default=0, help="toy runs: seed of the latent codes")
-    p.add_argument("--batch-size", type=int, default=8, help="images per generator call")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead")
-    p.set_defaults(func=cmd_eval)

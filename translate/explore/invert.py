@@ -32,7 +32,9 @@ from torch import Tensor, nn
 
 from translate import viz
 from translate.errors import UserError
+from translate.export import _strip, run_generators
 from translate.images import load_image, to_tensor
+from translate.methods import METHODS
 
 
 @dataclass
@@ -139,9 +141,6 @@ def load_target(path: str | Path, channels: int, size: int) -> Tensor:
 
 def load_discriminator(cfg: Any, ckpt: Path) -> nn.Module:
     """The run's trained D (for the feature loss), in eval mode."""
-    from translate.export import _strip
-    from translate.methods import METHODS
-
     method = METHODS[cfg.method].build(cfg)
     names = list(method.nets)
     D = method.nets.get("D")
@@ -171,8 +170,6 @@ def invert_command(run: str | Path, image: str | Path, out: str | Path, steps: i
                    lr: float = 0.05, restarts: int = 4, feature_loss: float = 0.0,
                    encoder: bool = False, encoder_steps: int = 300, seed: int = 0,
                    step: int | None = None, ema: bool = False) -> tuple[Inversion, Path]:
-    from translate.export import run_generators
-
     if steps < 0 or restarts < 1 or lr <= 0 or feature_loss < 0 or encoder_steps < 1:
         raise UserError("invert: need --steps >= 0, --restarts >= 1, --lr > 0, "
                         "--feature-loss >= 0 and --encoder-steps >= 1")
@@ -210,25 +207,3 @@ def cmd_invert(args: argparse.Namespace) -> int:
     print(f"reconstruction MSE {result.mse:.6f} (best start {result.start_mse:.6f}; "
           "images in [-1, 1])")
     return 0
-
-
-def add_invert_parser(sub: Any) -> None:
-    p = sub.add_parser("invert", help="find the latent code of an image (GAN inversion)")
-    p.add_argument("run", help="run folder of an image GAN (dcgan, wgan_gp)")
-    p.add_argument("image", help="image file; resized and centre-cropped to G's size")
-    p.add_argument("--out", default="inverted.png",
-                   help="target|reconstruction PNG; the code goes to the same name .safetensors")
-    p.add_argument("--steps", type=int, default=500, help="Adam steps on z")
-    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on z")
-    p.add_argument("--restarts", type=int, default=4, help="random starts; the best is kept")
-    p.add_argument("--feature-loss", type=float, nargs="?", const=1.0, default=0.0,
-                   metavar="WEIGHT", help="add D's feature-map L2 with this weight (flag "
-                   "alone: 1.0)")
-    p.add_argument("--encoder", action="store_true",
-                   help="start from a small encoder trained on G's own samples")
-    p.add_argument("--encoder-steps", type=int, default=300, help="encoder training steps")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random starts (and the "
-                   "encoder's training samples)")
-    p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
-    p.add_argument("--ema", action="store_true", help="use the EMA generator")
-    p.set_defaults(func=cmd_invert)

@@ -5,7 +5,7 @@ size and count, which checkpoint was scored; and the warning when FID cannot mea
 Why: FID is biased upwards on small sets (it falls as images are added, so 40 test images give a
 much larger FID than 2,000 of the same distribution), the resize filter and 8-bit rounding move
 it by more than many reported gains, and "best during training" is not "last". KID is unbiased
-and comes with a subset-bootstrap interval (translate.metrics.kid_interval).
+and comes with a subset-bootstrap interval (translate.eval.metrics.kid_interval).
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from typing import Any
 
 import torch
 
+from translate.eval.fid import small_feature_net
+
 FID_MIN_IMAGES = 2000  # below this FID is biased and unstable (Inception: 2,048 features)
 RESIZE = ("8-bit rounding, then torch bilinear antialiased resize, half-pixel centres "
-          "(translate.metrics.metric_images)")
+          "(translate.eval.metrics.metric_images)")
 KID_INTERVAL = ("95%: 2.5-97.5 percentiles of KID over 100 random subsets of min(1000, n/2) "
-                "images per side (translate.metrics.kid_interval)")
+                "images per side (translate.eval.metrics.kid_interval)")
 
 
 @lru_cache(maxsize=8)
@@ -40,8 +42,6 @@ def extractor_sha256(spec: str, extractor: torch.nn.Module | None = None) -> str
     if spec != "small":
         st = Path(spec).stat()
         return _file_sha256(str(Path(spec).resolve()), st.st_size, st.st_mtime_ns)
-    from translate.fid import small_feature_net
-
     net = extractor if extractor is not None else small_feature_net()
     digest = hashlib.sha256()
     for name, tensor in sorted(net.state_dict().items()):

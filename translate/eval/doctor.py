@@ -14,12 +14,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from translate import health, protocol
 from translate.core import best, runlog
 from translate.errors import UserError
-from translate.health_monitor import KEY, REMEDIES
-from translate.periodic_eval import PROTOCOL_FILE
-from translate.plot import parse_log
+from translate.eval import health, protocol
+from translate.eval.monitor import KEY, REMEDIES
+from translate.eval.periodic import PROTOCOL_FILE
+from translate.explore.plot import parse_log
 
 MAX_ROWS = 24  # timeline rows printed without --all (evenly spaced, plus every warning step)
 
@@ -120,12 +120,3 @@ def cmd_doctor(args: Any) -> int:
     d = diagnose(args.run)
     print(json.dumps(d) if args.json else "\n".join(report(d, args.all)))
     return 0
-
-
-def add_doctor_parser(sub: Any) -> None:
-    p = sub.add_parser("doctor", help="a run's health timeline, best steps and warnings, read "
-                       "from its log without touching it")
-    p.add_argument("run", help="run folder (runs/<name>)")
-    p.add_argument("--all", action="store_true", help="every health check, not a sample")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead")
-    p.set_defaults(func=cmd_doctor)

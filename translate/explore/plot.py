@@ -314,12 +314,3 @@ def plot_run(run: str | Path, out: str | Path | None = None, smooth: float = 0.0
 def cmd_plot(args: Any) -> int:
     print(f"wrote {plot_run(args.run, args.out, args.smooth)}")
     return 0
-
-
-def add_plot_parser(sub: Any) -> None:
-    p = sub.add_parser("plot", help="plot a run's logged losses and scalars as a PNG")
-    p.add_argument("run", help="run folder (runs/<name>) or its log.jsonl")
-    p.add_argument("--out", help="output PNG (default RUN/plot.png)")
-    p.add_argument("--smooth", type=float, default=0.0,
-                   help="exponential smoothing weight in [0, 1), e.g. 0.9 for noisy GAN losses")
-    p.set_defaults(func=cmd_plot)

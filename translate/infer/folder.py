@@ -8,7 +8,7 @@ Choices worth knowing (see `translate_folder`):
 - Output size always equals input size: H and W are mirror-padded to `size_multiple` and
   cropped back. `resize=N` is the only resizing: the longer side becomes N (aspect kept).
 - Memory is bounded: images above 1024x1024 pixels run in 512 px tiles unless told otherwise
-  (`tile`), so a 4096x4096 image stays well under 4 GB; see translate/tiling.py for how norm
+  (`tile`), so a 4096x4096 image stays well under 4 GB; see translate/infer/tiling.py for how norm
   layers see whole-image statistics then.
 - Gray input to an RGB model is replicated; RGB input to a 1-channel model becomes luma.
 - Alpha is copied through unchanged (where the output format stores alpha).
@@ -57,10 +57,10 @@ from translate.images import (
     stores_alpha,
     to_uint8,
 )
-from translate.infer_plan import Job, check_format, plan
+from translate.infer.plan import Job, check_format, plan
 
-# The model run lives in translate/tiling.py; re-exported here, where users look for it.
-from translate.tiling import (
+# The model run lives in translate/infer/tiling.py; re-exported here, where users look for it.
+from translate.infer.tiling import (
     DEFAULT_OVERLAP,
     Generator,
     ModelInfo,
@@ -238,7 +238,7 @@ def _run_jobs(todo: list[Job], s: _Settings, pool: ThreadPoolExecutor, tally: _T
 
 @contextlib.contextmanager
 def _warm_up_shown(s: _Settings, batch: list[_Loaded], tally: _Tally) -> Iterator[None]:
-    """While a compiled generator compiles for a new input size (translate/compiled.py: tens
+    """While a compiled generator compiles for a new input size (translate/infer/compiled.py: tens
     of seconds, once per size), the progress bar says so instead of looking stuck."""
     h, w = batch[0].x.shape[2:]
     compiles = getattr(getattr(s.fn, "forward", s.fn), "compiles", None)

@@ -1,7 +1,7 @@
 """Evaluation metrics as pure functions: PSNR/SSIM, cycle scores, toy mode coverage, FID/KID.
 
 Images are float tensors (N, C, H, W) in [-1, 1]. The feature extractors for FID/KID live in
-translate/fid.py and are re-exported here.
+translate/eval/fid.py and are re-exported here.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from translate.errors import UserError
-from translate.fid import FeatureExtractor, FIDInceptionV3, load_inception, small_feature_net
+from translate.eval.fid import FeatureExtractor, FIDInceptionV3, load_inception, small_feature_net
 from translate.images import list_images, load_image, to_tensor
+
+PACGAN_SAMPLES = 2500  # generator samples per evaluation in PacGAN's protocol
 
 __all__ = [
     "GRID_STD",

@@ -1,7 +1,7 @@
 """Training health detectors: pure functions that each turn a few tensors (or logged values)
 into one number and a verdict. They answer the questions users ask days too late: is the output
 just the input, are the colours inverted, is there a checkerboard, did the outputs collapse to
-one, has D won, has a loss exploded. translate/health_monitor.py runs them during training.
+one, has D won, has a loss exploded. translate/eval/monitor.py runs them during training.
 
 Images are NCHW float tensors in [-1, 1]. Each detector returns a `Verdict`, or None where it
 does not apply (no source image, different channel counts, 2-D points instead of images).

@@ -1,4 +1,4 @@
-"""The health monitor of a training run: the detectors of translate/health.py run on the sample
+"""The health monitor of a training run: the detectors of translate/eval/health.py run on the sample
 batch every train.health_every steps (0: every sample_every, rounded up to a multiple of
 log_every), their values logged as health/<detector> (log.jsonl, trackers, `translate plot`),
 and ONE warning line with the remedy once a condition has held for train.health_patience
@@ -23,9 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from translate import health, periodic_eval
 from translate.config import RunConfig
 from translate.core import runlog
+from translate.core.schedules import health_due, health_interval
+from translate.eval import health
+from translate.eval import periodic as periodic_eval
 
 REFERENCE_SAMPLES = 32  # real samples per domain the outputs are compared with
 HISTORY_RECORDS = 1000  # log records the loss-based detectors remember
@@ -54,16 +56,11 @@ REMEDIES: dict[str, tuple[str, str]] = {
 
 
 def interval(cfg: RunConfig) -> int:
-    """Steps between checks: train.health_every, else sample_every rounded up to a multiple of
-    log_every (so that the checks fall on log steps and add no log record)."""
-    t = cfg.train
-    return t.health_every or -(-t.sample_every // t.log_every) * t.log_every
+    return health_interval(cfg.train)
 
 
 def due(cfg: RunConfig, step: int, total: int) -> bool:
-    """Whether `step` is a health check: the same answer on every process (it makes a log step,
-    which is collective)."""
-    return cfg.train.health and (step % interval(cfg) == 0 or step == total)
+    return health_due(cfg.train, step, total)
 
 
 def reference_batch(dataset: Any, n: int = REFERENCE_SAMPLES) -> dict[str, Tensor]:
@@ -144,6 +141,12 @@ class Monitor:
     records: deque = field(default_factory=lambda: deque(maxlen=HISTORY_RECORDS))
     streaks: dict[str, list[int]] = field(default_factory=dict)  # detector -> bad steps in a row
     last_step: int | None = None
+    method: Any = None  # whose sample grid the image checks watch (check_nets)
+
+    def check_nets(self, step: int, nets: dict[str, nn.Module], fixed: Any
+                   ) -> tuple[dict[str, float], list[str]]:
+        """`check` on what the method's generators do while it draws its sample grid."""
+        return self.check(step, generator_calls(self.method, nets, fixed))
 
     def observe(self, step: int, values: dict[str, Any]) -> None:
         """A log record (every log step): its losses and D outputs."""
@@ -220,4 +223,5 @@ def build(cfg: RunConfig, method: Any, dataset: Any, main: bool) -> Monitor | No
         return None
     t = cfg.train
     return Monitor(cfg.out_dir / "log.jsonl", dict(method.generators), reference_batch(dataset),
-                   str(getattr(cfg.model, "objective", "")), t.health_patience, interval(cfg))
+                   str(getattr(cfg.model, "objective", "")), t.health_patience, interval(cfg),
+                   method=method)

@@ -1,4 +1,4 @@
-"""The evaluations behind `translate eval` (its command line: translate/eval_report.py): a
+"""The evaluations behind `translate eval` (its command line: translate/eval/report.py): a
 CycleGAN or CUT run or export on a dataset's test split, on the user's own aligned pairs, a toy run,
 or two image folders.
 
@@ -19,11 +19,28 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from translate.data import toy_modes, toy_std
+from translate.data.demo import is_complete
 from translate.errors import UserError
-from translate.protocol import describe, fid_warning
+from translate.eval.fid import load_inception, small_feature_net
+from translate.eval.metrics import (
+    PACGAN_SAMPLES,
+    cycle_scores,
+    fid_from_features,
+    fid_kid_folders,
+    kid_from_features,
+    kid_interval,
+    metric_images,
+    mode_stats,
+    psnr,
+    ssim,
+)
+from translate.eval.protocol import checkpoint_of, describe, fid_warning
+from translate.export import run_generators
+from translate.images import list_images, load_image, to_tensor
+from translate.infer import ModelInfo, load_generator, translate_tensor
 
 Translator = Callable[[Tensor], Tensor]  # NCHW in [-1, 1] -> same N, H, W, clamped to [-1, 1]
-PACGAN_SAMPLES = 2500  # generator samples per evaluation in PacGAN's protocol
 SMALL_FEATURES = "small random conv net (relative measure only: not comparable to published FID)"
 
 
@@ -43,11 +60,8 @@ class Translators:
 
 def toy_scores(G: nn.Module, toy: str, n: int = PACGAN_SAMPLES, seed: int = 0
                ) -> dict[str, Any]:
-    """PacGAN protocol: n samples from G(z), z ~ N(0, I), scored by translate.metrics.mode_stats
+    """PacGAN protocol: n samples from G(z), z ~ N(0, I), scored by translate.eval.metrics.mode_stats
     against the true mixture. Returns modes, hq (a fraction), rkl, n_modes, samples."""
-    from translate.data import toy_modes, toy_std
-    from translate.metrics import mode_stats
-
     z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         x = G(z).float()
@@ -73,8 +87,6 @@ def truth_scores(fake: list[Tensor], src: list[Tensor], truth: list[Tensor], pre
     """Mean per-image PSNR/SSIM of the translations against the truth, and of doing nothing
     ("baseline_": the source itself, when it has the truth's channels; PSNR and SSIM are
     symmetric, so both directions share it). SSIM is left out below its 11-pixel window."""
-    from translate.metrics import psnr, ssim
-
     pairs = {prefix: fake}
     if src[0].shape[1] == truth[0].shape[1]:
         pairs["baseline_"] = src
@@ -88,19 +100,15 @@ def truth_scores(fake: list[Tensor], src: list[Tensor], truth: list[Tensor], pre
 
 
 def cycle_mean(xs: list[Tensor], recs: list[Tensor], prefix: str = "") -> dict[str, float]:
-    """Cycle reconstruction scores (translate.metrics.cycle_scores) averaged over images."""
-    from translate.metrics import cycle_scores
-
+    """Cycle reconstruction scores (translate.eval.metrics.cycle_scores) averaged over images."""
     per = [cycle_scores(x, r) for x, r in zip(xs, recs)]
     return {f"{prefix}{k}": float(np.mean([p[k] for p in per])) for k in per[0]}
 
 
 def image_features(xs: list[Tensor], extractor: Callable, batch_size: int = 32,
                    size: tuple[int, int] | None = None) -> np.ndarray:
-    """(N, D) features of 1xCxHxW images, through translate.metrics.metric_images at `size`
+    """(N, D) features of 1xCxHxW images, through translate.eval.metrics.metric_images at `size`
     (default: the first image's size, so that they batch)."""
-    from translate.metrics import metric_images
-
     size = size or tuple(xs[0].shape[-2:])
     ready = [metric_images(x, size) for x in xs]
     with torch.inference_mode():
@@ -109,8 +117,6 @@ def image_features(xs: list[Tensor], extractor: Callable, batch_size: int = 32,
 
 
 def fid_kid(f1: np.ndarray, f2: np.ndarray, prefix: str = "") -> dict[str, float]:
-    from translate.metrics import fid_from_features, kid_from_features, kid_interval
-
     kid, kid_std = kid_from_features(f1, f2)
     low, high, _ = kid_interval(f1, f2)
     return {f"{prefix}fid": fid_from_features(f1, f2), f"{prefix}kid_mean": kid,
@@ -126,22 +132,16 @@ def feature_label(spec: str) -> str:
 
 def feature_extractor(spec: str) -> tuple[Callable, str]:
     """"small" -> the fixed random conv net; anything else is a path to Inception weights."""
-    from translate.fid import load_inception, small_feature_net
-
     extractor = small_feature_net() if spec == "small" else load_inception(spec)
     return extractor, feature_label(spec)
 
 
 def _net_translator(net: nn.Module) -> Translator:
-    from translate.infer import ModelInfo, translate_tensor
-
     info = ModelInfo(net.in_channels, net.out_channels, net.size_multiple, net.min_size)
     return lambda x: translate_tensor(net, info, x).clamp(-1, 1)
 
 
 def _export_translator(path: Path) -> tuple[str, Translator, dict[str, str]]:
-    from translate.export import load_generator
-
     # Scores are computed in fp32 whatever the CPU: "auto" would be bf16 on one with native
     # bf16, and an export must score as its run does (`translate eval RUN`, fp32) everywhere.
     gen = load_generator(path, device="cpu", precision="fp32")
@@ -159,9 +159,6 @@ def load_translators(path: Path, data: str | None = None, step: int | None = Non
     """The generators of a run folder, an export folder (G_ab/G_ba.safetensors) or one file.
     `need_root`: an export must then be given its dataset root (`data`); `best`: the run's
     checkpoints/best."""
-    from translate.export import run_generators
-    from translate.protocol import checkpoint_of
-
     root = Path(data) if data else None
     if (path / "config.json").is_file():
         cfg, nets, ckpt = run_generators(path, step, ema, best)
@@ -193,8 +190,6 @@ def load_translators(path: Path, data: str | None = None, step: int | None = Non
 
 def load_folder(folder: Path, channels: int) -> tuple[list[str], list[Tensor]]:
     """(relative names, 1xCxHxW tensors in [-1, 1]) of every image under `folder`."""
-    from translate.images import list_images, load_image, to_tensor
-
     if not folder.is_dir():
         raise UserError(f"{folder}: folder not found; the dataset root needs {folder.name}/ "
                         "(pass --data ROOT or --split)")
@@ -212,8 +207,6 @@ def eval_translation(tr: Translators, split: str = "test", fid_features: str | N
                      batch_size: int = 8) -> dict[str, Any]:
     """Scores of every direction `tr` provides on ROOT/<split>A and ROOT/<split>B (a direction
     whose source folder is missing is skipped, unless no direction is left)."""
-    from translate.data.demo import is_complete
-
     if tr.root is None:
         raise UserError("the run has no data.root; pass --data ROOT (the folder with testA)")
     folders = {"a": tr.root / f"{split}A", "b": tr.root / f"{split}B"}
@@ -265,8 +258,6 @@ def eval_translation(tr: Translators, split: str = "test", fid_features: str | N
 def pair_folders(input_dir: Path, truth_dir: Path) -> list[tuple[Path, Path]]:
     """(input, truth) image pairs: the truth of INPUT/sub/x.jpg is TRUTH/sub/x.<any image
     extension>. Every input needs its truth; truth images without an input are left out."""
-    from translate.images import list_images
-
     for folder, flag in ((input_dir, "--input"), (truth_dir, "--truth")):
         if not folder.is_dir():
             raise UserError(f"{flag} {folder}: folder not found")
@@ -294,8 +285,6 @@ def eval_pairs(tr: Translators, input_dir: Path, truth_dir: Path, direction: str
                fid_features: str | None = None, batch_size: int = 8) -> dict[str, Any]:
     """PSNR/SSIM of the translations of INPUT against their aligned truth in TRUTH (and of
     doing nothing), cycle scores when the other generator is there, FID/KID on request."""
-    from translate.images import load_image, to_tensor
-
     direction = direction or ("ab" if "ab" in tr.fns else next(iter(tr.fns)))
     if direction not in tr.fns:
         raise UserError(f"--direction {direction}: {tr.source} has no G_{direction}; it has "
@@ -334,9 +323,6 @@ def eval_pairs(tr: Translators, input_dir: Path, truth_dir: Path, direction: str
 def eval_toy_run(run: Path, step: int | None = None, ema: bool = False,
                  n: int = PACGAN_SAMPLES, seed: int = 0, best: bool = False) -> dict[str, Any]:
     """PacGAN scores of a toy run's generator (newest checkpoint unless `step` or `best`)."""
-    from translate.export import run_generators
-    from translate.protocol import checkpoint_of
-
     cfg, nets, ckpt = run_generators(run, step, ema, best)
     state = json.loads((ckpt / "state.json").read_text())
     which = checkpoint_of(ckpt, state["step"], step is not None) + (" (EMA)" if ema else "")
@@ -347,8 +333,6 @@ def eval_toy_run(run: Path, step: int | None = None, ema: bool = False,
 
 def eval_folders(folder1: Path, folder2: Path, fid_features: str = "small",
                  batch_size: int = 32) -> dict[str, Any]:
-    from translate.metrics import fid_kid_folders
-
     extractor, label = feature_extractor(fid_features)
     scores = fid_kid_folders(folder1, folder2, extractor, batch_size)
     counts = {"folder1": scores["n1"], "folder2": scores["n2"]}

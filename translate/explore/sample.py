@@ -13,9 +13,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from translate import latent, viz
+from translate import viz
+from translate.data import toy_modes
 from translate.errors import UserError
+from translate.explore import latent
 from translate.export import run_generators
+from translate.images import save_image, to_uint8
+from translate.methods import cgan, infogan
 
 SEPARATE_BATCH = 256  # codes per generator call when writing separate files (bounds memory)
 
@@ -53,8 +57,6 @@ def coded_grid(cfg, G: torch.nn.Module, n: int, g: torch.Generator, class_name: 
                vary_code: int | None, other_mode: str | None) -> np.ndarray | None:
     """The grid of a run whose G reads codes beside z (cgan's class, infogan's codes); None
     for the other methods. `other_mode`: a flag asking for another kind of picture."""
-    from translate.methods import cgan, infogan
-
     if cfg.method not in ("cgan", "infogan"):
         return None
     if other_mode:
@@ -121,8 +123,6 @@ def _picture(cfg, G: torch.nn.Module, n: int, seed: int, interpolate: bool, step
         return viz.scatter(x) if toy else viz.square_grid(x, steps)
     x = G(latent.grid_codes(G.z_dim, n, seed)).float()
     if toy:
-        from translate.data import toy_modes
-
         return viz.scatter(x, toy_modes(cfg.data.toy))
     return viz.square_grid(x, max(1, math.isqrt(n)))
 
@@ -150,8 +150,6 @@ def write_separate(cfg, G: torch.nn.Module, n: int, seed: int, class_name: str |
     folder/<class>/), e.g. for `translate eval --folders FOLDER DATA`. Sample i of a plain GAN
     is cell i of the grid `translate sample --n N --seed S` draws. Each file is complete
     under its name (written to a temporary name first)."""
-    from translate.methods import cgan, infogan
-
     g = torch.Generator().manual_seed(seed)
     if cfg.method == "cgan":
         names = [class_name] if class_name is not None else list(cfg.model.classes)
@@ -168,8 +166,6 @@ def write_separate(cfg, G: torch.nn.Module, n: int, seed: int, class_name: str |
 
 def _write_batches(folder: Path, n: int, seed: int, draw) -> None:
     """draw(k) -> k images (NCHW in [-1, 1]), called for SEPARATE_BATCH at a time."""
-    from translate.images import save_image, to_uint8
-
     folder.mkdir(parents=True, exist_ok=True)
     for start in range(0, n, SEPARATE_BATCH):
         images = to_uint8(draw(min(SEPARATE_BATCH, n - start)))

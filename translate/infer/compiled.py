@@ -16,7 +16,7 @@ grey levels on average for a 300x260 image padded to 320x288 (the test suite's s
 ResNet).
 
 Runs also fall back to eager where a compiled graph would be wrong or cannot be made: tiled
-runs of norm nets (translate/tiling.py patches the norm layers to whole-image statistics, which
+runs of norm nets (translate/infer/tiling.py patches the norm layers to whole-image statistics, which
 a frozen graph would not see), and a compile that fails (e.g. no C++ compiler: one warning).
 """
 
@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from translate.tiling import ModelInfo, Tile, norm_layers, tile_side
+from translate.infer.tiling import ModelInfo, Tile, norm_layers, tile_side
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 MAX_SIZES = 8  # compiled shapes per generator; torch.compile's own recompile limit is 8
