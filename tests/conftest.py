@@ -82,18 +82,52 @@ TINY_CUT = [
     'data.preprocess="crop"', "data.load_size=16", "data.crop_size=16", "train.batch_size=2",
 ]
 
+# Every tiny model the tests train, by name: (recipe, --set overrides). The one place these
+# sizes are written; tests take them through tiny_sets / tiny_config / tiny_cli.
+TINY = {
+    "cyclegan": ("cyclegan_demo.toml", TINY_CYCLEGAN),
+    "cut": ("cut_demo.toml", TINY_CUT),
+    "toy": ("toy_gan_ring.toml", ["model.hidden=16", "train.batch_size=8"]),
+    "dcgan": ("dcgan.toml", ["model.ngf=4", "model.ndf=4", "model.image_size=32",
+                             "data.crop_size=32", "model.z_dim=8", "train.batch_size=4"]),
+}
+
+
+def tiny_sets(method: str) -> list[str]:
+    """The --set overrides (KEY=VALUE) that make `method`'s recipe tiny."""
+    return list(TINY[method][1])
+
+
+def tiny_cli(method: str) -> list[str]:
+    """The same as command-line arguments: --set KEY=VALUE ..."""
+    return [a for s in TINY[method][1] for a in ("--set", s)]
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f'"{value}"' if isinstance(value, (str, Path)) else str(value)
+
+
+def tiny_config(method: str, *sets: str, **overrides: object):
+    """`method`'s recipe made tiny, then `sets` ("train.steps=2") and `overrides` (keyword
+    form: run_dir=PATH, train__steps=2 for train.steps=2), as `translate train --set` would."""
+    from translate import recipe as recipe_mod
+
+    recipe, tiny = TINY[method]
+    extra = [f"{k.replace('__', '.')}={_toml(v)}" for k, v in overrides.items()]
+    return recipe_mod.load(ROOT / "recipes" / recipe, [*tiny, *sets, *extra])
+
 
 @pytest.fixture(scope="session")
 def generator(tmp_path_factory, tiny_unpaired) -> Path:
     """G_ab of a 1-step tiny CycleGAN run on tiny_unpaired, exported as safetensors (read-only:
     tests that damage a model copy it first)."""
-    from translate import recipe as recipe_mod
     from translate.export import export_run
     from translate.runner import train
 
     run = tmp_path_factory.mktemp("gen") / "run"
-    cfg = recipe_mod.load(ROOT / "recipes" / "cyclegan_demo.toml", TINY_CYCLEGAN + [
-        f'data.root="{tiny_unpaired}"', f'run_dir="{run}"', "train.steps=1"])
+    cfg = tiny_config("cyclegan", data__root=tiny_unpaired, run_dir=run, train__steps=1)
     train(cfg, progress=False)
     export_run(run)
     return run / "export" / "G_ab.safetensors"

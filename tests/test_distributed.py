@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CUT, TINY_CYCLEGAN, random_image_folder, run_cli
+from conftest import ROOT, TINY_CUT, TINY_CYCLEGAN, random_image_folder, run_cli, tiny_sets
 from safetensors.torch import load_file
 from torch import nn
 
@@ -313,9 +313,8 @@ def test_epoch_length_counts_processes_and_accumulation(tiny_unpaired):
     assert steps(1, 2, 2) == steps(2, 1, 2) == steps(4, 1, 1)
 
 
-DCGAN = ["model.ngf=4", "model.ndf=4", "model.image_size=32", "data.crop_size=32",
-         "model.z_dim=8", "train.batch_size=4"]
-TOY_GAN = ["model.hidden=16", "train.batch_size=8"]
+DCGAN = tiny_sets("dcgan")
+TOY_GAN = tiny_sets("toy")
 BF16_RUNS = {  # name: (recipe, sets, penalty logged, data: "unpaired" / "images" / "classes")
     "cyclegan": ("cyclegan_demo.toml", TINY_CYCLEGAN, None, "unpaired"),
     "cut": ("cut_demo.toml", TINY_CUT, None, "unpaired"),

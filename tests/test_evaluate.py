@@ -7,7 +7,6 @@ import importlib.util
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +16,11 @@ from conftest import ROOT, TINY_CYCLEGAN, run_cli
 from PIL import Image
 
 from translate import recipe as recipe_mod
-from translate.errors import UserError
 from translate.eval.evaluate import toy_scores
-from translate.eval.report import add_eval_parser
 from translate.explore.plot import (
     PANEL_HEIGHT,
     TITLE_HEIGHT,
     WIDTH,
-    add_plot_parser,
     group_keys,
     nice_ticks,
     parse_log,
@@ -42,22 +38,11 @@ def _wired(command: str) -> bool:
 
 
 def _main(argv: list[str]) -> int:
-    """cli.main once eval/plot are wired into cli.py; until then the same parsers, with the
-    same error contract (UserError -> "error: ..." on stderr, exit code 2)."""
+    """cli.main: eval and plot are commands of cli.py (their parsers in translate/cli_args.py)."""
     from translate import cli
 
-    if _wired(argv[0]):
-        return cli.main(argv)
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_eval_parser(sub)
-    add_plot_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    assert _wired(argv[0])
+    return cli.main(argv)
 
 
 def _json(capsys, argv: list[str]) -> dict:

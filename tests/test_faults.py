@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, tiny_sets
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -39,7 +39,7 @@ from translate.core.faults import MAX_ROLLBACKS
 from translate.errors import UserError
 from translate.runner import train
 
-TOY = ["model.hidden=16", "train.batch_size=8"]
+TOY = tiny_sets("toy")
 TOY_RECIPE = "recipes/toy_gan_ring.toml"
 NO_SAMPLES = 1_000_000  # sample_every: sampling only at the last step
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, random_image_folder, run_cli
+from conftest import ROOT, random_image_folder, run_cli, tiny_cli
 from PIL import Image
 from test_train import _weights
 
@@ -33,7 +33,7 @@ from translate.errors import UserError
 from translate.explore.sample import sample_command
 from translate.runner import train
 
-TOY = ["--set", "model.hidden=16", "--set", "train.batch_size=8"]
+TOY = tiny_cli("toy")
 ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|\][^\x07]*\x07|[()][A-Z0-9])")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, random_image_folder
+from conftest import ROOT, random_image_folder, tiny_sets
 from safetensors.torch import load_file
 from test_train import _losses, _weights
 
@@ -19,9 +19,8 @@ from translate.core import checkpoint, loop
 from translate.methods import METHODS
 from translate.runner import train
 
-TOY = ["model.hidden=16", "model.z_dim=5", "train.batch_size=8"]
-TINY_DCGAN = ["model.ngf=4", "model.ndf=4", "model.image_size=32", "data.crop_size=32",
-              "model.z_dim=8", "train.batch_size=4"]
+TOY = [*tiny_sets("toy"), "model.z_dim=5"]
+TINY_DCGAN = tiny_sets("dcgan")
 
 
 def _cfg(recipe: str, run: Path, steps: int, sets: list[str]) -> config.RunConfig:

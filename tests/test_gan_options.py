@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN, run_cli
+from conftest import ROOT, TINY_CYCLEGAN, run_cli, tiny_sets
 from PIL import Image
 from torch import nn
 
@@ -21,8 +21,8 @@ from translate.nets import build_net
 from translate.nets.attention import SelfAttention
 from translate.nets.minibatch_std import MinibatchStd
 
-TOY = ["model.hidden=16", "model.depth=2", "train.batch_size=8", "train.log_every=1",
-       "train.sample_every=100", "train.save_every=100"]
+TOY = [*tiny_sets("toy"), "model.depth=2", "train.log_every=1", "train.sample_every=100",
+       "train.save_every=100"]
 
 
 def _folder(path: Path, n: int = 8, size: int = 32) -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN, run_cli
+from conftest import ROOT, run_cli, tiny_cli
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from translate import cli
 from translate.infer import ModelInfo, translate_folder
 
-TINY_SETS = [a for s in TINY_CYCLEGAN for a in ("--set", s)]
+TINY_SETS = tiny_cli("cyclegan")
 RECIPE = "recipes/cyclegan_demo.toml"
 NAME_MAX = os.pathconf("/", "PC_NAME_MAX")  # bytes in one path component
 PATH_MAX = os.pathconf("/", "PC_PATH_MAX")  # bytes in a whole path

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN
+from conftest import ROOT, TINY_CYCLEGAN, tiny_cli, tiny_sets
 from PIL import Image
 
 from translate import config
@@ -34,13 +34,14 @@ from translate import data as data_mod
 from translate import recipe as recipe_mod
 from translate.core import checkpoint, faults
 from translate.errors import ImageError, UserError
-from translate.images import TRAIN_LIMIT, _temp_name, is_temp_name
+from translate.files import temp_name as _temp_name
+from translate.images import TRAIN_LIMIT, is_temp_name
 from translate.runner import train
 
 TOY_RECIPE = "recipes/toy_gan_ring.toml"
-TOY = ["model.hidden=16", "train.batch_size=8"]
+TOY = tiny_sets("toy")
 RECIPE = "recipes/cyclegan_demo.toml"
-TINY_SETS = [a for s in TINY_CYCLEGAN for a in ("--set", s)]
+TINY_SETS = tiny_cli("cyclegan")
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
 
 

@@ -217,3 +217,37 @@ def test_the_checker_reads_relative_and_type_checking_imports(tmp_path):
     found = {t for t, _, _ in imports(path, set(package_graph()[1]))}
     assert "translate.core.checkpoint" in found and "accelerate" in found
     assert not any(t.startswith("translate.methods") for t in found)
+
+
+# ------------------------------------------------------------------ methods own their behaviour
+
+
+def method_name_comparisons(path: Path, names: set[str], root: Path = PACKAGE.parent
+                            ) -> list[str]:
+    """`x == "cgan"`, `x in ("cgan", "infogan")`, ... in a file: each as "file:line"."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Compare):
+            continue
+        for side in [node.left, *node.comparators]:
+            consts = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+            if any(isinstance(c, ast.Constant) and c.value in names for c in consts):
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+                break
+    return found
+
+
+def test_no_method_name_is_compared_outside_the_methods():
+    from translate.methods import METHODS
+
+    names = set(METHODS)
+    found = [hit for p in sorted(PACKAGE.rglob("*.py")) if "methods" not in p.parts
+             for hit in method_name_comparisons(p, names)]
+    assert found == [], ("a method owns its behaviour (a field or hook of its registry entry, "
+                         "translate/methods/), no comparison of its name: " + ", ".join(found))
+
+
+def test_the_method_name_check_finds_a_comparison(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text('if cfg.method in ("cgan", "x"):\n    pass\nok = kind == "toy"\n')
+    assert method_name_comparisons(path, {"cgan", "infogan"}, tmp_path) == ["probe.py:1"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN, run_cli
+from conftest import ROOT, TINY_CYCLEGAN, run_cli, tiny_sets
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -20,8 +20,8 @@ from translate.explore.plot import group_keys, parse_log
 from translate.export import run_generators
 from translate.runner import train
 
-TOY = ["model.hidden=16", "train.batch_size=8", "train.log_every=4", "train.save_every=3",
-       "train.sample_every=100", "train.steps=6"]
+TOY = [*tiny_sets("toy"), "train.log_every=4", "train.save_every=3", "train.sample_every=100",
+       "train.steps=6"]
 
 
 def _toy(run: Path, *sets: str) -> list[dict]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN, run_cli
+from conftest import ROOT, TINY_CYCLEGAN, run_cli, tiny_cli
 from safetensors.torch import load_file
 
 from translate import cli
@@ -23,7 +23,7 @@ from translate.core.schedules import lr_factor
 from translate.export import read_metadata
 
 RECIPE = "recipes/toy_gan_ring.toml"
-TOY = ["--set", "model.hidden=16", "--set", "train.batch_size=8"]
+TOY = tiny_cli("toy")
 FP32 = ["--mixed-precision", "no"]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, tiny_cli
 from PIL import Image
 
 from translate import config
@@ -18,8 +18,7 @@ from translate import recipe as recipe_mod
 from translate.core import tracking
 from translate.errors import ConfigError
 
-TOY = ["train", "recipes/toy_gan_ring.toml", "--set", "model.hidden=16", "--set",
-       "train.batch_size=8", "--log-every", "2", "--sample-every", "2", "--save-every", "2",
+TOY = ["train", "recipes/toy_gan_ring.toml", *tiny_cli("toy"), "--log-every", "2", "--sample-every", "2", "--save-every", "2",
        "--eval-every", "4", "--no-progress"]
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from translate import files
 from translate.errors import ConfigError
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")  # train.mixed_precision's values (and the flags')
@@ -277,9 +278,7 @@ def fit_intervals(cfg: RunConfig, keep: set[str]) -> tuple[RunConfig, str]:
 
 
 def save(cfg: RunConfig, path: Path) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # a failed write never leaves a truncated config.json
+    files.write_text(path, json.dumps(to_dict(cfg), indent=2) + "\n")  # never a truncated one
 
 
 # Keys holding paths: the same folder spelt another way (relative, absolute, a trailing slash)

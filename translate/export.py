@@ -18,6 +18,7 @@ from translate import recipe
 from translate.core import best as best_mod
 from translate.core import checkpoint
 from translate.errors import UserError
+from translate.files import atomic_path
 from translate.infer.load import FORMAT, load_generator, model_info, read_metadata  # noqa: F401
 from translate.methods import METHODS
 from translate.onnx_export import export_onnx
@@ -128,10 +129,9 @@ def export_run(run: str | Path, step: int | None = None, ema: bool = False,
         if record:
             meta["checkpoint"] = f"best by {record['metric']} ({record['value']:.6g})"
         path = out_dir / f"{name}.safetensors"
-        tmp = path.with_name("." + path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), meta)
-        checkpoint.apply_umask([tmp])  # safetensors creates 0600 files
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), meta)
+            checkpoint.apply_umask([tmp])  # safetensors creates 0600 files
         n = sum(p.numel() for p in net.parameters())
         lines.append(f"wrote {path} ({n / 1e6:.3f} M parameters, {which})")
         if onnx:

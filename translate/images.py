@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import struct
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from translate.errors import ImageError, UserError
+from translate.files import TEMP_NAME, TEMP_STEM_BYTES, atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 128_000_000  # decompression-bomb guard, in pixels (width * height)
@@ -284,41 +283,28 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
         raise ImageError(f"{path}: unknown image extension — use one of "
                          f"{', '.join(IMAGE_EXTENSIONS)} or pass a format")
     im = _to_pil(rgb, alpha if fmt in _ALPHA_FORMATS else None, bit_depth, fmt)
-    tmp = path.with_name(_temp_name(path.name))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # The umask decides the rest (mkstemp would force 0o600); never world-writable.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o664)
-        with os.fdopen(fd, "wb") as f:
-            im.save(f, format=fmt, **_SAVE_OPTIONS.get(fmt, {}))
-        os.replace(tmp, path)  # no fsync: a killed process is the case to guard, not power loss
-    except BaseException as e:
-        with contextlib.suppress(OSError):  # e.g. the path is too long to unlink either
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise ImageError(f"{path}: cannot write ({_one_line(e)}) — check free disk space "
-                             "and folder permissions") from e
-        raise
+        with atomic_path(path) as tmp:
+            # The umask decides the rest (mkstemp would force 0o600); never world-writable.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o664)
+            with os.fdopen(fd, "wb") as f:
+                im.save(f, format=fmt, **_SAVE_OPTIONS.get(fmt, {}))
+    except OSError as e:
+        raise ImageError(f"{path}: cannot write ({_one_line(e)}) — check free disk space "
+                         "and folder permissions") from e
 
 
-_TEMP_STEM_BYTES = 200
-_TEMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp", re.DOTALL)
-
-
-def _temp_name(name: str) -> str:
-    # Hidden, unique, and short enough for NAME_MAX (255 bytes) even when the name itself is.
-    stem = os.fsdecode(os.fsencode(name)[:_TEMP_STEM_BYTES])
-    return f".{stem}.{uuid.uuid4().hex[:8]}.tmp"
 
 
 def is_temp_name(name: str) -> bool:
     """True for exactly the names `save_image` gives its temp files (an image name, or its
     first 200 bytes, between a dot and `.<8 hex>.tmp`), so a cleanup removes nothing else."""
-    m = _TEMP_NAME.fullmatch(name)
+    m = TEMP_NAME.fullmatch(name)
     if m is None:
         return False
     stem = m.group(1)
-    return _is_image_name(stem) or len(os.fsencode(stem)) == _TEMP_STEM_BYTES
+    return _is_image_name(stem) or len(os.fsencode(stem)) == TEMP_STEM_BYTES
 
 
 def clear_stale_temps(folders: set[Path]) -> int:

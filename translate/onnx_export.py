@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from translate.errors import ModelError
+from translate.files import atomic_path
 from translate.infer.onnx import need as _need
 from translate.infer.onnx import session as _session
 
@@ -58,9 +59,8 @@ def export_onnx(net: nn.Module, meta: dict[str, str], path: Path, opset: int = 1
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    tmp = path.with_name("." + path.name + ".tmp")
-    onnx.save_model(model, str(tmp), save_as_external_data=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        onnx.save_model(model, str(tmp), save_as_external_data=False)
     worst = 0.0
     sess = _session(path)
     for x in checks:

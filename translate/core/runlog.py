@@ -23,6 +23,8 @@ from rich.progress import (
 from rich.table import Column
 from rich.text import Text
 
+from translate import files
+
 if TYPE_CHECKING:
     from translate.core.tracking import Trackers
 
@@ -106,9 +108,7 @@ class RunLog:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if (record := _record(line)) is not None and record.get("step", 0) <= step]
-        tmp = self.path.with_name("." + self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        files.write_text(self.path, "".join(line + "\n" for line in kept))
 
     def rewind(self, step: int) -> None:
         """Continue from `step` again (a NaN rollback): later lines are dropped."""
@@ -163,9 +163,8 @@ class RunLog:
             return None
         self.samples.mkdir(parents=True, exist_ok=True)
         path = self.samples / f"step_{step:07d}.png"
-        tmp = path.with_name("." + path.name)
-        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(tmp, "PNG")
-        tmp.replace(path)
+        with files.atomic_path(path) as tmp:
+            Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(tmp, "PNG")
         if self.trackers is not None:
             self.trackers.image(step, image)
         return path

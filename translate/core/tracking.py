@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from translate import files
 from translate.config import RunConfig, flat
 from translate.errors import ConfigError, UserError
 
@@ -65,9 +66,7 @@ def _saved_id(path: Path, make: Callable[[], str]) -> str:
     if path.is_file():
         return path.read_text().strip()
     value = make()
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(value + "\n")
-    os.replace(tmp, path)
+    files.write_text(path, value + "\n")
     return value
 
 

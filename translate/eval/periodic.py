@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from translate import files
 from translate.config import RunConfig
 from translate.data import toy_modes, toy_std
 from translate.data.demo import is_complete
@@ -40,13 +41,14 @@ from translate.eval.metrics import kid_from_features, kid_interval, mode_stats, 
 from translate.eval.protocol import describe
 from translate.images import list_images
 from translate.infer.tiling import ModelInfo, translate_tensor
+from translate.methods import METHODS
 
 Nets = dict[str, nn.Module]
 Scorer = Callable[[Nets], dict[str, float]]
 KID_MAX_IMAGES = 1000  # generated images per KID evaluation (at most the reference's count)
 SEED = 0  # latent codes of every evaluation, as `translate eval --seed 0`
 # Methods whose G(z) takes z ~ N(0, I) alone (a conditional G also needs its labels or codes).
-GAUSSIAN_LATENT = ("gan", "dcgan", "wgan_gp")
+GAUSSIAN_LATENT = tuple(n for n, spec in METHODS.items() if spec.gaussian_latent)
 KEYS = {"toy": ("eval/modes", "eval/hq", "eval/rkl"), "psnr": ("eval/psnr",),
         "kid": ("eval/kid", "eval/kid_lo", "eval/kid_hi")}  # what each kind of scorer logs
 PROTOCOL_FILE = "eval_protocol.json"  # in the run folder, written at the first evaluation
@@ -65,7 +67,7 @@ def kind_of(cfg: RunConfig) -> str:
         if not t.eval_data and is_complete(root):
             return "psnr"
         reference = Path(t.eval_data) if t.eval_data else root / "testB"
-    elif cfg.method not in GAUSSIAN_LATENT:
+    elif not METHODS[cfg.method].gaussian_latent:
         raise ConfigError(f"train.eval_every: no score during training for {cfg.method} runs "
                           f"yet (KID covers {', '.join(GAUSSIAN_LATENT)}); set it to 0")
     else:
@@ -124,9 +126,7 @@ def _writing_protocol(scorer: Scorer, path: Path, protocol: dict) -> Scorer:
 
     def score(nets: Nets) -> dict[str, float]:
         if not written:
-            tmp = path.with_name("." + path.name + ".tmp")
-            tmp.write_text(json.dumps(protocol, indent=2) + "\n")
-            tmp.replace(path)
+            files.write_text(path, json.dumps(protocol, indent=2) + "\n")
             written.append(path)
         return scorer(nets)
 

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from translate import viz
 from translate.errors import UserError
 from translate.export import _strip, run_generators
+from translate.files import atomic_path
 from translate.images import load_image, to_tensor
 from translate.methods import METHODS
 
@@ -155,14 +156,12 @@ def load_discriminator(cfg: Any, ckpt: Path) -> nn.Module:
 
 def _save(out: Path, target: Tensor, result: Inversion, meta: dict[str, str]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name("." + out.name + ".tmp")
     picture = viz.grid([torch.cat([target, result.reconstruction.detach()])])
-    Image.fromarray(np.ascontiguousarray(picture)).save(tmp, "PNG")
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        Image.fromarray(np.ascontiguousarray(picture)).save(tmp, "PNG")
     z_path = out.with_suffix(".safetensors")
-    tmp = z_path.with_name("." + z_path.name + ".tmp")
-    save_file({"z": result.z.contiguous()}, str(tmp), meta)
-    tmp.replace(z_path)
+    with atomic_path(z_path) as tmp:
+        save_file({"z": result.z.contiguous()}, str(tmp), meta)
     return z_path
 
 
@@ -178,7 +177,7 @@ def invert_command(run: str | Path, image: str | Path, out: str | Path, steps: i
     if G is None or not hasattr(G, "image_size"):
         raise UserError(f"{run}: `invert` needs an image GAN run (dcgan, wgan_gp); toy and "
                         "CycleGAN runs have no image latent space")
-    if cfg.method in ("cgan", "infogan"):
+    if METHODS[cfg.method].coded is not None:
         # Their G input is noise + a one-hot label / codes: a free z would leave that space.
         raise UserError(f"{run}: `invert` works on unconditional GANs (dcgan, wgan_gp, gan); "
                         f"a {cfg.method} generator also takes labels or codes")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from translate import viz
 from translate.core.runlog import RUN_SHAPE
 from translate.errors import UserError
+from translate.files import atomic_path
 
 WIDTH = 960  # output width in pixels
 TITLE_HEIGHT = 36  # pixels above the first panel
@@ -305,9 +305,8 @@ def plot_run(run: str | Path, out: str | Path | None = None, smooth: float = 0.0
         title += f", smoothing {smooth}"
     out = Path(out) if out else log_path.parent / "plot.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name("." + out.name + ".tmp")
-    render(log, title, smooth).save(tmp, "PNG")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        render(log, title, smooth).save(tmp, "PNG")
     return out
 
 

@@ -18,8 +18,10 @@ from translate.data import toy_modes
 from translate.errors import UserError
 from translate.explore import latent
 from translate.export import run_generators
+from translate.files import atomic_path
 from translate.images import save_image, to_uint8
-from translate.methods import cgan, infogan
+from translate.methods import METHODS, cgan, infogan
+from translate.methods.base import CodedSampling
 
 SEPARATE_BATCH = 256  # codes per generator call when writing separate files (bounds memory)
 
@@ -44,27 +46,29 @@ def interpolation_codes(z_dim: int, rows: int, steps: int, generator: torch.Gene
 
 
 def check_codes(cfg, class_name: str | None, vary_code: int | None) -> None:
-    """--class needs a cgan run, --vary-code an infogan run."""
-    if class_name is not None and cfg.method != "cgan":
-        raise UserError(f"--class: the run's method is {cfg.method}; --class needs a "
-                        "class-conditional (cgan) run")
-    if vary_code is not None and cfg.method != "infogan":
-        raise UserError(f"--vary-code: the run's method is {cfg.method}; --vary-code needs an "
-                        "infogan run")
+    """--class and --vary-code each need a run whose G reads that kind of code."""
+    coded = METHODS[cfg.method].coded
+    for spec, value in ((cgan.SAMPLING, class_name), (infogan.SAMPLING, vary_code)):
+        if value is not None and (coded is None or coded.flag != spec.flag):
+            raise UserError(f"{spec.flag}: the run's method is {cfg.method}; {spec.flag} needs "
+                            f"{spec.needs}")
+
+
+def _option(coded: CodedSampling, class_name: str | None, vary_code: int | None):
+    """The value of the option that picks `coded`'s codes (None: not given)."""
+    return {"--class": class_name, "--vary-code": vary_code}[coded.flag]
 
 
 def coded_grid(cfg, G: torch.nn.Module, n: int, g: torch.Generator, class_name: str | None,
                vary_code: int | None, other_mode: str | None) -> np.ndarray | None:
     """The grid of a run whose G reads codes beside z (cgan's class, infogan's codes); None
     for the other methods. `other_mode`: a flag asking for another kind of picture."""
-    if cfg.method not in ("cgan", "infogan"):
+    coded = METHODS[cfg.method].coded
+    if coded is None:
         return None
     if other_mode:
-        raise UserError(f"{other_mode}: not available for {cfg.method} runs; use "
-                        + ("--class NAME" if cfg.method == "cgan" else "--vary-code I"))
-    if cfg.method == "cgan":
-        return cgan.class_grid(cfg, G, n, g, class_name)
-    return infogan.code_grid(cfg, G, n, g, vary_code)
+        raise UserError(f"{other_mode}: not available for {cfg.method} runs; use {coded.usage}")
+    return coded.grid(cfg, G, n, g, _option(coded, class_name, vary_code))
 
 
 def sample_command(run: str | Path, n: int = 64, out: str | Path | None = None,
@@ -105,9 +109,8 @@ def sample_command(run: str | Path, n: int = 64, out: str | Path | None = None,
                                              f"{'_ema' if ema else ''}.png")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name("." + out.name + ".tmp")
-    Image.fromarray(np.ascontiguousarray(image)).save(tmp, "PNG")
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        Image.fromarray(np.ascontiguousarray(image)).save(tmp, "PNG")
     return out
 
 
@@ -141,7 +144,8 @@ def picture_kind(method: str, interpolate: bool, linear: bool, arithmetic: str |
         return "class_" + re.sub(r"[^\w.-]", "_", class_name)
     if vary_code is not None:
         return f"code{vary_code}"
-    return "classes" if method == "cgan" else "grid"
+    coded = METHODS[method].coded
+    return coded.picture if coded is not None else "grid"
 
 
 def write_separate(cfg, G: torch.nn.Module, n: int, seed: int, class_name: str | None,
@@ -151,13 +155,10 @@ def write_separate(cfg, G: torch.nn.Module, n: int, seed: int, class_name: str |
     is cell i of the grid `translate sample --n N --seed S` draws. Each file is complete
     under its name (written to a temporary name first)."""
     g = torch.Generator().manual_seed(seed)
-    if cfg.method == "cgan":
-        names = [class_name] if class_name is not None else list(cfg.model.classes)
-        for name in names:
-            _write_batches(folder / name if class_name is None else folder, n, seed,
-                           lambda k, name=name: cgan.class_samples(cfg, G, k, g, name))
-    elif cfg.method == "infogan":
-        _write_batches(folder, n, seed, lambda k: infogan.prior_samples(cfg, G, k, g))
+    coded = METHODS[cfg.method].coded
+    if coded is not None:
+        for sub, draw in coded.separate(cfg, G, g, _option(coded, class_name, None)):
+            _write_batches(folder / sub if sub else folder, n, seed, draw)
     else:
         codes = iter(latent.grid_codes(G.z_dim, n, seed).split(SEPARATE_BATCH))
         _write_batches(folder, n, seed, lambda k: G(next(codes)).float())

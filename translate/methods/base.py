@@ -52,6 +52,21 @@ class Method(Protocol):
 
 
 @dataclass(frozen=True)
+class CodedSampling:
+    """What `translate sample` needs of a G that reads codes beside z (cgan's class, infogan's
+    codes): a free z alone would leave its input space, so it draws through these."""
+
+    flag: str      # the sample option that picks the codes: "--class" or "--vary-code"
+    usage: str     # the option as the errors name it, e.g. "--class NAME"
+    needs: str     # what the option needs, for the error on another run ("an infogan run")
+    picture: str   # the picture's name without the option ("classes": one row per class)
+    grid: Callable[..., Any]  # (cfg, G, n, generator, option value) -> HxWxC uint8 grid
+    # (cfg, G, generator, option value) -> [(subfolder or "", draw(k) -> k images)]: what
+    # `sample --separate` writes
+    separate: Callable[..., list]
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """Registry entry: the method's config dataclass, its builder and its recipe checks.
     `resolve` fills in settings found from the data when a recipe is loaded (cgan's class names),
@@ -64,3 +79,6 @@ class MethodSpec:
     # Image-to-image: its generators translate domain A to B ("G_ab") and maybe back ("G_ba"),
     # so `translate eval` scores a run on testA/testB and `translate demo` can train it.
     image_to_image: bool = False
+    # G(z) with z ~ N(0, I) alone: periodic KID scoring and GAN inversion draw such a z.
+    gaussian_latent: bool = False
+    coded: CodedSampling | None = None  # G also reads codes: how `translate sample` draws it

@@ -32,7 +32,7 @@ from translate.core import noise
 from translate.data.classes import find_classes
 from translate.errors import ConfigError, UserError
 from translate.methods import gan
-from translate.methods.base import Batch, Nets
+from translate.methods.base import Batch, CodedSampling, Nets
 from translate.nets import build_net, init_weights
 
 MAX_SAMPLE_ROWS = 32  # classes shown in the training sample grid
@@ -166,6 +166,18 @@ def class_samples(cfg: RunConfig, G: nn.Module, n: int, generator: torch.Generat
     z = torch.randn(n, cfg.model.z_dim, generator=generator)
     y = torch.full((n,), classes.index(class_name))
     return G(generator_input(z, y, len(classes))).float()
+
+
+def separate_samples(cfg: RunConfig, G: nn.Module, generator: torch.Generator,
+                     class_name: str | None) -> list:
+    """`sample --separate`: one class into the folder, or every class into its subfolder."""
+    names = [class_name] if class_name is not None else list(cfg.model.classes)
+    return [(name if class_name is None else "",
+             lambda k, name=name: class_samples(cfg, G, k, generator, name)) for name in names]
+
+
+SAMPLING = CodedSampling("--class", "--class NAME", "a class-conditional (cgan) run", "classes",
+                         class_grid, separate_samples)
 
 
 def build(cfg: RunConfig) -> CGAN:

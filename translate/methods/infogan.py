@@ -28,7 +28,7 @@ from translate.config import RunConfig, non_negative, positive
 from translate.core import noise, objectives
 from translate.errors import ConfigError, UserError
 from translate.methods import gan
-from translate.methods.base import Batch, Nets
+from translate.methods.base import Batch, CodedSampling, Nets
 from translate.methods.cgan import split_d
 from translate.nets import build_net, init_weights
 
@@ -231,6 +231,16 @@ def q_accuracy(cfg: RunConfig, G: nn.Module, D: nn.Module, n: int = 256, seed: i
     _, q = copy.deepcopy(D).train()(G(generator_input(m, z, cat, cont)))
     logits = q[:, : m.n_cat * m.cat_dim].reshape(n, m.n_cat, m.cat_dim)
     return (logits.argmax(-1) == cat).float().mean(0).tolist()
+
+
+def separate_samples(cfg: RunConfig, G: nn.Module, generator: torch.Generator,
+                     _code: int | None) -> list:
+    """`sample --separate`: samples with codes from their priors."""
+    return [("", lambda k: prior_samples(cfg, G, k, generator))]
+
+
+SAMPLING = CodedSampling("--vary-code", "--vary-code I", "an infogan run", "grid", code_grid,
+                         separate_samples)
 
 
 def build(cfg: RunConfig) -> InfoGAN:
