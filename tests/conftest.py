@@ -31,6 +31,21 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, check: bo
     return proc
 
 
+def cli_main(argv: list[str]) -> int:
+    """`translate ARGV` in this process (translate.cli.main): its exit code."""
+    from translate import cli
+
+    return cli.main(argv)
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    """The one-line error of `translate ARGV`, which must exit with code 2."""
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
 def random_image_folder(path: Path, n: int = 8, size: int = 32) -> Path:
     """`n` PNGs of uniform RGB noise (seeded: the same files every time) in a new folder."""
     import torch

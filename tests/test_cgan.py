@@ -137,6 +137,7 @@ def test_labels_steer_the_generator(trained):
         assert (own < other).float().mean() >= 0.9, (name, own.mean(), other.mean())
 
 
+@pytest.mark.slow
 def test_cli_resume_sample_export(trained, data, tmp_path):
     run = tmp_path / "run"
     sets = [a for s in TINY for a in ("--set", s)]

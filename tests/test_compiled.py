@@ -29,6 +29,7 @@ def _picture(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.slow
 def test_compiled_matches_eager_within_one_level(generator, precision):
     # A 300x260 image (padded to 300x260: the size multiple is 4) compiles once; a batch runs
     # image by image through the same graph (no new shape for the batch dimension).
@@ -42,6 +43,7 @@ def test_compiled_matches_eager_within_one_level(generator, precision):
     assert fast.forward.failed is None and fast.forward.seen == {(300, 260)}
 
 
+@pytest.mark.slow
 def test_sizes_beyond_the_chosen_run_eager(generator):
     eager = translate.load_generator(generator, precision="fp32", device="cpu")
     fast = translate.load_generator(generator, precision="fp32", device="cpu",
@@ -120,6 +122,7 @@ def test_cli_auto_reads_sizes_from_headers(generator, tmp_path, monkeypatch):
     assert _compile_choice(args) == [(32, 24)]
 
 
+@pytest.mark.slow
 def test_progress_bar_shows_the_warm_up(monkeypatch, tmp_path):
     from rich.progress import Progress
 
@@ -154,6 +157,7 @@ def test_progress_bar_shows_the_warm_up(monkeypatch, tmp_path):
     assert shown == ["compiling for 20x24 px (one-time warm-up)", "translating"]
 
 
+@pytest.mark.slow
 def test_apply_cli_compile_on_matches_off(generator, tmp_path):
     src = tmp_path / "in"
     src.mkdir()

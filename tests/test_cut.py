@@ -231,6 +231,7 @@ def test_2_processes_equal_1_with_twice_the_batch_across_a_resume(variant, tiny_
     assert_same_run(run, tmp_path / "ref", [3, 6])
 
 
+@pytest.mark.slow
 def test_demo_with_cut_prints_the_score_table_without_a_cycle(tmp_path):
     root, run = tmp_path / "demo", tmp_path / "run"
     proc = run_cli("demo", "--method", "cut", "--root", str(root), "--run-dir", str(run),

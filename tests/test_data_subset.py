@@ -82,6 +82,7 @@ def test_toy_data_refuses_a_subset() -> None:
         recipe_mod.load(None, ['data.kind="toy"', "data.max_items=5"])
 
 
+@pytest.mark.slow
 def test_cli_trains_on_the_subset_and_rejects_bad_values(tiny_unpaired: Path,
                                                          tmp_path: Path) -> None:
     recipe = "recipes/cyclegan_demo.toml"

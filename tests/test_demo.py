@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from conftest import run_cli
 from PIL import Image
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_reduced(tmp_path):
     root, run = tmp_path / "demo", tmp_path / "run"
     proc = run_cli("demo", "--root", str(root), "--run-dir", str(run), "--steps", "3",

@@ -13,17 +13,21 @@ Every property checked here fails silently in a real run when broken (nothing ra
 - bf16 autocast really runs for every method and the unrolled GAN (gradient penalty and R1
   included), and precision settings that would silently fall back to fp32 are refused.
 
-tests/test_distributed_gaps.py has the rest: R1 and cgan under 2 processes, the barrier before
-end_training, per-rank RNG streams, one writer per run, the global batch in log.jsonl, fp16
-loss scaling of the penalties.
+- R1 under 2 processes (toy MLP and the conv cgan); `wait_for_everyone()` right before
+  `end_training()` on every rank; per-rank torch RNG streams (dropout, pools, DiffAugment),
+  rank 0's the same as one process's; only the main process writes the run (rank 1: its own RNG
+  and method-state files in the checkpoint, nothing else); the global batch in log.jsonl.
+(fp16 loss scaling of the penalties: tests/test_penalties.py.)
 
 tests/dist_worker.py is `cli.py` plus a dump of each rank's weights after training.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -160,6 +164,7 @@ def reference(recipe: str, run: Path, sets: list[str], steps: int = 6) -> None:
     runner.train(cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_cyclegan_2_processes_equal_1_with_twice_the_batch_across_a_resume(tiny_unpaired,
                                                                            tmp_path):
     sets = CYCLEGAN + COMMON + [f'data.root="{tiny_unpaired}"']
@@ -181,6 +186,7 @@ def test_cyclegan_2_processes_equal_1_with_twice_the_batch_across_a_resume(tiny_
     assert_same_run(run, tmp_path / "ref", [3, 6])
 
 
+@pytest.mark.slow
 def test_a_resume_in_one_process_keeps_the_global_batch_of_two(tmp_path):
     """A 2-process run (batch 4 each), trained into again under the launcher without
     --resume: refused in one line. Resumed in one process: refused, naming the global batch
@@ -212,6 +218,7 @@ def test_a_resume_in_one_process_keeps_the_global_batch_of_two(tmp_path):
     assert_same_run(run, tmp_path / "ref", [3, 6])
 
 
+@pytest.mark.slow
 def test_wgan_gp_toy_2_processes_with_accumulation_under_both_launchers(tmp_path):
     """2 processes x batch 4 x accumulation 2 == 1 process x batch 16; the first half runs
     under `accelerate launch`, the resumed half under `torchrun`."""
@@ -255,6 +262,7 @@ def test_accumulation_equals_a_bigger_batch_and_leaves_no_gradients(recipe, sets
     assert_same_run(tmp_path / "acc", tmp_path / "big", [3])
 
 
+@pytest.mark.slow
 def test_cyclegan_bf16_2_processes_equal_1_with_twice_the_batch(tiny_unpaired, tmp_path):
     """The same property in bf16 (what "auto" gives on GPUs and CPUs with native bf16), within
     bf16's tolerance. bf16 keeps 8 bits of mantissa (relative rounding 2^-8 = 0.4%), and a batch
@@ -284,6 +292,7 @@ def test_cyclegan_bf16_2_processes_equal_1_with_twice_the_batch(tiny_unpaired, t
 
 
 @pytest.mark.parametrize("launcher_precision", ["no", "bf16"])
+@pytest.mark.slow
 def test_the_launchers_precision_wins_over_a_recipes_auto(launcher_precision, tmp_path,
                                                            monkeypatch):
     """`accelerate launch --mixed_precision X` with a recipe saying "auto" trains in X, also on
@@ -382,6 +391,7 @@ def test_bf16_trains_every_method(name, tiny_unpaired, tmp_path, monkeypatch):
     (["--mixed-precision", "fp16"], "no", "fp16 is not available on CPU"),
     (["--mixed-precision", "no"], "bf16", "the launcher asks for bf16"),
 ])
+@pytest.mark.slow
 def test_precision_that_would_silently_run_fp32_is_refused(flags, launcher_precision, needle,
                                                             tmp_path):
     run = tmp_path / "run"
@@ -446,3 +456,106 @@ def test_image_pools_are_per_rank_and_resume_per_rank(tiny_unpaired, tmp_path):
     a, b = checkpoint_weights(straight, 4), checkpoint_weights(split, 4)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+TOY_R1 = ["model.hidden=16", 'model.penalty="r1"', "train.ema=0.9"]
+
+
+# What rank 1 may write inside the run folder: accelerate's save_state makes the checkpoint's
+# temp folder on every rank (its parent too, when rank 1 gets there first) and writes each
+# rank's RNG state; checkpoint.save adds each rank's method state (image pools).
+RANK1_MAY_WRITE = re.compile(r"checkpoints(/\.tmp-step_\d{7}(/(random_states_1\.pkl|"
+                             r"rank1\.safetensors))?)?")
+
+
+def _report(dump: Path, rank: int) -> dict:
+    return json.loads((dump / f"rank{rank}.json").read_text())
+
+
+def _run_writes(report: dict, roots: list[Path]) -> list[tuple[str, str]]:
+    """(kind, path relative to the run) of the writes under the test's folder or the repository
+    (a relative path would land there). __pycache__ belongs to the interpreter, and the system
+    temp folder (tempfile's probe, torch's cache folder) to the libraries, not to the run."""
+    out = []
+    for kind, path in report["writes"]:
+        for root in roots:
+            if Path(path).is_relative_to(root) and "__pycache__" not in path:
+                out.append((kind, os.path.relpath(path, roots[0])))
+                break
+    return out
+
+
+@pytest.mark.slow
+def test_toy_gan_r1_2_processes_one_writer_per_run_and_a_barrier_before_end_training(tmp_path,
+                                                                                   monkeypatch):
+    run, dump = tmp_path / "run", tmp_path / "dump"
+    streams: list[str] = []
+    start = loop._start
+
+    def observed_start(s, resume):
+        out = start(s, resume)
+        streams.append(hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
+        return out
+
+    monkeypatch.setattr(loop, "_start", observed_start)
+    reference("toy_gan_ring.toml", tmp_path / "ref", TOY_R1 + ["train.batch_size=16"], steps=4)
+    out = worker(dump, "toy_gan_ring.toml", TOY_R1 + COMMON + ["train.grad_accum=2"],
+                 "--batch-size", "4", "--steps", "4", "--save-every", "2", "--run-dir", run)
+    reports = [_report(dump, r) for r in (0, 1)]
+
+    # R1 in D's one backward: ranks identical, and equal to one process with the whole batch.
+    assert_ranks_identical(dump)
+    assert_same_run(run, tmp_path / "ref", [4])
+
+    # The global batch, printed and in the first record only (the 1-process run's is the same).
+    assert "global batch 4 x 2 processes x 2 accumulation = 16" in out
+    records = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    ref_first = json.loads((tmp_path / "ref" / "log.jsonl").read_text().splitlines()[0])
+    assert (records[0]["run/processes"], records[0]["run/global_batch"]) == (2, 16)
+    assert (ref_first["run/processes"], ref_first["run/global_batch"]) == (1, 16)
+    assert not any(k.startswith("run/") for r in records[1:] for k in r)
+
+    # Every rank waits for the others after its last step and right before end_training.
+    for r, report in enumerate(reports):
+        events = report["events"]
+        assert events.count("step") == 4 and events.count("end_training") == 1, (r, events)
+        # The last step's checkpoint save has barriers of its own, inside the step.
+        assert events[-3:] == ["step", "wait_for_everyone", "end_training"], (r, events[-6:])
+
+    # Each rank's stream is its own; rank 0's is the one a single process would draw.
+    (rng0,), (rng1,) = reports[0]["rng"], reports[1]["rng"]
+    assert rng0 != rng1, "both ranks draw the same dropout / pool / DiffAugment numbers"
+    assert streams == [rng0], "rank 0's stream depends on the number of processes"
+
+    # Rank 1 writes its checkpoint share and nothing else; rank 0 writes the run.
+    roots = [run, tmp_path, ROOT]
+    extra = [w for w in _run_writes(reports[1], roots) if not RANK1_MAY_WRITE.fullmatch(w[1])]
+    assert extra == [], f"rank 1 wrote what only the main process may: {extra[:8]}"
+    rank1 = {p for _, p in _run_writes(reports[1], roots)}
+    assert {f"checkpoints/.tmp-step_{s:07d}/{f}" for s in (2, 4)
+            for f in ("random_states_1.pkl", "rank1.safetensors")} <= rank1
+    rank0 = set(_run_writes(reports[0], roots))
+    for s in (2, 4):
+        tmp = f"checkpoints/.tmp-step_{s:07d}"
+        assert {("save", f"{tmp}/ema.safetensors"), ("open", f"{tmp}/state.json"),
+                ("rename", f"checkpoints/step_{s:07d}")} <= rank0, sorted(rank0)
+    assert {("rename", "config.json"), ("open", "log.jsonl"),
+            ("rename", "samples/step_0000004.png")} <= rank0, sorted(rank0)
+
+
+@pytest.mark.slow
+def test_cgan_r1_2_processes_keep_identical_ranks(tmp_path):
+    """The conv cgan (projection D, BatchNorm) with R1 under DDP. Each rank keeps its own
+    BatchNorm running statistics on CPU (no SyncBatchNorm), so only those may differ."""
+    root = tmp_path / "classes"
+    for name in ("a", "b"):
+        random_image_folder(root / name, n=4)
+    sets = ["model.ngf=4", "model.ndf=4", "model.z_dim=8", 'model.penalty="r1"',
+            f'data.root="{root}"', *COMMON]
+    out = worker(tmp_path / "dump", "cgan.toml", sets, "--batch-size", "2", "--steps", "3",
+                 "--run-dir", tmp_path / "run")
+    assert "global batch 2 x 2 processes x 1 accumulation = 4" in out
+    assert_ranks_identical(tmp_path / "dump", skip=("running_mean", "running_var",
+                                                     "num_batches_tracked"))
+    logged = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert logged["D/r1"] > 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN, run_cli
+from conftest import ROOT, TINY_CYCLEGAN, cli_error, cli_main, run_cli
 from PIL import Image
 
 from translate import recipe as recipe_mod
@@ -22,41 +21,17 @@ from translate.explore.plot import (
     TITLE_HEIGHT,
     WIDTH,
     group_keys,
-    nice_ticks,
     parse_log,
-    tick_label,
 )
 from translate.export import export_run, run_generators
 from translate.runner import train
 
 
-def _wired(command: str) -> bool:
-    from translate import cli
-
-    sub = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return command in sub.choices
-
-
-def _main(argv: list[str]) -> int:
-    """cli.main: eval and plot are commands of cli.py (their parsers in translate/cli_args.py)."""
-    from translate import cli
-
-    assert _wired(argv[0])
-    return cli.main(argv)
-
-
 def _json(capsys, argv: list[str]) -> dict:
-    assert _main(argv) == 0
+    assert cli_main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1, out  # one JSON object, nothing else on stdout
     return json.loads(out[0])
-
-
-def _error(capsys, argv: list[str]) -> str:
-    assert _main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +86,7 @@ def test_eval_run_scores_against_the_demo_truth(capsys, cyclegan_run, tiny_unpai
 
 
 def test_eval_table_is_the_default_output(capsys, cyclegan_run):
-    assert _main(["eval", str(cyclegan_run)]) == 0
+    assert cli_main(["eval", str(cyclegan_run)]) == 0
     out = capsys.readouterr().out
     for text in ("PSNR vs truth", "SSIM vs truth", "cycle PSNR", "do nothing", "A->B", "B->A"):
         assert text in out
@@ -124,7 +99,7 @@ def test_eval_of_an_export_file_needs_data_and_has_no_cycle(capsys, cyclegan_run
     r = _json(capsys, ["eval", str(model), "--data", str(tiny_unpaired), "--json"])
     assert r["psnr"] == pytest.approx(full["psnr"], abs=1e-3)
     assert not any(k.startswith(("cycle", "ba_")) for k in r)
-    err = _error(capsys, ["eval", str(model)])
+    err = cli_error(capsys, ["eval", str(model)])
     assert str(model) in err and "--data" in err
     # An export folder holds both directions, so the cycle comes back.
     both = _json(capsys, ["eval", str(cyclegan_run / "export"), "--data", str(tiny_unpaired),
@@ -154,7 +129,7 @@ def test_eval_writes_its_protocol_and_warns_that_fid_on_few_images_is_biased(
         capsys, cyclegan_run, tmp_path):
     from translate.eval.protocol import extractor_sha256
 
-    assert _main(["eval", str(cyclegan_run), "--fid-features", "small", "--json"]) == 0
+    assert cli_main(["eval", str(cyclegan_run), "--fid-features", "small", "--json"]) == 0
     captured = capsys.readouterr()
     r = json.loads(captured.out)
     p = r["protocol"]
@@ -168,7 +143,7 @@ def test_eval_writes_its_protocol_and_warns_that_fid_on_few_images_is_biased(
                              for line in captured.err.strip().splitlines()]
     assert "FID on few images (testA 4, testB 4): below 2,000" in r["warnings"][0]
     # Scores still printed, and the table mode prints the protocol under the table.
-    assert _main(["eval", str(cyclegan_run), "--fid-features", "small", "--step", "2"]) == 0
+    assert cli_main(["eval", str(cyclegan_run), "--fid-features", "small", "--step", "2"]) == 0
     out = capsys.readouterr().out
     assert "FID" in out and "protocol: checkpoint: step 2, chosen with --step" in out
     # Without FID there is no warning, and the protocol still names the checkpoint.
@@ -183,11 +158,11 @@ def test_eval_writes_its_protocol_and_warns_that_fid_on_few_images_is_biased(
 
 
 def test_eval_errors_are_one_line(capsys, tmp_path, cyclegan_run):
-    assert str(tmp_path / "nope") in _error(capsys, ["eval", str(tmp_path / "nope")])
-    assert "not a run folder" in _error(capsys, ["eval", str(tmp_path)])
-    _error(capsys, ["eval"])
-    _error(capsys, ["eval", str(cyclegan_run), "--folders", str(tmp_path), str(tmp_path)])
-    bad = _error(capsys, ["eval", str(cyclegan_run), "--data", str(tmp_path)])
+    assert str(tmp_path / "nope") in cli_error(capsys, ["eval", str(tmp_path / "nope")])
+    assert "not a run folder" in cli_error(capsys, ["eval", str(tmp_path)])
+    cli_error(capsys, ["eval"])
+    cli_error(capsys, ["eval", str(cyclegan_run), "--folders", str(tmp_path), str(tmp_path)])
+    bad = cli_error(capsys, ["eval", str(cyclegan_run), "--data", str(tmp_path)])
     assert "testA" in bad
 
 
@@ -219,7 +194,7 @@ def test_eval_on_your_own_aligned_pairs(capsys, cyclegan_run, tiny_unpaired, tmp
     one = _json(capsys, ["eval", str(model), "--input", str(photos), "--truth", str(truth),
                          "--json"])  # no --data needed
     assert one["psnr"] == pytest.approx(full["psnr"], abs=1e-3) and "cycle_psnr" not in one
-    assert _main(["eval", str(cyclegan_run), "--input", str(photos), "--truth",
+    assert cli_main(["eval", str(cyclegan_run), "--input", str(photos), "--truth",
                   str(truth)]) == 0
     assert "PSNR vs truth" in capsys.readouterr().out
 
@@ -231,13 +206,13 @@ def test_eval_of_own_pairs_refuses_what_it_cannot_pair(capsys, cyclegan_run, tin
     run = str(cyclegan_run)
     victim = sorted((truth / "set1").iterdir())[1]
     victim.rename(victim.with_name("renamed.png"))
-    err = _error(capsys, ["eval", run, "--input", str(photos), "--truth", str(truth)])
+    err = cli_error(capsys, ["eval", run, "--input", str(photos), "--truth", str(truth)])
     assert f"no image named like set1/{victim.name}" in err and "1 of 4 inputs" in err
     Image.new("RGB", (20, 12)).save(victim)
-    err = _error(capsys, ["eval", run, "--input", str(photos), "--truth", str(truth)])
+    err = cli_error(capsys, ["eval", run, "--input", str(photos), "--truth", str(truth)])
     assert f"{victim}: 20x12 pixels, but its input" in err
-    assert "--truth: missing" in _error(capsys, ["eval", run, "--input", str(photos)])
-    assert "--direction" in _error(capsys, [
+    assert "--truth: missing" in cli_error(capsys, ["eval", run, "--input", str(photos)])
+    assert "--direction" in cli_error(capsys, [
         "eval", str(cyclegan_run / "export" / "G_ab.safetensors"), "--input", str(photos),
         "--truth", str(truth), "--direction", "ba"])
 
@@ -258,7 +233,7 @@ def test_folders_fid_of_a_folder_with_itself_is_zero(capsys, tiny_unpaired):
 def test_folders_with_bad_inception_weights(capsys, tiny_unpaired, tmp_path):
     a = str(tiny_unpaired / "trainA")
     missing = tmp_path / "pt_inception.pth"
-    err = _error(capsys, ["eval", "--folders", a, a, "--inception-weights", str(missing)])
+    err = cli_error(capsys, ["eval", "--folders", a, a, "--inception-weights", str(missing)])
     assert str(missing) in err
 
 
@@ -296,16 +271,16 @@ def test_eval_of_a_toy_run(capsys, toy_run):
     assert r["rkl"] == "inf" if r["modes"] == 0 else 0 <= r["rkl"] <= math.log(8) + 1e-9
     again = _json(capsys, ["eval", str(toy_run), "--json", "--samples", "300"])
     assert again["samples"] == 300
-    assert _main(["eval", str(toy_run)]) == 0
+    assert cli_main(["eval", str(toy_run)]) == 0
     assert "modes captured" in capsys.readouterr().out
-    assert "EMA" in _error(capsys, ["eval", str(toy_run), "--ema"])
+    assert "EMA" in cli_error(capsys, ["eval", str(toy_run), "--ema"])
 
 
 # ---------------------------------------------------------------------------- plot
 
 
 def test_plot_of_a_run(capsys, cyclegan_run, tmp_path):
-    assert _main(["plot", str(cyclegan_run)]) == 0
+    assert cli_main(["plot", str(cyclegan_run)]) == 0
     path = cyclegan_run / "plot.png"
     assert f"wrote {path}" in capsys.readouterr().out
     with Image.open(path) as im:
@@ -323,63 +298,8 @@ def test_plot_of_a_run(capsys, cyclegan_run, tmp_path):
                             100:WIDTH - 220].reshape(-1, 3).astype(int)
     assert ((inner.max(1) - inner.min(1)) > 80).sum() > 300
     out = tmp_path / "sub" / "p.png"
-    assert _main(["plot", str(cyclegan_run), "--out", str(out), "--smooth", "0.5"]) == 0
+    assert cli_main(["plot", str(cyclegan_run), "--out", str(out), "--smooth", "0.5"]) == 0
     assert out.is_file() and not list(out.parent.glob(".*tmp"))
-
-
-def test_plot_survives_nan_strings_single_points_and_cut_lines(capsys, tmp_path):
-    lines = [json.dumps({"step": 10, "time": 1.0, "it_s": 5.0, "G/loss": 1.0, "D/loss": "nan"}),
-             json.dumps({"step": 20, "time": 2.0, "it_s": 5.0, "G/loss": "inf", "D/loss": 0.5,
-                         "note": "text"}),
-             '{"step": 30, "G/lo']
-    (tmp_path / "log.jsonl").write_text("\n".join(lines))
-    log = parse_log(lines)
-    assert list(log.steps) == [10, 20] and log.skipped == 1
-    assert log.non_finite == {"it_s": 0, "G/loss": 1, "D/loss": 1, "note": 1}
-    assert math.isnan(log.series["note"][0])  # absent from the record: missing, not "nan"
-    assert _main(["plot", str(tmp_path)]) == 0
-    img = Image.open(tmp_path / "plot.png")
-    assert img.size == (WIDTH, TITLE_HEIGHT + 4 * PANEL_HEIGHT)  # G, D, other, speed
-    (tmp_path / "log.jsonl").write_text(json.dumps({"step": 5, "G/loss": 2.0}) + "\n")
-    assert _main(["plot", str(tmp_path)]) == 0
-    assert Image.open(tmp_path / "plot.png").size == (WIDTH, TITLE_HEIGHT + PANEL_HEIGHT)
-
-
-def test_plot_draws_lr_scale_on_its_own_axis(capsys, tmp_path):
-    """lr/G (2e-4, decaying), lr/D (1e-4) and lr_scale (1 -> 0) in one panel: against one
-    axis both learning rates would lie flat on zero; with lr_scale on the right axis lr/G's
-    line spans the plot area's height."""
-    records = [{"step": s, "lr/G": 2e-4 * (1 - s / 100), "lr/D": 1e-4, "lr_scale": 1 - s / 100}
-               for s in range(0, 101, 10)]
-    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert _main(["plot", str(tmp_path)]) == 0
-    img = np.asarray(Image.open(tmp_path / "plot.png")).astype(int)
-    assert img.shape[:2] == (TITLE_HEIGHT + PANEL_HEIGHT, WIDTH)  # one panel: lr
-    area = img[TITLE_HEIGHT + 30:TITLE_HEIGHT + PANEL_HEIGHT - 38, 74:WIDTH - 202]
-    blue = (np.abs(area - np.array([31, 119, 180])).sum(-1) < 60).any(1)  # lr/G, the 1st colour
-    rows = np.flatnonzero(blue)
-    assert rows.size and rows[-1] - rows[0] > 0.8 * area.shape[0], rows
-    orange = (np.abs(area - np.array([255, 127, 14])).sum(-1) < 60).any(1)  # lr/D, flat
-    assert 0 < orange.sum() < 10 and np.flatnonzero(orange).mean() < 0.8 * area.shape[0]
-    ticks = img[TITLE_HEIGHT + 20:TITLE_HEIGHT + PANEL_HEIGHT - 30, WIDTH - 198:WIDTH - 178]
-    assert (ticks.max(-1) < 120).sum() > 15  # the right axis' tick labels (grey text)
-
-
-def test_plot_errors(capsys, tmp_path):
-    assert "no training log" in _error(capsys, ["plot", str(tmp_path)])
-    (tmp_path / "log.jsonl").write_text("\n{not json\n")
-    assert "no readable log records" in _error(capsys, ["plot", str(tmp_path)])
-    assert "--smooth" in _error(capsys, ["plot", str(tmp_path), "--smooth", "1"])
-    assert not (tmp_path / "plot.png").exists()
-
-
-def test_ticks_are_round_and_cover_the_range():
-    ticks, step = nice_ticks(0.13, 0.91)
-    assert step == 0.2 and ticks == pytest.approx([0.2, 0.4, 0.6, 0.8])
-    ticks, step = nice_ticks(1, 3, integer=True)
-    assert step == 1 and ticks == [1, 2, 3]
-    assert [tick_label(v, 25000, 200000) for v in (50000, 200000)] == ["50k", "200k"]
-    assert tick_label(5000, 5000, 10000) == "5k" and tick_label(0.25, 0.05) == "0.25"
 
 
 # ---------------------------------------------------------------------------- bench/quality.py
@@ -416,7 +336,7 @@ def test_bench_quality_smoke(capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gan_grid_seed0", "gan_ring_seed0"]
 
 
-@pytest.mark.skipif(not _wired("eval"), reason="translate eval is not wired into cli.py yet")
+@pytest.mark.slow
 def test_eval_cli_in_a_subprocess(tiny_unpaired):
     a = str(tiny_unpaired / "trainA")
     proc = run_cli("eval", "--folders", a, a, "--json")

@@ -38,6 +38,7 @@ def exported(trained_run) -> Path:
     return trained_run / "export"
 
 
+@pytest.mark.slow
 def test_metadata_describes_the_generator(exported):
     with safe_open(str(exported / "G_ab.safetensors"), framework="pt") as f:
         meta = f.metadata()
@@ -164,6 +165,7 @@ def test_onnx_of_wrong_shape_is_refused(tmp_path):
         translate.load_generator(path)
 
 
+@pytest.mark.slow
 def test_apply_cli_on_a_folder(exported, tmp_path):
     src = tmp_path / "in" / "nested"
     src.mkdir(parents=True)
@@ -290,6 +292,7 @@ def test_float_input_computes_in_fp32_unless_bf16_is_asked(exported, monkeypatch
     np.testing.assert_array_equal(auto(img), bf16(img))  # uint8 keeps auto's bf16
 
 
+@pytest.mark.slow
 def test_export_check_line_and_rejection(exported, tmp_path, monkeypatch):
     from translate import onnx_export
     from translate.infer.load import load_torch_generator
@@ -313,6 +316,7 @@ def test_export_check_line_and_rejection(exported, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["G.onnx"]
 
 
+@pytest.mark.slow
 def test_export_and_apply_flags_through_the_cli(trained_run, tmp_path):
     from translate.infer import ModelInfo, model_info, read_metadata
 
@@ -370,6 +374,7 @@ def test_exports_from_before_the_artifact_free_options_load_as_trained(kind, con
         torch.testing.assert_close(gen(x), old.eval()(x), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_onnx_export_of_a_dcgan_run(tmp_path):
     """`translate export RUN --onnx` on a latent GAN writes G.onnx (input z with a dynamic
     batch, output images) that onnxruntime runs like the torch generator; loading it for

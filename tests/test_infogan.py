@@ -132,6 +132,7 @@ def test_mi_loss_falls_and_q_reads_the_code_back(trained):
     assert accuracy > 2 / CAT_DIM, accuracy  # chance is 1 / CAT_DIM
 
 
+@pytest.mark.slow
 def test_cli_resume_vary_code_export(trained, data, tmp_path):
     run = tmp_path / "run"
     sets = [a for s in TINY for a in ("--set", s)]

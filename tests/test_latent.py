@@ -149,6 +149,7 @@ def test_cli_linear_interpolation_differs_from_slerp(run, tmp_path):
     assert np.abs(sa - sb).max() > 1
 
 
+@pytest.mark.slow
 def test_sample_writes_into_the_run_with_a_name_per_kind(run, tmp_path):
     """The README's three examples, run from another folder, write three files into
     RUN/samples and nothing into the current folder; a checkpoint folder writes into its run."""
@@ -169,6 +170,7 @@ def test_sample_writes_into_the_run_with_a_name_per_kind(run, tmp_path):
     assert not (ckpt / "samples").exists()
 
 
+@pytest.mark.slow
 def test_separate_files_follow_the_advice_of_eval(run, tmp_path):
     """`translate eval` on a DCGAN run names the commands to score it; run as printed, they
     write N separate samples (sample i = cell i of the grid of the same --n and --seed) and

@@ -5,12 +5,17 @@ a linear critic D(x) = w.x (gradient w everywhere) and a quadratic one D(x) = ||
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate import state as state_mod
 from torch import nn
 
-from translate.core.penalties import clip_weights, gradient_penalty, r1_penalty
+from translate.core import loop
+from translate.core.penalties import clip_weights, gradient_penalty, loss_scale, r1_penalty
+from translate.methods.base import Phase
 
 W = [0.6, -0.8, 1.2, 0.5]
 W_NORM = math.sqrt(sum(v * v for v in W))
@@ -192,3 +197,88 @@ def test_clip_weights_leaves_small_weights_alone():
     clip_weights([net], 0.01)
     assert torch.equal(net.weight, weight)
     assert net.bias.tolist() == pytest.approx([0.01, -0.01])
+
+
+# ---------------------------------------------------------------------------- fp16 loss scaling
+# fp16 loss scaling reaches the penalties' own input gradient (torch's AMP recipe), so D's fp16
+# backward does not flush it to zero.
+
+
+class TinyOutputD(nn.Module):
+    """D(x) = 1e-4 * (1e-4 * sum(w * x)) computed in fp16: the input gradient 1e-8 * w is below
+    fp16's smallest subnormal (6e-8), so an unscaled fp16 backward returns exactly zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.6, -0.8, 1.2, 0.5]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = (x.half() * self.w.half()).sum(1)
+        return (h * 1e-4) * 1e-4
+
+
+def _fp32_twin(D: TinyOutputD):
+    return lambda x: ((x * D.w).sum(1) * 1e-4) * 1e-4
+
+
+def test_penalties_with_a_loss_scale_equal_the_unscaled_ones_in_fp32():
+    torch.manual_seed(0)
+    D = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    real, fake = torch.randn(6, 4), torch.randn(6, 4)
+    eps = torch.rand(6, 1)
+    values, grads = {}, {}
+    for scale in (1.0, 2.0**12, 3.0):
+        x = real.clone().requires_grad_(True)
+        gp = gradient_penalty(D, real, fake, eps=eps, scale=scale)
+        r1 = r1_penalty(x, D(x), scale=scale)
+        (gp + r1).backward()  # the scaled graph must give D the same gradient
+        values[scale] = (gp.detach(), r1.detach())
+        grads[scale] = [p.grad.clone() for p in D.parameters()]
+        D.zero_grad()
+    for scale in (2.0**12, 3.0):
+        torch.testing.assert_close(values[scale], values[1.0], rtol=1e-6, atol=0)
+        torch.testing.assert_close(grads[scale], grads[1.0], rtol=1e-5, atol=1e-7)
+    # loss_scale sets the scale for calls that do not pass one.
+    x = real.clone().requires_grad_(True)
+    with loss_scale(2.0**12):
+        torch.testing.assert_close(r1_penalty(x, D(x)), values[1.0][1], rtol=1e-6, atol=0)
+
+
+def test_the_loss_scale_keeps_an_fp16_penalty_gradient_from_underflowing():
+    D = TinyOutputD()
+    real = torch.randn(5, 4)
+    x = real.clone().requires_grad_(True)
+    exact = r1_penalty(x, _fp32_twin(D)(x), gamma=2.0)
+    assert exact > 0
+    x = real.clone().requires_grad_(True)
+    assert float(r1_penalty(x, D(x), gamma=2.0).detach()) == 0.0  # flushed to zero: why scaling matters
+    x = real.clone().requires_grad_(True)
+    scaled = r1_penalty(x, D(x), gamma=2.0, scale=2.0**15)
+    torch.testing.assert_close(scaled, exact, rtol=2e-3, atol=0)
+
+
+def test_run_phase_gives_the_grad_scalers_scale_to_the_penalties():
+    """An fp16 run has accelerate's GradScaler (CUDA only); here one is attached by hand."""
+    state_mod.AcceleratorState._reset_state()
+    acc = Accelerator(cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**15)
+    D = TinyOutputD()
+    real = torch.randn(5, 4)
+
+    def d_loss(nets, batch, prev):
+        x = batch["x"].detach().requires_grad_(True)
+        r1 = r1_penalty(x, nets["D"](x), gamma=2.0)
+        return {"loss": r1, "r1": r1}
+
+    phase = Phase("D", ("D",), d_loss, lr=0.0)
+    cfg = SimpleNamespace(train=SimpleNamespace(grad_accum=1, grad_clip=0.0))
+    opt = torch.optim.SGD(D.parameters(), lr=0.0)
+    x = real.clone().requires_grad_(True)
+    exact = r1_penalty(x, _fp32_twin(D)(x), gamma=2.0)
+    logs, _ = loop.run_phase(acc, cfg, phase, opt, {"D": D}, {"x": real}, [{}])
+    torch.testing.assert_close(logs["D/r1"], exact.detach(), rtol=2e-3, atol=0)
+    # Once the scaler has scaled a loss its scale is a tensor, passed on without a host sync.
+    acc.scaler.scale(torch.ones(()))
+    assert isinstance(acc.scaler._scale, torch.Tensor)
+    logs, _ = loop.run_phase(acc, cfg, phase, opt, {"D": D}, {"x": real}, [{}])
+    torch.testing.assert_close(logs["D/r1"], exact.detach(), rtol=2e-3, atol=0)

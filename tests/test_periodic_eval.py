@@ -105,6 +105,7 @@ def test_cyclegan_psnr_during_training_equals_an_independent_computation(tiny_un
     assert run_cli("plot", str(run)).returncode == 0 and (run / "plot.png").is_file()
 
 
+@pytest.mark.slow
 def test_image_gan_kid_needs_held_out_images(tiny_unpaired, tmp_path):
     sets = ["model.ngf=4", "model.ndf=4", "model.image_size=32", "data.crop_size=32",
             "model.z_dim=8", "train.batch_size=4"]

@@ -83,6 +83,7 @@ def _assert_same(a: Path, b: Path) -> None:
 # ---------------------------------------------------------------------------- reuse
 
 
+@pytest.mark.slow
 def test_training_again_into_a_run_folder_is_refused_and_changes_nothing(tmp_path):
     run = tmp_path / "run"
     _done(_train(run, "--steps", "4", *FP32))
@@ -106,6 +107,7 @@ def test_training_again_into_a_run_folder_is_refused_and_changes_nothing(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["early", "run"]  # nothing moved
 
 
+@pytest.mark.slow
 def test_overwrite_moves_the_old_run_aside_whole(tmp_path):
     run = tmp_path / "run"
     _train(run, "--steps", "6", *FP32)
@@ -121,6 +123,7 @@ def test_overwrite_moves_the_old_run_aside_whole(tmp_path):
     assert "--overwrite" in line and "--resume" in line
 
 
+@pytest.mark.slow
 def test_the_demo_recipe_on_user_data_gets_its_own_folder(tiny_unpaired, tmp_path):
     """Not runs/demo (translate demo's), one folder per data folder, and an export that names
     the recipe it came from."""
@@ -146,6 +149,7 @@ class _Killed(BaseException):
     """Ends the process's run as a kill would (not caught by the CLI's error handling)."""
 
 
+@pytest.mark.slow
 def test_resume_auto_continues_the_run_as_configured_not_as_the_recipe(tmp_path, monkeypatch):
     """The issue's case: a run of 6 steps, batch 4, fp32, linear LR decay dies after step 3;
     `--resume auto` with the recipe alone (5,000 steps, batch 100, auto precision, constant
@@ -183,6 +187,7 @@ def test_resume_auto_continues_the_run_as_configured_not_as_the_recipe(tmp_path,
     assert {**cfg_b, "run_dir": ""} == {**cfg_a, "run_dir": ""}
 
 
+@pytest.mark.slow
 def test_resume_refuses_each_changed_setting_and_changes_nothing(tmp_path):
     run = tmp_path / "run"
     _train(run, "--steps", "4", *FP32)
@@ -202,6 +207,7 @@ def test_resume_refuses_each_changed_setting_and_changes_nothing(tmp_path):
     assert _files(run) == before
 
 
+@pytest.mark.slow
 def test_steps_extends_a_run_on_the_schedule_of_its_new_length_and_the_log_says_so(tmp_path):
     run = tmp_path / "run"
     _train(run, "--steps", "4", *FP32, "--set", 'train.lr_schedule="linear"')
@@ -222,6 +228,7 @@ def test_steps_extends_a_run_on_the_schedule_of_its_new_length_and_the_log_says_
     assert (config["train"]["steps"], config["train"]["lr_d"]) == (8, 5e-5)
 
 
+@pytest.mark.slow
 def test_resume_auto_needs_a_checkpoint_and_auto_or_new_starts_one(tmp_path):
     typo = tmp_path / "typo"
     line = _refused(_train(typo, "--resume", "auto", "--steps", "2", check=False))
@@ -243,6 +250,7 @@ def test_resume_auto_needs_a_checkpoint_and_auto_or_new_starts_one(tmp_path):
     assert _done(proc) == checkpoint.step_dir(run, 2)
 
 
+@pytest.mark.slow
 def test_a_refused_resume_leaves_no_run_folder_behind(tmp_path):
     run, new = tmp_path / "run", tmp_path / "new"
     _train(run, "--steps", "2", *FP32)
@@ -263,6 +271,7 @@ def test_a_refused_resume_leaves_no_run_folder_behind(tmp_path):
     assert "of another run" in line and _files(new) == other and _files(run) == before
 
 
+@pytest.mark.slow
 def test_rewinding_to_an_older_checkpoint_moves_the_later_ones_aside(tmp_path):
     run = tmp_path / "run"
     _train(run, "--steps", "8", *FP32)  # checkpoints 4, 6, 8 (3 kept)

@@ -194,6 +194,7 @@ def init(project=None, **kwargs):
 '''
 
 
+@pytest.mark.slow
 def test_wandb_through_accelerate_gets_scalars_images_offline_and_one_run_id(tmp_path):
     """wandb itself is not a dependency: a recording stand-in (with package metadata, so that
     Accelerate takes it as installed) checks what the run hands to it."""

@@ -35,6 +35,7 @@ def tiny_overrides(recipe: str, data: Path, folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.slow
 def test_every_recipe_trains_through_the_cli(recipe, tiny_unpaired, tmp_path):
     folder = random_image_folder(tmp_path / "images")
     run = tmp_path / "run"
@@ -110,6 +111,7 @@ def test_resume_changes_nothing_when_weights_differ_detects_real_training(tmp_pa
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_recipe(tmp_path):
     run = tmp_path / "run"
     train(_cfg("toy_gan_ring.toml", run, 3, ["model.hidden=16"]), progress=False)
@@ -122,6 +124,7 @@ def test_resume_refuses_another_recipe(tmp_path):
     assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_sample_and_interpolate(tmp_path):
     run = tmp_path / "run"
     run_cli("train", "recipes/dcgan.toml", "--set", "model.ngf=4", "--set", "model.ndf=4",
@@ -181,6 +184,7 @@ def test_cli_errors_are_one_line(args, needle, tmp_path):
     ['model.generator="unet"', "model.unet_downs=4", "model.objective=\"hinge\"",
      "model.pool_size=0", "model.lambda_identity=0.0", "train.grad_accum=2"],
 ])
+@pytest.mark.slow
 def test_cyclegan_options_train_through_the_cli(extra, tiny_unpaired, tmp_path):
     """DiffAugment on D's inputs, EMA, U-Net generators, another objective, no pool, and
     gradient accumulation, each in a real CycleGAN run."""
@@ -198,6 +202,7 @@ def test_cyclegan_options_train_through_the_cli(extra, tiny_unpaired, tmp_path):
         assert str(cfg[section][name]).lower() == value.strip('"').lower()
 
 
+@pytest.mark.slow
 def test_a_run_shorter_than_its_log_interval_still_logs_a_curve(tmp_path):
     """--steps 20 with the toy recipe's log_every 250 and sample_every 1000: the run logs every
     2 steps and samples every 5, says so once (after the run: a refused run prints only its

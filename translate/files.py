@@ -22,12 +22,16 @@ def temp_name(name: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, temp: str | None = None) -> Iterator[Path]:
     """A temporary path beside `path` to write the whole file to. When the block ends it
     replaces `path` in one rename, so a reader (or a run killed mid-write) sees the old file or
-    the new one, never a part; when the block raises, the temporary file is removed."""
+    the new one, never a part; when the block raises, the temporary file is removed.
+
+    `temp`: the temporary file's name; by default a short unique one (".<8 hex>.tmp"), which
+    makes the path no longer than a short final name does, so whatever fits PATH_MAX and
+    NAME_MAX as a file also fits while it is written."""
     path = Path(path)
-    tmp = path.with_name(temp_name(path.name))
+    tmp = path.with_name(temp or f".{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)  # no fsync: a killed process is the case to guard, not power loss

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from translate.errors import ImageError, UserError
-from translate.files import TEMP_NAME, TEMP_STEM_BYTES, atomic_path
+from translate.files import TEMP_NAME, TEMP_STEM_BYTES, atomic_path, temp_name
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 128_000_000  # decompression-bomb guard, in pixels (width * height)
@@ -285,7 +285,8 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
     im = _to_pil(rgb, alpha if fmt in _ALPHA_FORMATS else None, bit_depth, fmt)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
+        # A name `clear_stale_temps` recognises, so a rerun removes what a killed run left.
+        with atomic_path(path, temp_name(path.name)) as tmp:
             # The umask decides the rest (mkstemp would force 0o600); never world-writable.
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o664)
             with os.fdopen(fd, "wb") as f:

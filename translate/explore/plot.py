@@ -1,4 +1,4 @@
-"""`translate plot RUN_DIR`: the curves of log.jsonl as one PNG, drawn with numpy + PIL.
+"""`translate plot RUN_DIR`: the curves of log.jsonl as one PNG, drawn with matplotlib (Agg).
 
 One panel per group of logged keys: G/* (generator phase), D/* (discriminator phase), any other
 "prefix/*", then the keys without a prefix ("other") and the training speed. Values logged as
@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-from translate import viz
 from translate.core.runlog import RUN_SHAPE
 from translate.errors import UserError
 from translate.files import atomic_path
@@ -24,10 +23,11 @@ from translate.files import atomic_path
 WIDTH = 960  # output width in pixels
 TITLE_HEIGHT = 36  # pixels above the first panel
 PANEL_HEIGHT = 260  # pixels per panel
-SCALE = 2  # drawn at SCALE x and downsampled: PIL's lines are not anti-aliased
+_DPI = 100  # figure inches x _DPI = the pixel sizes above
+_LEGEND_ROWS = 12  # legend entries per panel
 _LEFT, _RIGHT, _TOP, _BOTTOM = 72, 200, 28, 36  # panel margins around the plot area, pixels
-_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+            "#7f7f7f", "#bcbd22", "#17becf"]  # matplotlib's tab10, in its order
 # Not curves: the x axis, wall time (the speed panel shows it), the health warnings (text).
 _SKIP = ("step", "time", "warnings")
 # Keys drawn against their own axis on the right of a panel they share: the schedule's
@@ -153,134 +153,91 @@ def value_range(arrays: list[np.ndarray]) -> tuple[float, float]:
 # ---------------------------------------------------------------------------- drawing
 
 
-def _font(px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return viz.font(px * SCALE)
+def _legend_label(k: str, log: Log, right: list[str]) -> str:
+    label = k.split("/", 1)[1] if "/" in k else k
+    if log.non_finite[k]:
+        label += f" ({log.non_finite[k]} nan/inf)"
+    return label + (" (right axis)" if k in right else "")
 
 
-def _runs(x: np.ndarray, y: np.ndarray) -> list[list[tuple[float, float]]]:
-    """Polylines of consecutive finite points (a NaN breaks the line)."""
-    out: list[list[tuple[float, float]]] = [[]]
-    for a, b in zip(x, y):
-        if math.isfinite(a) and math.isfinite(b):
-            out[-1].append((float(a), float(b)))
-        elif out[-1]:
-            out.append([])
-    return [r for r in out if r]
+def _set_ticks(axis: Any, lo: float, hi: float, n: int = 5, integer: bool = False) -> None:
+    """Round ticks with short labels (150k, 0.25) on one matplotlib axis."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+
+    ticks, step = nice_ticks(lo, hi, n, integer)
+    top = max(abs(v) for v in ticks) if ticks else None
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: tick_label(v, step, top)))
 
 
-def _draw_series(d: ImageDraw.ImageDraw, pts: list[tuple[float, float]], colour: tuple,
-                 width: int) -> None:
-    if len(pts) == 1:  # a lone point (single log line, or between NaNs) is a dot
-        (x, y), r = pts[0], 2.5 * SCALE
-        d.ellipse((x - r, y - r, x + r, y + r), fill=colour)
-    else:
-        d.line(pts, fill=colour, width=width, joint="curve")
+def _draw_panel(ax: Any, name: str, keys: list[str], log: Log, xr: tuple[float, float],
+                smooth: float) -> None:
+    from matplotlib.lines import Line2D
 
-
-def _lighter(c: tuple[int, int, int]) -> tuple[int, int, int]:
-    return tuple(int(v + 0.65 * (255 - v)) for v in c)
-
-
-def _draw_y_ticks(d: ImageDraw.ImageDraw, box: tuple[float, float, float, float],
-                  yr: tuple[float, float], font, right: bool = False) -> None:
-    """Tick labels of a y axis: on the left with grid lines, or on the right with tick marks
-    (a second axis, in the colour-neutral grey of the first)."""
-    x0, y0, x1, y1 = box
-    yticks, ystep = nice_ticks(*yr)
-    top = max(abs(v) for v in yticks) if yticks else None
-    for v in yticks:
-        py = y1 - (v - yr[0]) / (yr[1] - yr[0]) * (y1 - y0)
-        label = tick_label(v, ystep, top)
-        if right:
-            d.line([(x1, py), (x1 + 4 * SCALE, py)], fill=(60, 60, 60), width=SCALE)
-            d.text((x1 + 6 * SCALE, py), label, fill=(60, 60, 60), font=font, anchor="lm")
-        else:
-            d.line([(x0, py), (x1, py)], fill=(230, 230, 230), width=SCALE)
-            d.text((x0 - 6 * SCALE, py), label, fill=(60, 60, 60), font=font, anchor="rm")
-
-
-def _draw_axes(d: ImageDraw.ImageDraw, box: tuple[float, float, float, float],
-               xr: tuple[float, float], yr: tuple[float, float], font) -> None:
-    x0, _, x1, y1 = box
-    _draw_y_ticks(d, box, yr, font)
-    xticks, xstep = nice_ticks(*xr, n=6, integer=True)
-    top = max(abs(v) for v in xticks) if xticks else None
-    for v in xticks:
-        px = x0 + (v - xr[0]) / (xr[1] - xr[0]) * (x1 - x0)
-        d.line([(px, y1), (px, y1 + 4 * SCALE)], fill=(60, 60, 60), width=SCALE)
-        d.text((px, y1 + 6 * SCALE), tick_label(v, xstep, top), fill=(60, 60, 60), font=font,
-               anchor="mt")
-    d.rectangle(box, outline=(90, 90, 90), width=SCALE)
-
-
-def _draw_legend(d: ImageDraw.ImageDraw, x: float, y: float, keys: list[str], log: Log,
-                 font, right: tuple[str, ...] = ()) -> None:
-    s = SCALE
-    rows = int((PANEL_HEIGHT - _TOP - _BOTTOM) / 16)
-    for i, k in enumerate(keys):
-        ly = y + (2 + 16 * i) * s
-        if i == rows - 1 and len(keys) > rows:
-            d.text((x + 24 * s, ly), f"+{len(keys) - i} more", fill=(30, 30, 30), font=font,
-                   anchor="lt")
-            return
-        label = k.split("/", 1)[1] if "/" in k else k
-        if log.non_finite[k]:
-            label += f" ({log.non_finite[k]} nan/inf)"
-        if k in right:
-            label += " (right axis)"
-        d.line([(x, ly + 6 * s), (x + 18 * s, ly + 6 * s)], fill=_PALETTE[i % len(_PALETTE)],
-               width=3 * s)
-        d.text((x + 24 * s, ly), label, fill=(30, 30, 30), font=font, anchor="lt")
-
-
-def _draw_panel(d: ImageDraw.ImageDraw, top: float, name: str, keys: list[str], log: Log,
-                xr: tuple[float, float], smooth: float, fonts: tuple) -> None:
-    small, bold = fonts
-    s = SCALE
-    box = (_LEFT * s, top + _TOP * s, (WIDTH - _RIGHT) * s, top + (PANEL_HEIGHT - _BOTTOM) * s)
-    x0, y0, x1, y1 = box
-    right = tuple(k for k in keys if k in _RIGHT_AXIS and len(keys) > 1)
-    yr = value_range([log.series[k] for k in keys if k not in right])
-    yr_right = value_range([log.series[k] for k in right])
-    _draw_axes(d, box, xr, yr, small)
+    right = [k for k in keys if k in _RIGHT_AXIS and len(keys) > 1]
+    axes = {k: ax for k in keys}
     if right:
-        _draw_y_ticks(d, box, yr_right, small, right=True)
-    d.text((x0, top + 8 * s), name, fill=(0, 0, 0), font=bold, anchor="lt")
-    d.text((x1, y1 + 20 * s), "step", fill=(60, 60, 60), font=small, anchor="rt")
-    px = x0 + (log.steps - xr[0]) / (xr[1] - xr[0]) * (x1 - x0)
-    # The right axis' curves first: where they meet a left-axis curve, that one stays on top.
-    for i, k in sorted(enumerate(keys), key=lambda ik: ik[1] not in right):
+        twin = ax.twinx()
+        # Behind the left axis: where a right-axis curve meets a left-axis one, that one shows.
+        twin.set_zorder(ax.get_zorder() - 1)
+        ax.patch.set_visible(False)
+        twin.tick_params(labelsize=8)
+        axes.update({k: twin for k in right})
+        twin.set_ylim(*value_range([log.series[k] for k in right]))
+        _set_ticks(twin.yaxis, *twin.get_ylim())
+    ax.set_ylim(*value_range([log.series[k] for k in keys if k not in right]))
+    ax.set_xlim(*xr)
+    _set_ticks(ax.yaxis, *ax.get_ylim())
+    _set_ticks(ax.xaxis, *xr, n=6, integer=True)
+    ax.grid(axis="y", color="#e6e6e6", linewidth=1)
+    ax.tick_params(labelsize=8)
+    ax.set_title(name, loc="left", fontsize=11, fontweight="bold")
+    ax.annotate("step", xy=(1, 0), xycoords="axes fraction", xytext=(0, -17),
+                textcoords="offset points", ha="right", va="top", fontsize=8)
+    lines = []
+    for i, k in enumerate(keys):
         colour = _PALETTE[i % len(_PALETTE)]
-        # With smoothing, the raw curve stays visible as a pale line under the smoothed one.
-        layers = [(log.series[k], colour, 2 * s)]
-        if smooth > 0:
-            layers = [(log.series[k], _lighter(colour), s),
-                      (ema_smooth(log.series[k], smooth), colour, 2 * s)]
-        lo, hi = yr_right if k in right else yr
-        for values, c, w in layers:
-            py = y1 - (values - lo) / (hi - lo) * (y1 - y0)
-            # Keys logged only at some steps (eval/* every train.eval_every) join their own
-            # points; only a logged nan/inf breaks a line.
-            keep = log.present.get(k, np.ones(len(py), dtype=bool))
-            for run in _runs(px[keep], py[keep]):
-                _draw_series(d, run, c, w)
-    _draw_legend(d, x1 + (12 + _RIGHT_TICKS * bool(right)) * s, y0, keys, log, small, right)
+        # Keys logged only at some steps (eval/* every train.eval_every) join their own points;
+        # only a logged nan/inf breaks a line (matplotlib breaks it at a NaN).
+        keep = log.present.get(k, np.ones(len(log.steps), dtype=bool))
+        x, y = log.steps[keep], log.series[k][keep]
+        dot = "o" if np.isfinite(y).sum() < 2 else None  # a lone point: a whole dot
+        if smooth > 0:  # the raw curve stays visible as a pale line under the smoothed one
+            axes[k].plot(x, y, color=colour, alpha=0.35, linewidth=1, marker=dot, markersize=4,
+                         clip_on=dot is None)
+            y = ema_smooth(y, smooth)
+        lines += axes[k].plot(x, y, color=colour, linewidth=1.6, marker=dot, markersize=4,
+                              clip_on=dot is None,
+                              label=_legend_label(k, log, right))
+    if len(lines) > _LEGEND_ROWS:  # more would run past the panel
+        more = len(lines) - _LEGEND_ROWS + 1
+        lines = lines[:_LEGEND_ROWS - 1] + [Line2D([], [], linestyle="none", label=f"+{more} more")]
+    # To the right of the plot area (and of the right axis' tick labels, when there is one).
+    offset = 1 + (12 + _RIGHT_TICKS * bool(right)) / (WIDTH - _LEFT - _RIGHT)
+    ax.legend(handles=lines, loc="upper left", bbox_to_anchor=(offset, 1), frameon=False,
+              fontsize=8, borderaxespad=0, handlelength=1.5)
 
 
 def render(log: Log, title: str, smooth: float = 0.0) -> Image.Image:
-    """The whole figure: WIDTH x (TITLE_HEIGHT + PANEL_HEIGHT per group) pixels, RGB."""
+    """The whole figure: WIDTH x (TITLE_HEIGHT + PANEL_HEIGHT per group) pixels, RGB, drawn by
+    matplotlib's Agg backend (no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     groups = group_keys(list(log.series))
     height = TITLE_HEIGHT + PANEL_HEIGHT * max(len(groups), 1)
-    img = Image.new("RGB", (WIDTH * SCALE, height * SCALE), "white")
-    d = ImageDraw.Draw(img)
-    fonts = (_font(11), _font(14))
-    d.text((10 * SCALE, 10 * SCALE), title, fill=(0, 0, 0), font=fonts[1], anchor="lt")
+    fig = Figure(figsize=(WIDTH / _DPI, height / _DPI), dpi=_DPI)
+    canvas = FigureCanvasAgg(fig)
+    fig.text(10 / WIDTH, 1 - 10 / height, title, va="top", fontsize=12, fontweight="bold")
     lo, hi = float(log.steps.min()), float(log.steps.max())
     xr = (lo - 1, hi + 1) if hi == lo else (lo, hi)
     for i, (name, keys) in enumerate(groups.items()):
-        top = (TITLE_HEIGHT + i * PANEL_HEIGHT) * SCALE
-        _draw_panel(d, top, name, keys, log, xr, smooth, fonts)
-    return img.resize((WIDTH, height), Image.Resampling.LANCZOS)
+        bottom = TITLE_HEIGHT + (i + 1) * PANEL_HEIGHT - _BOTTOM  # pixels from the top
+        rect = (_LEFT / WIDTH, 1 - bottom / height, (WIDTH - _LEFT - _RIGHT) / WIDTH,
+                (PANEL_HEIGHT - _TOP - _BOTTOM) / height)
+        _draw_panel(fig.add_axes(rect), name, keys, log, xr, smooth)
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
 
 
 def plot_run(run: str | Path, out: str | Path | None = None, smooth: float = 0.0) -> Path:

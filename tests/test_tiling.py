@@ -180,6 +180,7 @@ def resnet9_runs() -> dict[str, torch.Tensor]:
     return runs
 
 
+@pytest.mark.slow
 def test_tiles_equal_the_frozen_statistics_whole_image_away_from_tile_edges(resnet9_runs):
     r = resnet9_runs
     far = np.minimum(_edge_distance(300, 128, 32)[:, None], _edge_distance(260, 128, 32)[None])
@@ -209,6 +210,7 @@ def _steps(out: torch.Tensor, across_y: np.ndarray, across_x: np.ndarray) -> tup
             float(max(dx[~across_x].max(), dy[~across_y].max())))
 
 
+@pytest.mark.slow
 def test_norm_tiling_leaves_no_seam(resnet9_runs):
     """The largest step between neighbouring pixels across the tile overlaps is comparable to
     the interior's and to the untiled image's; and so is that of the difference from the
@@ -226,6 +228,7 @@ def test_norm_tiling_leaves_no_seam(resnet9_runs):
     assert steps["per_tile - plain"][0] > 5 * steps["tiled - plain"][0]  # the test can fail
 
 
+@pytest.mark.slow
 def test_norm_tiling_is_close_to_the_untiled_image(resnet9_runs):
     """Frozen whole-image statistics (from a 0.92x overview here) against true per-image ones,
     and against the per-tile statistics the engine used before."""
@@ -294,6 +297,7 @@ def test_tiles_are_seamless_up_to_the_right_and_bottom_edges(tmp_path, tile, ove
 # ------------------------------------------------------------ auto-tiling and the 4 GB bound
 
 
+@pytest.mark.slow
 def test_a_4096_pixel_square_image_runs_in_under_4_gb(tmp_path):
     """`translate apply` with the default --tile auto on a 4096x4096 PNG: peak RSS of the
     apply process, measured by a parent that runs nothing else."""

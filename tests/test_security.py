@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import random_image_folder
-from test_hardening import _run_driver, _train_cmd
+from test_cli_errors import _run_driver, _train_cmd
 
 NO_NETWORK = """
 import os, socket, traceback
@@ -90,6 +90,7 @@ def blocked(tmp_path) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_no_network_access_at_run_time(blocked, tiny_unpaired, tmp_path):
     run = tmp_path / "run"
     commands = _pipeline(tiny_unpaired, tmp_path, onnx=True) + [
@@ -116,6 +117,7 @@ def test_the_demo_runs_without_network(blocked, tmp_path):
 
 @pytest.mark.parametrize("umask,onnx", [(0o000, True), (0o022, False), (0o077, False)],
                          ids=["umask000", "umask022", "umask077"])
+@pytest.mark.slow
 def test_no_output_is_world_writable_and_the_umask_is_respected(umask, onnx, tiny_unpaired,
                                                                 tmp_path):
     _run_driver(tmp_path, _pipeline(tiny_unpaired, tmp_path, onnx=onnx), umask=umask)

@@ -1,7 +1,7 @@
 """Bad input and odd paths, fed for real through the CLI: every broken or unusual image kind,
 recipes and flags that must be refused before any file is written, foreign model files,
-unusual and very long file names. (No network and file modes: test_hardening_security.py;
-the faults that need a setup of their own: test_hardening_gaps.py.)
+unusual and very long file names. (No network and file modes: test_security.py;
+the faults that need a setup of their own: test_environment_faults.py.)
 
 `cli.main` is called in-process where only its messages and exit code matter; real
 subprocesses are used where the process itself is what is tested (the full apply/train runs
@@ -285,6 +285,7 @@ def test_apply_output_equal_to_or_inside_the_input(generator, tmp_path, capsys):
     assert sorted(p.name for p in src.iterdir()) == ["a.png"]
 
 
+@pytest.mark.slow
 def test_unusual_characters_in_data_run_and_output_folders(tiny_unpaired, tmp_path):
     odd = "sp ace ü 日本 'q\" "
     data = tmp_path / os.fsdecode(odd.encode() + b"data \xff")  # not UTF-8: fine for data

@@ -162,6 +162,7 @@ def _run_on_a_terminal(args: list[str], cols: int = 200, timeout: float = 120) -
 
 
 @pytest.mark.parametrize("cols", [80, 200])
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal_shows_step_rate_eta_and_losses(tmp_path, cols):
     """The bar line keeps step count, rate and ETA whole at 80 columns (only the bar shrinks);
     the latest losses follow on their own line, cut to the width."""
