@@ -113,9 +113,14 @@ def tiny_sets(method: str) -> list[str]:
     return list(TINY[method][1])
 
 
+def set_args(sets: list[str]) -> list[str]:
+    """KEY=VALUE overrides as command-line arguments: --set KEY=VALUE ..."""
+    return [a for s in sets for a in ("--set", s)]
+
+
 def tiny_cli(method: str) -> list[str]:
-    """The same as command-line arguments: --set KEY=VALUE ..."""
-    return [a for s in TINY[method][1] for a in ("--set", s)]
+    """tiny_sets(method) as command-line arguments."""
+    return set_args(TINY[method][1])
 
 
 def _toml(value: object) -> str:

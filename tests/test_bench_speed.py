@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_CYCLEGAN, run_cli
+from conftest import ROOT, TINY_CYCLEGAN, run_cli, set_args
 
 from translate import recipe as recipe_mod
 
@@ -52,9 +52,8 @@ def test_repeat_never_stops_before_min_steps():
 
 def test_self_check_reads_translate_trains_rate(tiny_unpaired, tmp_path):
     proc = run_cli("train", str(ROOT / "recipes" / "cyclegan_demo.toml"),
-                   *[a for s in TINY_CYCLEGAN + [f'data.root="{tiny_unpaired}"',
-                                                 f'run_dir="{tmp_path / "run"}"']
-                     for a in ("--set", s)],
+                   *set_args(TINY_CYCLEGAN + [f'data.root="{tiny_unpaired}"',
+                                              f'run_dir="{tmp_path / "run"}"']),
                    "--steps", "4", "--log-every", "2", "--no-progress")
     seconds = _self_check.cli_seconds_per_step(proc.stdout + proc.stderr)
     assert seconds is not None and 0 < seconds < 60

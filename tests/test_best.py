@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN, run_cli
+from conftest import ROOT, TINY_CYCLEGAN, run_cli, set_args
 from safetensors.torch import load_file
 from test_faults import Cli
 
@@ -34,6 +34,7 @@ def _scores(run: Path) -> dict[int, float]:
                                                    .splitlines()) if "eval/psnr" in r}
 
 
+@pytest.mark.slow
 def test_keep_best_keeps_the_best_scoring_checkpoint_and_exports_it(tiny_unpaired, tmp_path):
     run = tmp_path / "run"
     train(_cyclegan(tiny_unpaired, run, 8, "train.save_every=1", "train.keep_checkpoints=8"),
@@ -73,7 +74,7 @@ def test_keep_best_settings_are_refused_before_the_run_starts(tiny_unpaired, tmp
         "eval/psnr": ("0", "needs periodic scores"),
         "eval/kid": ("1", "eval/kid is not scored in this run"),  # the demo data has PSNR
     }
-    sets = [a for s in TINY_CYCLEGAN for a in ("--set", s)]
+    sets = set_args(TINY_CYCLEGAN)
     for metric, (every, message) in cases.items():
         run = tmp_path / metric.replace("/", "_")
         proc = run_cli("train", "recipes/cyclegan_demo.toml", *sets, "--data",
@@ -105,7 +106,7 @@ def test_directions_are_known_per_score():
 @pytest.mark.slow
 def test_a_kill_while_the_best_is_written_leaves_the_previous_best(tiny_unpaired, tmp_path):
     run = tmp_path / "run"
-    sets = [a for s in TINY_CYCLEGAN for a in ("--set", s)]
+    sets = set_args(TINY_CYCLEGAN)
     args = ["train", "recipes/cyclegan_demo.toml", *sets, "--data", str(tiny_unpaired),
             "--steps", "40", "--run-dir", str(run), "--eval-every", "1", "--log-every", "1",
             "--sample-every", "1000", "--save-every", "5", "--mixed-precision", "no",

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_CUT, run_cli
+from conftest import ROOT, TINY_CUT, run_cli, set_args
 from PIL import Image
 from safetensors.torch import load_file
 from test_distributed import COMMON, assert_ranks_identical, assert_same_run, reference, worker
@@ -156,8 +156,7 @@ def test_flip_equivariance_compares_the_mirrored_output_mirrored_back(tiny_unpai
 
 def _train(recipe: str, data: Path, run: Path, steps: int, *flags: str):
     # A constant LR: a linear schedule depends on the total steps, which a resume changes here.
-    sets = [a for s in TINY_CUT + [f'data.root="{data}"', 'train.lr_schedule="constant"']
-            for a in ("--set", s)]
+    sets = set_args(TINY_CUT + [f'data.root="{data}"', 'train.lr_schedule="constant"'])
     return run_cli("train", f"recipes/{recipe}", *sets, "--steps", str(steps), "--run-dir",
                    str(run), "--mixed-precision", "no", "--log-every", "1", "--save-every",
                    "3", "--sample-every", "100", "--no-progress", *flags)
@@ -174,6 +173,7 @@ def _checkpoint(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.slow
 def test_train_resume_export_apply_eval_through_the_cli(variant, tiny_unpaired, tmp_path):
     recipe = VARIANTS[variant]
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -259,7 +259,7 @@ def test_demo_with_cut_prints_the_score_table_without_a_cycle(tmp_path):
 ])
 def test_bad_settings_are_refused_before_training(sets, needle, tiny_unpaired, tmp_path):
     run = tmp_path / "run"
-    args = [a for s in TINY_CUT + [f'data.root="{tiny_unpaired}"', *sets] for a in ("--set", s)]
+    args = set_args(TINY_CUT + [f'data.root="{tiny_unpaired}"', *sets])
     proc = run_cli("train", "recipes/cut_demo.toml", *args, "--run-dir", str(run), check=False)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -309,6 +309,7 @@ def _logs(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_one_channel_domain_trains_exports_and_applies(gray_to_rgb, tmp_path):
     run = tmp_path / "run"
     proc = _train(gray_to_rgb, run, ["data.channels_a=1", "data.channels_b=3",

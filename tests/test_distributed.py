@@ -36,7 +36,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CUT, TINY_CYCLEGAN, random_image_folder, run_cli, tiny_sets
+from conftest import (
+    ROOT,
+    TINY_CUT,
+    TINY_CYCLEGAN,
+    random_image_folder,
+    run_cli,
+    set_args,
+    tiny_sets,
+)
 from safetensors.torch import load_file
 from torch import nn
 
@@ -103,8 +111,7 @@ def launch(args: list[str], launcher: str = "accelerate", mixed_precision: str =
 
 def worker(dump: Path, recipe: str, sets: list[str], *flags: str, **kw) -> str:
     """`cli.py train` through the worker; returns stdout + stderr (the run's printed lines)."""
-    set_args = [a for s in sets for a in ("--set", s)]
-    proc = launch([WORKER, dump, "train", f"recipes/{recipe}", *set_args, "--no-progress",
+    proc = launch([WORKER, dump, "train", f"recipes/{recipe}", *set_args(sets), "--no-progress",
                    *flags], **kw)
     return proc.stdout + proc.stderr
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN, tiny_cli, tiny_sets
+from conftest import ROOT, TINY_CYCLEGAN, set_args, tiny_cli, tiny_sets
 from PIL import Image
 
 from translate import config
@@ -212,7 +212,7 @@ def _toy_cfg(run: Path, steps: int) -> config.RunConfig:
 
 
 def _toy_args(run: Path, steps: int, *extra: str) -> list[str]:
-    sets = [a for s in TOY for a in ("--set", s)]
+    sets = set_args(TOY)
     return ["train", TOY_RECIPE, *sets, "--steps", str(steps), "--run-dir", str(run),
             "--save-every", "2", "--sample-every", "1000000", "--no-progress", *extra]
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, tiny_sets
+from conftest import ROOT, set_args, tiny_sets
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -57,7 +57,7 @@ def _cfg(run: Path, steps: int, save_every: int, *sets: str) -> config.RunConfig
 
 
 def _train_args(run: Path, steps: int, save_every: int, *extra: str) -> list[str]:
-    sets = [a for s in TOY for a in ("--set", s)]
+    sets = set_args(TOY)
     return ["train", TOY_RECIPE, *sets, "--steps", str(steps), "--run-dir", str(run),
             "--log-every", "1", "--sample-every", str(NO_SAMPLES), "--save-every",
             str(save_every), "--no-progress", *extra]
@@ -301,6 +301,7 @@ def _stopped(job: Cli, sig: int, run: Path) -> tuple[int, list[str]]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.slow
 def test_stop_signal_saves_the_current_step_and_the_printed_command_resumes_exactly(sig,
                                                                                     tmp_path):
     run = tmp_path / "run"
@@ -596,6 +597,7 @@ def _outputs(out: Path) -> list[Path]:
     return sorted(out.glob("*.png")) if out.is_dir() else []
 
 
+@pytest.mark.slow
 def test_apply_killed_or_interrupted_continues_where_it_stopped(generator, tmp_path):
     n = 60
     src = _noise_folder(tmp_path / "in", n, 128)

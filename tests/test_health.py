@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, TINY_CYCLEGAN, run_cli
+from conftest import ROOT, TINY_CYCLEGAN, run_cli, set_args
 
 from translate import recipe as recipe_mod
 from translate.data.demo import build_demo
@@ -233,7 +233,7 @@ def test_a_run_made_to_collapse_warns_in_its_output_and_log_and_doctor_reads_it(
     sets = ["data.load_size=16", "data.crop_size=16", "train.batch_size=2", "model.pool_size=4",
             "model.ngf=8", "model.ndf=8", "model.n_layers_d=1", "train.lr_g=1e-12",
             "train.lr_d=2e-3", 'train.lr_schedule="constant"']
-    proc = run_cli("train", "recipes/cyclegan_demo.toml", *[a for s in sets for a in ("--set", s)],
+    proc = run_cli("train", "recipes/cyclegan_demo.toml", *set_args(sets),
                    "--data", str(tiny_unpaired), "--steps", "60", "--sample-every", "10",
                    "--log-every", "10", "--mixed-precision", "no", "--run-dir", str(run),
                    "--no-progress")

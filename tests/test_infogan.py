@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, set_args
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -135,7 +135,7 @@ def test_mi_loss_falls_and_q_reads_the_code_back(trained):
 @pytest.mark.slow
 def test_cli_resume_vary_code_export(trained, data, tmp_path):
     run = tmp_path / "run"
-    sets = [a for s in TINY for a in ("--set", s)]
+    sets = set_args(TINY)
     run_cli("train", "recipes/infogan.toml", *sets, "--data", str(data), "--run-dir", str(run),
             "--steps", "2", "--save-every", "2")
     proc = run_cli("train", "recipes/infogan.toml", *sets, "--data", str(data), "--run-dir",

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN, run_cli, tiny_sets
+from conftest import ROOT, TINY_CYCLEGAN, run_cli, set_args, tiny_sets
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -81,7 +81,7 @@ def _psnr_by_hand(G: torch.nn.Module, root: Path) -> float:
 def test_cyclegan_psnr_during_training_equals_an_independent_computation(tiny_unpaired,
                                                                         tmp_path):
     run = tmp_path / "run"
-    sets = [a for s in TINY_CYCLEGAN for a in ("--set", s)]
+    sets = set_args(TINY_CYCLEGAN)
     run_cli("train", "recipes/cyclegan_demo.toml", *sets, "--data", str(tiny_unpaired),
             "--steps", "4", "--run-dir", str(run), "--log-every", "3", "--save-every", "2",
             "--sample-every", "100", "--eval-every", "2", "--no-progress",
@@ -109,7 +109,7 @@ def test_cyclegan_psnr_during_training_equals_an_independent_computation(tiny_un
 def test_image_gan_kid_needs_held_out_images(tiny_unpaired, tmp_path):
     sets = ["model.ngf=4", "model.ndf=4", "model.image_size=32", "data.crop_size=32",
             "model.z_dim=8", "train.batch_size=4"]
-    args = ["train", "recipes/dcgan.toml", *[a for s in sets for a in ("--set", s)], "--data",
+    args = ["train", "recipes/dcgan.toml", *set_args(sets), "--data",
             str(tiny_unpaired / "trainA"), "--steps", "2", "--eval-every", "2", "--no-progress"]
     proc = run_cli(*args, "--run-dir", str(tmp_path / "bad"), check=False)
     assert proc.returncode == 2 and "train.eval_data" in proc.stderr

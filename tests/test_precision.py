@@ -125,6 +125,7 @@ def test_adam_uses_the_fused_kernel_on_cpu(tmp_path):
         assert group.get("fused") is True, group
 
 
+@pytest.mark.slow
 def test_the_start_line_says_which_precision_and_why(cpu_kind, tmp_path):
     from conftest import run_cli
 

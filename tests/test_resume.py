@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CYCLEGAN, run_cli, tiny_cli
+from conftest import ROOT, TINY_CYCLEGAN, run_cli, set_args, tiny_cli
 from safetensors.torch import load_file
 
 from translate import cli
@@ -127,7 +127,7 @@ def test_overwrite_moves_the_old_run_aside_whole(tmp_path):
 def test_the_demo_recipe_on_user_data_gets_its_own_folder(tiny_unpaired, tmp_path):
     """Not runs/demo (translate demo's), one folder per data folder, and an export that names
     the recipe it came from."""
-    sets = [a for s in TINY_CYCLEGAN for a in ("--set", s)]
+    sets = set_args(TINY_CYCLEGAN)
     folders = {}
     for name in ("horses", "zebras"):
         (tmp_path / name).symlink_to(tiny_unpaired)

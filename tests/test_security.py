@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import random_image_folder
+from conftest import random_image_folder, set_args
 from test_cli_errors import _run_driver, _train_cmd
 
 NO_NETWORK = """
@@ -61,7 +61,7 @@ def _latent_gan(tmp_path: Path) -> list[list[str]]:
     images, run = random_image_folder(tmp_path / "images"), tmp_path / "gan"
     sets = ["model.ngf=4", "model.ndf=4", "model.image_size=32", "data.crop_size=32",
             "model.z_dim=8"]
-    return [["train", "recipes/dcgan.toml", *[a for s in sets for a in ("--set", s)],
+    return [["train", "recipes/dcgan.toml", *set_args(sets),
              "--data", str(images), "--batch-size", "4", "--steps", "2", "--run-dir", str(run),
              "--no-progress"],
             ["sample", str(run), "--n", "4", "--out", str(tmp_path / "grid.png")],

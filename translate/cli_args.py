@@ -228,8 +228,9 @@ def add_doctor_parser(sub, commands: Commands) -> None:
     p = sub.add_parser("doctor", help="a run's health timeline, best steps and warnings, read "
                        "from its log without touching it")
     p.add_argument("run", help="run folder (runs/<name>)")
-    p.add_argument("--all", action="store_true", help="every health check, not a sample")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    for flag, text in (("--all", "every health check, not a sample"),
+                       ("--json", "print one JSON object instead")):
+        p.add_argument(flag, action="store_true", help=text)
     p.set_defaults(func=commands["doctor"])
 
 

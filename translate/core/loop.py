@@ -302,21 +302,26 @@ def _start(s: Session, path: Path | None) -> tuple[checkpoint.TrainState, Path |
     return state, path
 
 
+def start_line(s: Session, state: checkpoint.TrainState, path: Path | None) -> str:
+    """What this start trains, on what, how (the first line a run prints)."""
+    acc, cfg, t = s.accelerator, s.cfg, s.cfg.train
+    return (f"{cfg.method} '{cfg.name}': {s.dataset.describe()}; global batch "
+            f"{t.batch_size} x {acc.num_processes} processes x {t.grad_accum} accumulation = "
+            f"{state.global_batch}; {s.total} steps; precision {acc.mixed_precision} "
+            f"({s.precision_why})" + (f"; resumed from {path}" if path else ""))
+
+
 def train(method, dataset, cfg: RunConfig, scorer=None, *, monitor=None,
           read_config: rundir.ReadConfig, accelerator: Accelerator | None = None,
           precision_why: str = "", resume: str | None = None, progress: bool = True,
           overwrite: bool = False, again: list[str] | None = None) -> RunResult:
     """Train `method` (nets + phases) on `dataset` as `cfg` says, into its run folder (rundir
-    has the folder's rules). What is trained, scored and checked is built by the caller
-    (translate/run.py builds it from a recipe); the loop knows no particular GAN or data.
-
-    scorer: nets -> {"eval/...": value}, called on the main process every train.eval_every.
-    monitor: the health checks (observe(step, values), check_nets(step, nets, fixed)).
-    read_config: a run's config.json -> its config, for a resume to compare against.
-    resume: None (a new run), "auto" (the newest checkpoint; none is an error), "auto-or-new",
-        or a checkpoint or run folder. A resume continues the run as its config.json says.
-    overwrite: start a new run where one exists; the old one is moved to RUN.old-<time>.
-    again: the command line that continues this run, for the message of a stop (Ctrl-C)."""
+    has the folder's rules); what it trains is built above the core (translate/runner.py).
+    scorer: nets -> {"eval/...": value}, main process, every train.eval_every; monitor: health
+    checks (observe, check_nets); read_config: a run's config.json -> its config (for a resume).
+    resume: None (new run), "auto" (newest checkpoint, none is an error), "auto-or-new", or a
+    checkpoint or run folder; overwrite: a new run where one exists (the old one moves to
+    RUN.old-<time>); again: the command line that continues the run, for a stop's message."""
     s = setup(method, dataset, cfg, scorer, monitor, accelerator, precision_why)
     acc, t = s.accelerator, cfg.train
     plan = rundir.plan_on_all(acc, cfg, resume, overwrite,
@@ -332,13 +337,8 @@ def train(method, dataset, cfg: RunConfig, scorer=None, *, monitor=None,
     # or extend the run); per-process batch and accumulation are in config.json.
     shape = {f"{RUN_SHAPE}processes": acc.num_processes,
              f"{RUN_SHAPE}global_batch": state.global_batch, f"{RUN_SHAPE}steps": s.total}
-    log.print(f"{cfg.method} '{cfg.name}': {s.dataset.describe()}; global batch "
-              f"{t.batch_size} x {acc.num_processes} processes x {t.grad_accum} accumulation = "
-              f"{state.global_batch}; {s.total} steps; precision {acc.mixed_precision} "
-              f"({s.precision_why})"
-              + (f"; resumed from {path}" if path else ""))
-    for note in notes:
-        log.print(note)
+    for line in [start_line(s, state, path), *notes]:
+        log.print(line)
     again_text = rundir.continue_command(again, s.run_dir, acc.num_processes)
     fixed = s.method.fixed_batch(s.dataset, t.n_samples, cfg.seed) if acc.is_main_process else None
     batches = Batches(cfg, s.dataset, acc, state.batches)
