@@ -32,6 +32,8 @@ class TranslationNetsConfig:
     n_blocks: int = positive(9)           # ResNet blocks: 9 for 256px, 6 for 128px (paper)
     unet_downs: int = positive(8)         # U-Net downsamplings: 7 for 128px, 8 for 256px
     unet_full_res: bool = False           # U-Net: a full-resolution last level that sees the input
+    unet_affine_out: bool = False         # U-Net: write a per-pixel affine colour transform of
+                                          # the input (its detail passes exactly), not the image
     ngf: int = positive(64)               # generator width
     ndf: int = positive(64)               # discriminator width
     n_layers_d: int = positive(3)         # PatchGAN depth: 3 gives 70x70 patches
@@ -91,7 +93,8 @@ def build_generator(m: TranslationNetsConfig, cin: int, cout: int):
                          upsample=m.upsample, padding=m.padding)
     return build_net("unet", in_channels=cin, out_channels=cout, num_downs=m.unet_downs,
                      ngf=m.ngf, norm=m.norm, dropout=m.dropout, upsample=m.upsample,
-                     padding=m.padding, full_res=m.unet_full_res)
+                     padding=m.padding, full_res=m.unet_full_res,
+                     affine_out=m.unet_affine_out)
 
 
 class CycleGAN:
