@@ -120,7 +120,8 @@ def train_and_score(recipe: str, task: str, size: int, data_root: Path, run_dir:
            "steps": result.step, "batch": cfg.train.batch_size, "threads": threads,
            "sessions": before["sessions"] + 1,
            "train_seconds": round(seconds, 1), "s_per_step": round(seconds / result.step, 4),
-           "precision": training_precision(cfg.train.mixed_precision, "no", torch.device("cpu")),
+           "precision": training_precision(cfg.train.mixed_precision, "no",
+                                           torch.device("cpu"))[0],
            **score_run(run_dir, data_root)}
     _write_json(saved, out)
     return out

@@ -468,3 +468,26 @@ def test_unet_affine_out_fits_a_colour_mapping_with_its_detail():
             opt.step()
         errors[affine] = loss.item()
     assert errors[True] < 0.2 * errors[False], errors  # measured: 0.004 vs 0.054
+
+
+def test_border_conv_reflects_as_nn_conv_does_and_pads_in_bf16_under_autocast():
+    """Same numbers and state dict as nn.Conv2d with reflect padding; under CPU autocast the
+    pad stays in bf16 (nn.Conv2d's F.pad goes through fp32 and back)."""
+    from translate.nets.layers import BorderConv2d
+
+    torch.manual_seed(0)
+    ours = BorderConv2d(3, 5, 4, 2, 1, padding_mode="reflect")
+    ref = nn.Conv2d(3, 5, 4, 2, 1, padding_mode="reflect")
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 16, 12)
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-6)
+    copies = {}
+    for name, conv in (("ours", ours), ("nn", ref)):
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+            y = conv(x.bfloat16())
+        assert y.dtype == torch.bfloat16
+        copies[name] = [e.name for e in prof.events()].count("aten::_to_copy")
+    # nn.Conv2d: the pad in fp32 and its result back to bf16, beside the weight and bias casts
+    assert copies["ours"] == copies["nn"] - 2, copies
+    zero = BorderConv2d(3, 5, 3, 1, 1)
+    torch.testing.assert_close(zero(x), nn.functional.conv2d(x, zero.weight, zero.bias, 1, 1))

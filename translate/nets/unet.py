@@ -10,6 +10,7 @@ from translate.errors import ConfigError
 from translate.nets.layers import (
     PADDINGS,
     UPSAMPLES,
+    BorderConv2d,
     check_choice,
     check_norm,
     conv_bias,
@@ -77,8 +78,8 @@ class UnetGenerator(nn.Module):
         self.feature_strides = tuple(2**i for i in range(num_downs + 1))
 
         def conv(cin: int, cout: int, kernel: int, stride: int, bias: bool) -> nn.Conv2d:
-            return nn.Conv2d(cin, cout, kernel, stride, 1 if kernel > 1 else 0, bias=bias,
-                             padding_mode=padding_mode(padding))
+            return BorderConv2d(cin, cout, kernel, stride, 1 if kernel > 1 else 0, bias=bias,
+                                padding_mode=padding_mode(padding))
 
         # full_res adds a level at the input's resolution (as Ronneberger et al.'s U-Net has;
         # the reference's first conv already halves it): a 3x3 conv whose features skip to a
