@@ -149,7 +149,11 @@ class CycleGAN:
     def g_loss(self, nets: Nets, batch: Batch, prev: dict) -> dict[str, Tensor]:
         m = self.cfg
         a, b = batch["a"], batch["b"]
-        if m.lambda_identity > 0:
+        # The identity terms cost a third of G's work; once identity_until has brought their
+        # weight to 0 they are not computed (logged as 0, so every record has the same keys).
+        scale = self.identity_scale(prev) if m.lambda_identity > 0 else 0.0
+        identity = float(scale) > 0  # progress is a CPU tensor: no device sync
+        if identity:
             # Each G translates and reproduces its own domain in one call (see _per_image).
             fake_b, idt_b = self._twice(nets["G_ab"], a, b)
             fake_a, idt_a = self._twice(nets["G_ba"], b, a)
@@ -162,10 +166,12 @@ class CycleGAN:
             "cycle_a": m.lambda_cycle * F.l1_loss(rec_a.float(), a.float()),
             "cycle_b": m.lambda_cycle * F.l1_loss(rec_b.float(), b.float()),
         }
-        if m.lambda_identity > 0:
-            w = m.lambda_cycle * m.lambda_identity * self.identity_scale(prev)
+        if identity:
+            w = m.lambda_cycle * m.lambda_identity * scale
             out["idt_a"] = w * F.l1_loss(idt_a.float(), a.float())
             out["idt_b"] = w * F.l1_loss(idt_b.float(), b.float())
+        elif m.lambda_identity > 0:
+            out["idt_a"] = out["idt_b"] = torch.zeros((), device=a.device)
         out["loss"] = sum(out.values())
         out["fake_a"], out["fake_b"] = fake_a.detach(), fake_b.detach()
         return out
