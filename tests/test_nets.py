@@ -491,3 +491,17 @@ def test_border_conv_reflects_as_nn_conv_does_and_pads_in_bf16_under_autocast():
     assert copies["ours"] == copies["nn"] - 2, copies
     zero = BorderConv2d(3, 5, 3, 1, 1)
     torch.testing.assert_close(zero(x), nn.functional.conv2d(x, zero.weight, zero.bias, 1, 1))
+
+
+def test_reflect_padding_reaches_a_one_pixel_bottleneck():
+    """4 downsamplings of a 16 px image leave a 1x1 map, too small to mirror: its pad repeats
+    the edge instead of stopping the run (the demo recipe on the tests' 16 px data)."""
+    from translate.nets.layers import ReflectionPad2d
+
+    net = build_net("unet", ngf=4, num_downs=4, upsample="conv_bilinear", padding="reflect",
+                    full_res=True, affine_out=True)
+    assert net(torch.rand(2, 3, 16, 16) * 2 - 1).shape == (2, 3, 16, 16)
+    one = torch.arange(2.0).view(1, 2, 1, 1)
+    assert torch.equal(ReflectionPad2d(1)(one), one.expand(1, 2, 3, 3))
+    x = torch.rand(1, 2, 5, 5)
+    assert torch.equal(ReflectionPad2d(2)(x), nn.ReflectionPad2d(2)(x))  # else unchanged

@@ -51,7 +51,15 @@ class ReflectionPad2d(nn.ReflectionPad2d):
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x)
+            return border_pad(x, self.padding, "reflect")
+
+
+def border_pad(x: Tensor, pad: tuple[int, ...], mode: str) -> Tensor:
+    """F.pad, except that a map too small to mirror (a U-Net's 1x1 bottleneck on small images)
+    repeats its edge instead: reflection needs more pixels than the pad."""
+    if mode == "reflect" and (x.shape[-1] <= max(pad[:2]) or x.shape[-2] <= max(pad[2:])):
+        mode = "replicate"
+    return F.pad(x, pad, mode=mode)
 
 
 def check_norm(norm: str, allowed: tuple[str, ...], net: str) -> None:
@@ -109,7 +117,7 @@ class BorderConv2d(nn.Conv2d):
         if self.padding_mode == "zeros":
             return super()._conv_forward(x, weight, bias)
         with torch.autocast(x.device.type, enabled=False):
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            x = border_pad(x, self._reversed_padding_repeated_twice, self.padding_mode)
         return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
 
 
