@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/frontier.py --runs runs/frontier [--recipes a,b]
         [--tasks demo,morph] [--size N] [--set KEY=VALUE ...] [--jobs 2] [--threads 1]
-        [--pace N] [--markdown] [--json]
+        [--markdown] [--json]
 
 Each recipe of RECIPES (a recipe file plus a few `--set` overrides) trains on each task's data
 (translate.data.demo.build_demo: "demo", the per-pixel colour mapping of `translate demo`, at
@@ -120,7 +120,8 @@ def train_and_score(recipe: str, task: str, size: int, data_root: Path, run_dir:
            "steps": result.step, "batch": cfg.train.batch_size, "threads": threads,
            "sessions": before["sessions"] + 1,
            "train_seconds": round(seconds, 1), "s_per_step": round(seconds / result.step, 4),
-           "precision": training_precision(cfg.train.mixed_precision, "no", torch.device("cpu")),
+           "precision": training_precision(cfg.train.mixed_precision, "no",
+                                           torch.device("cpu"))[0],
            **score_run(run_dir, data_root)}
     _write_json(saved, out)
     return out
@@ -146,45 +147,6 @@ def score_run(run_dir: Path, data_root: Path) -> dict[str, Any]:
     translate_folder(gen_ab.forward, gen_ab.info, test_a, folder, overwrite=True, progress=False)
     side_by_side(test_a, folder, test_b, run_dir / "side_by_side.png")
     return score(gen_ab, gen_ba, test_a, test_b, folder)
-
-
-# ---------------------------------------------------------------------------- pace
-
-
-def pace(jobs: list[tuple], steps: int, threads: int) -> list[dict[str, Any]]:
-    """Seconds per training step of every job, measured side by side in one process: after two
-    warm-up steps each, one step of every job in turn, `steps` rounds, median per job. On a
-    shared machine the load moves every job alike, so these ratios hold where the wall-clock
-    times of separate runs do not. Nothing is saved (the run folders go to a temporary one)."""
-    import statistics
-
-    import torch
-
-    from translate import recipe as config_mod
-    from translate import runner
-    from translate.core import checkpoint, loop
-    from translate.demo import find_recipe
-
-    torch.set_num_threads(threads)
-    live = []
-    with tempfile.TemporaryDirectory(prefix="frontier_pace_") as tmp:
-        for i, (recipe, task, size, data_root, _, extra, _) in enumerate(jobs):
-            cfg = config_mod.load(find_recipe(RECIPES[recipe].file),
-                                  overrides(recipe, data_root, Path(tmp) / str(i), size, extra))
-            s = runner.setup(cfg)
-            state = checkpoint.TrainState(fingerprint="pace")
-            batches = loop.Batches(cfg, s.dataset, s.accelerator, 0)
-            for _ in range(2):
-                loop.train_step(s, state, batches)
-            live.append((recipe, task, size, cfg.train.steps, s, state, batches, []))
-        for _ in range(steps):
-            for *_, s, state, batches, times in live:
-                t = time.perf_counter()
-                loop.train_step(s, state, batches)
-                times.append(time.perf_counter() - t)
-    return [{"recipe": recipe, "task": task, "size": size, "s_per_step": statistics.median(t),
-             "recipe_steps": n, "projected_s": statistics.median(t) * n}
-            for recipe, task, size, n, *_, t in live]
 
 
 # ---------------------------------------------------------------------------- report
@@ -246,8 +208,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--runs", type=Path, help="keep runs here (a finished run is read back); "
                    "default: a temporary folder")
-    p.add_argument("--pace", type=int, metavar="N", help="do not train: time N steps of every "
-                   "recipe side by side in one process and print seconds per step")
     p.add_argument("--markdown", action="store_true", help="also print a markdown table")
     p.add_argument("--json", action="store_true", help="end with one JSON line of every row")
     args = p.parse_args(argv)
@@ -273,8 +233,6 @@ def run(args: argparse.Namespace, runs: Path) -> list[dict[str, Any]]:
         data = build_demo(runs / f"data-{task}{size}", size=size, task=task).resolve()
         jobs += [(recipe, task, size, data, runs / run_name(recipe, task, size, extra), extra,
                   args.threads) for recipe in args.recipes]
-    if args.pace:
-        return pace(jobs, args.pace, args.threads)
     rows = []
     for row in map_jobs(train_and_score, jobs, args.jobs):
         print(f"{row['recipe']} on {row['task']}: {row['psnr']:.2f} dB, SSIM {row['ssim']:.3f}, "
@@ -298,13 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.pace:
-        for r in rows:
-            print(f"{r['recipe']:10s} {r['task']:6s} {r['size']:4d} px  {r['s_per_step']:.4f} s/step"
-                  f"  x {r['recipe_steps']} steps = {r['projected_s']:.0f} s")
-        if args.json:
-            print(json.dumps({"pace": rows}))
-        return 0
     Console().print(table(rows, args.threads, args.jobs))
     if args.markdown:
         print(markdown(rows))

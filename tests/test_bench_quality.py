@@ -133,15 +133,3 @@ def test_quality_translation_hands_over_to_the_frontier(monkeypatch):
     monkeypatch.setitem(sys.modules, "frontier", FR)
     assert Q.main(["--translation", "--tasks", "morph"]) == 0
     assert seen == [["--tasks", "morph"]]
-
-
-def test_frontier_pace_times_every_recipe_side_by_side_without_training(tmp_path, capsys):
-    argv = ["--recipes", "demo,demo_old", "--tasks", "morph", "--size", "16", "--runs",
-            str(tmp_path), "--set", "model.unet_downs=2", "--pace", "2", "--json"]
-    assert FR.main(argv) == 0
-    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pace"]
-    assert [r["recipe"] for r in rows] == ["demo", "demo_old"]
-    for r in rows:
-        assert r["s_per_step"] > 0 and r["projected_s"] == pytest.approx(
-            r["s_per_step"] * r["recipe_steps"])
-    assert not list(tmp_path.glob("demo-*"))  # nothing trained, no run folder kept

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from translate.core import noise
-from translate.core.ema import ema_update, make_ema
+from translate.core.ema import ema_update, make_ema, warmed_decay
 from translate.core.schedules import lr_factor
 from translate.methods.pool import ImagePool
 
@@ -320,3 +321,33 @@ def test_pool_round_trip_of_an_empty_and_a_partial_pool():
     # Still filling: the next two images come back as they are.
     assert _ids(restored.query(_images(2, 5.0))) == [5.0, 6.0]
     assert len(restored.state()) == 4
+
+
+def test_ema_decay_warms_up_then_holds():
+    """(1 + t) / (10 + t) until it reaches the configured decay: the average of a 2,000-step
+    run no longer keeps 14% of the untrained weights (0.999 ** 2000)."""
+    assert warmed_decay(0.999, 0) == pytest.approx(0.1)
+    assert warmed_decay(0.999, 90) == pytest.approx(0.91)
+    assert warmed_decay(0.999, 10_000) == 0.999
+    assert warmed_decay(0.5, 0) == pytest.approx(0.1) and warmed_decay(0.5, 8) == 0.5
+    kept = 1.0
+    for t in range(2000):
+        kept *= warmed_decay(0.999, t)
+    assert kept < 1e-4  # the initial weights' share of the average after 2,000 steps
+
+
+def test_the_loop_averages_with_the_warmed_decay(monkeypatch, tmp_path):
+    """A real run with train.ema: each generator step updates the average with the decay of
+    its step, warm-up included."""
+    from translate import recipe, runner
+    from translate.core import loop
+
+    seen = []
+    real = loop.ema_update
+    monkeypatch.setattr(loop, "ema_update", lambda e, n, d: seen.append(d) or real(e, n, d))
+    cfg = recipe.load(Path(__file__).resolve().parent.parent / "recipes" / "toy_gan_ring.toml",
+                      ["model.hidden=16", "train.batch_size=8", "train.steps=3",
+                       "train.ema=0.999", f'run_dir="{tmp_path / "run"}"',
+                       "train.sample_every=1000", 'train.mixed_precision="no"'])
+    runner.train(cfg, progress=False)
+    assert seen == pytest.approx([warmed_decay(0.999, t) for t in range(3)])

@@ -98,6 +98,11 @@ def test_identity_weight_falls_to_zero_by_identity_until():
         out = m.g_loss(stub_nets(), batch(), {"progress": torch.tensor(progress)})
         assert close(out["idt_a"], scale * 1.5) and close(out["idt_b"], scale * 1.0), progress
         assert close(out["cycle_a"], 2.0)  # the other terms keep their weights
+    # once the weight is 0 the identity images are not translated at all (a third of G's work)
+    for progress, images in ((0.3, 3 * 2), (0.4, 2 * 2)):
+        nets = stub_nets()
+        m.g_loss(nets, batch(), {"progress": torch.tensor(progress)})
+        assert len(image_means(nets["G_ab"])) == images, progress  # a, (b,) fake_a
     # the default keeps the paper's constant weight whatever the progress
     late = method().g_loss(stub_nets(), batch(), {"progress": torch.tensor(0.9)})
     assert close(late["idt_a"], 1.5)

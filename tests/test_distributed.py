@@ -57,12 +57,15 @@ from translate.methods import gan as gan_mod
 WORKER = ROOT / "tests" / "dist_worker.py"
 # norm "none": a conv bias in front of an instance norm has a true gradient of zero, and Adam
 # turns the float noise of that zero into full-size steps that differ between 1 and 2 processes.
-CYCLEGAN = TINY_CYCLEGAN + ["model.pool_size=0", 'model.norm="none"', "train.ema=0.9"]
+CYCLEGAN = TINY_CYCLEGAN + ["model.pool_size=0", 'model.norm="none"', "train.ema=0.9",
+                            "model.identity_until=0"]
 TOY_WGAN = ["model.hidden=16"]
 LAUNCH_TIMEOUT = 180  # s; a launch takes 10-20 s on 2 busy cores
 # Runs compared across process counts are fp32 by name: "auto" would be bf16 on a CPU with
 # native bf16 (and under a launcher follows --mixed_precision, "no" here), and bf16's 8-bit
 # mantissa is far coarser than the 1e-5 these comparisons hold. bf16 has tests of its own.
+# The schedules are constant: a run stopped at --steps 3 and resumed to 6 is compared with a
+# 6-step run, and a linear LR or identity_until depends on the total.
 COMMON = ["train.log_every=1", "train.sample_every=100", 'train.lr_schedule="constant"',
           'train.mixed_precision="no"']
 

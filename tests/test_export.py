@@ -344,7 +344,7 @@ def test_export_and_apply_flags_through_the_cli(trained_run, tmp_path):
 
 # Keys that exported generators gained after their first release, with the values that rebuild
 # the nets made before (the nets' constructor defaults are those older architectures).
-LATER_KEYS = {"unet": ("upsample", "padding", "full_res"), "resnet": ("padding",)}
+LATER_KEYS = {"unet": ("upsample", "padding", "full_res", "affine_out"), "resnet": ("padding",)}
 
 
 @pytest.mark.parametrize("kind,config", [

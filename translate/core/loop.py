@@ -20,7 +20,7 @@ from translate.config import RunConfig
 from translate.core import best, checkpoint, faults, penalties, rundir, tracking
 from translate.core.batches import batches as batch_stream
 from translate.core.batches import steps_per_epoch
-from translate.core.ema import ema_update, make_ema
+from translate.core.ema import ema_update, make_ema, warmed_decay
 from translate.core.faults import Diverged
 from translate.core.runlog import RUN_SHAPE, RunLog
 from translate.core.schedules import health_due, lr_factor
@@ -430,7 +430,8 @@ def train_step(s: Session, state: checkpoint.TrainState, batches: Batches) -> di
         handed = out
         if phase.is_generator and s.ema:
             for name, ema_net in s.ema.items():
-                ema_update(ema_net, s.accelerator.unwrap_model(s.nets[name]), t.ema)
+                ema_update(ema_net, s.accelerator.unwrap_model(s.nets[name]),
+                           warmed_decay(t.ema, state.step))
     set_trainable(s.nets, tuple(s.nets))
     logs["lr_scale"] = torch.tensor(scale)
     if math.isnan(scale):

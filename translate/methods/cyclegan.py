@@ -32,6 +32,8 @@ class TranslationNetsConfig:
     n_blocks: int = positive(9)           # ResNet blocks: 9 for 256px, 6 for 128px (paper)
     unet_downs: int = positive(8)         # U-Net downsamplings: 7 for 128px, 8 for 256px
     unet_full_res: bool = False           # U-Net: a full-resolution last level that sees the input
+    unet_affine_out: bool = False         # U-Net: write a per-pixel affine colour transform of
+                                          # the input (its detail passes exactly), not the image
     ngf: int = positive(64)               # generator width
     ndf: int = positive(64)               # discriminator width
     n_layers_d: int = positive(3)         # PatchGAN depth: 3 gives 70x70 patches
@@ -89,7 +91,8 @@ def build_generator(m: TranslationNetsConfig, cin: int, cout: int):
                          upsample=m.upsample, padding=m.padding)
     return build_net("unet", in_channels=cin, out_channels=cout, num_downs=m.unet_downs,
                      ngf=m.ngf, norm=m.norm, dropout=m.dropout, upsample=m.upsample,
-                     padding=m.padding, full_res=m.unet_full_res)
+                     padding=m.padding, full_res=m.unet_full_res,
+                     affine_out=m.unet_affine_out)
 
 
 class CycleGAN:
@@ -144,7 +147,11 @@ class CycleGAN:
     def g_loss(self, nets: Nets, batch: Batch, prev: dict) -> dict[str, Tensor]:
         m = self.cfg
         a, b = batch["a"], batch["b"]
-        if m.lambda_identity > 0:
+        # The identity terms cost a third of G's work; once identity_until has brought their
+        # weight to 0 they are not computed (logged as 0, so every record has the same keys).
+        scale = self.identity_scale(prev) if m.lambda_identity > 0 else 0.0
+        identity = float(scale) > 0  # progress is a CPU tensor: no device sync
+        if identity:
             # Each G translates and reproduces its own domain in one call (see _per_image).
             fake_b, idt_b = self._twice(nets["G_ab"], a, b)
             fake_a, idt_a = self._twice(nets["G_ba"], b, a)
@@ -157,10 +164,12 @@ class CycleGAN:
             "cycle_a": m.lambda_cycle * F.l1_loss(rec_a.float(), a.float()),
             "cycle_b": m.lambda_cycle * F.l1_loss(rec_b.float(), b.float()),
         }
-        if m.lambda_identity > 0:
-            w = m.lambda_cycle * m.lambda_identity * self.identity_scale(prev)
+        if identity:
+            w = m.lambda_cycle * m.lambda_identity * scale
             out["idt_a"] = w * F.l1_loss(idt_a.float(), a.float())
             out["idt_b"] = w * F.l1_loss(idt_b.float(), b.float())
+        elif m.lambda_identity > 0:
+            out["idt_a"] = out["idt_b"] = torch.zeros((), device=a.device)
         out["loss"] = sum(out.values())
         out["fake_a"], out["fake_b"] = fake_a.detach(), fake_b.detach()
         return out

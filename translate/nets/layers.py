@@ -5,6 +5,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
@@ -50,7 +51,15 @@ class ReflectionPad2d(nn.ReflectionPad2d):
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x)
+            return border_pad(x, self.padding, "reflect")
+
+
+def border_pad(x: Tensor, pad: tuple[int, ...], mode: str) -> Tensor:
+    """F.pad, except that a map too small to mirror (a U-Net's 1x1 bottleneck on small images)
+    repeats its edge instead: reflection needs more pixels than the pad."""
+    if mode == "reflect" and (x.shape[-1] <= max(pad[:2]) or x.shape[-2] <= max(pad[2:])):
+        mode = "replicate"
+    return F.pad(x, pad, mode=mode)
 
 
 def check_norm(norm: str, allowed: tuple[str, ...], net: str) -> None:
@@ -96,6 +105,20 @@ def padding_mode(padding: str) -> str:
     the border is, and a net with several stacked layers learns to draw stripes along it;
     reflection keeps image statistics at the border (no new parameters, same state dict)."""
     return {"zero": "zeros", "reflect": "reflect"}[padding]
+
+
+class BorderConv2d(nn.Conv2d):
+    """nn.Conv2d whose reflect padding runs in its input's dtype under autocast, as
+    `ReflectionPad2d` does (nn.Conv2d pads through F.pad, which CPU autocast runs in fp32:
+    a U-Net with reflect padding took ~30% longer per bf16 step than with zero padding).
+    Same parameters and state dict as nn.Conv2d."""
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if self.padding_mode == "zeros":
+            return super()._conv_forward(x, weight, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            x = border_pad(x, self._reversed_padding_repeated_twice, self.padding_mode)
+        return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
 
 
 class SubPixelUpsample(nn.Sequential):

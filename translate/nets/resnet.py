@@ -8,6 +8,7 @@ from translate.errors import ConfigError
 from translate.nets.layers import (
     PADDINGS,
     UPSAMPLES,
+    BorderConv2d,
     ReflectionPad2d,
     check_choice,
     check_norm,
@@ -101,8 +102,8 @@ class ResnetGenerator(nn.Module):
         ]
         ends = [0]  # feature point i is the output of layers[:ends[i]]
         for mult in (1, 2):
-            layers.append(nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1,
-                                    bias=bias, padding_mode=padding_mode(padding)))
+            layers.append(BorderConv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1,
+                                       bias=bias, padding_mode=padding_mode(padding)))
             ends.append(len(layers))
             # Not in place: with norm "none" the ReLU would overwrite the conv output that is a
             # feature point.

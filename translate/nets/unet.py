@@ -3,12 +3,14 @@
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from translate.errors import ConfigError
 from translate.nets.layers import (
     PADDINGS,
     UPSAMPLES,
+    BorderConv2d,
     check_choice,
     check_norm,
     conv_bias,
@@ -50,6 +52,8 @@ class UnetGenerator(nn.Module):
         padding: str = "zero",  # border padding of the encoder convs: "zero" (reference), "reflect"
         full_res: bool = False,  # add a level at full resolution: a 3x3 conv of the input whose
                                  # features skip to the last layers (not in the reference)
+        affine_out: bool = False,  # the last layer predicts, per pixel, an affine colour
+                                   # transform of the input pixel instead of the output itself
     ) -> None:
         super().__init__()
         check_norm(norm, _NORMS, "unet")
@@ -60,7 +64,9 @@ class UnetGenerator(nn.Module):
                               f"num_downs={num_downs}, dropout={dropout}")
         self.config = {"in_channels": in_channels, "out_channels": out_channels,
                        "num_downs": num_downs, "ngf": ngf, "norm": norm, "dropout": dropout,
-                       "upsample": upsample, "padding": padding, "full_res": full_res}
+                       "upsample": upsample, "padding": padding, "full_res": full_res,
+                       "affine_out": affine_out}
+        self.affine_out = affine_out
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.size_multiple = 2**num_downs
@@ -72,8 +78,8 @@ class UnetGenerator(nn.Module):
         self.feature_strides = tuple(2**i for i in range(num_downs + 1))
 
         def conv(cin: int, cout: int, kernel: int, stride: int, bias: bool) -> nn.Conv2d:
-            return nn.Conv2d(cin, cout, kernel, stride, 1, bias=bias,
-                             padding_mode=padding_mode(padding))
+            return BorderConv2d(cin, cout, kernel, stride, 1 if kernel > 1 else 0, bias=bias,
+                                padding_mode=padding_mode(padding))
 
         # full_res adds a level at the input's resolution (as Ronneberger et al.'s U-Net has;
         # the reference's first conv already halves it): a 3x3 conv whose features skip to a
@@ -92,16 +98,23 @@ class UnetGenerator(nn.Module):
 
         # up[i] mirrors down[i]: it reads level i's output (joined with its skip, except at the
         # bottleneck) and writes level i-1's resolution and width.
+        # affine_out (after the local affine colour models of Gharbi et al. 2017, HDRNet): the
+        # last layer writes a cout x cin matrix and an offset per pixel, applied to that pixel
+        # of the input, so the input's detail reaches the output exactly and the net only has
+        # to learn how colours change. The layer starts at the usual random init, not at the
+        # identity: a G that starts as the identity meets the identity and cycle L1 losses
+        # exactly, and their kinks held it there (the demo stayed at the do-nothing 19.2 dB).
+        n_out = out_channels * (in_channels + 1) if affine_out else out_channels
+        last: nn.Module = nn.Identity() if affine_out else nn.Tanh()
         if full_res:
             self.up = nn.ModuleList([nn.Sequential(
                 nn.ReLU(), upsample_x2(upsample, widths[0] * 2, ngf, bias, kernel=4),
                 make_norm(norm, ngf))])
-            self.out = nn.Sequential(nn.ReLU(), conv(2 * ngf, out_channels, 3, 1, True),
-                                     nn.Tanh())
+            self.out = nn.Sequential(nn.ReLU(), conv(2 * ngf, n_out, 1 if affine_out else 3, 1,
+                                                     True), last)
         else:
             self.up = nn.ModuleList([nn.Sequential(
-                nn.ReLU(), upsample_x2(upsample, widths[0] * 2, out_channels, True, kernel=4),
-                nn.Tanh())])
+                nn.ReLU(), upsample_x2(upsample, widths[0] * 2, n_out, True, kernel=4), last)])
             self.out = None
         for i in range(1, num_downs):
             width_in = widths[i] if i == innermost else widths[i] * 2
@@ -125,6 +138,7 @@ class UnetGenerator(nn.Module):
                 h = down(h)
                 found.append(h)
             return [found[i] for i in features]
+        image = x
         if self.stem is not None:
             x = self.stem(x)
         full, skips = x, []
@@ -136,4 +150,11 @@ class UnetGenerator(nn.Module):
             x = up(torch.cat([skips.pop(), x], dim=1))
         if self.out is not None:
             x = self.out(torch.cat([full, x], dim=1))
-        return x
+        return self._apply_affine(x, image) if self.affine_out else x
+
+    def _apply_affine(self, coef: Tensor, image: Tensor) -> Tensor:
+        cin, cout = self.in_channels, self.out_channels
+        # unflatten, not reshape(n, ...): an ONNX export keeps batch and size dynamic
+        matrix = coef[:, : cout * cin].unflatten(1, (cout, cin))
+        y = (matrix * image.unsqueeze(1)).sum(dim=2) + coef[:, cout * cin:]
+        return F.hardtanh(y)  # the [-1, 1] range, without tanh's squeeze at the ends
