@@ -119,7 +119,7 @@ def train_variant(variant: str, steps: int, seed: int, data_root: Path, run_dir:
     result = train(cfg, resume="auto-or-new", progress=False)
     seconds = time.perf_counter() - t0
     rss = peak_rss_mb()  # of training: scoring loads more
-    precision = training_precision(cfg.train.mixed_precision, "no", torch.device("cpu"))[0]
+    precision = training_precision(cfg.train.mixed_precision, None, torch.device("cpu"))[0]
     scores = score_run(run_dir, data_root)
     out = {"variant": variant, "seed": seed, "steps": result.step, "overrides": overrides[3:],
            "recipe": VARIANTS[variant].recipe, "method": cfg.method, "precision": precision,

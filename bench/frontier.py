@@ -51,6 +51,8 @@ class Recipe:
 # out key by key so that it stays measurable beside today's recipe.
 OLD_DEMO = ('model.generator="unet"', "model.unet_downs=4", "model.ngf=16", "model.ndf=16",
             "model.n_layers_d=2", 'model.upsample="transpose"', 'model.padding="zero"',
+            "model.unet_full_res=false", "model.unet_affine_out=false",
+            "model.identity_until=0",
             "model.lambda_identity=0.5", "train.steps=2000", "train.batch_size=4",
             "train.lr_g=2e-4", "train.lr_d=2e-4", 'train.lr_schedule="linear"',
             "train.decay_start=0")
@@ -120,7 +122,7 @@ def train_and_score(recipe: str, task: str, size: int, data_root: Path, run_dir:
            "steps": result.step, "batch": cfg.train.batch_size, "threads": threads,
            "sessions": before["sessions"] + 1,
            "train_seconds": round(seconds, 1), "s_per_step": round(seconds / result.step, 4),
-           "precision": training_precision(cfg.train.mixed_precision, "no",
+           "precision": training_precision(cfg.train.mixed_precision, None,
                                            torch.device("cpu"))[0],
            **score_run(run_dir, data_root)}
     _write_json(saved, out)

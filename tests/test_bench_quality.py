@@ -103,6 +103,7 @@ def test_old_demo_recipe_is_the_one_before_issue_13():
     m, t = cfg.model, cfg.train
     assert (m.generator, m.unet_downs, m.ngf, m.ndf, m.n_layers_d) == ("unet", 4, 16, 16, 2)
     assert (m.upsample, m.padding, m.unet_full_res) == ("transpose", "zero", False)
+    assert (m.unet_affine_out, m.identity_until) == (False, 0.0)
     assert (t.steps, t.batch_size, t.lr_g, t.lr_d) == (2000, 4, 2e-4, 2e-4)
 
 

@@ -164,7 +164,11 @@ def assert_same_run(run: Path, ref: Path, steps: list[int]) -> None:
     for ra, rb in zip(la, lb):
         for k in rb:
             if "/" in k and not k.startswith("run/"):  # run/processes differs by design
-                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (k, ra["step"])
+                # health/checkerboard is a ratio of the outputs' spectral energy at the
+                # upsampling periods, near 0 for clean generators: the weights' float-sum noise
+                # (1e-5) moves it by ~5e-4 relative; a real difference moves it by whole units.
+                rel = 1e-2 if k.startswith("health/") else 1e-4
+                assert ra[k] == pytest.approx(rb[k], rel=rel, abs=1e-6), (k, ra["step"])
 
 
 def reference(recipe: str, run: Path, sets: list[str], steps: int = 6) -> None:
