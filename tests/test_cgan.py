@@ -176,3 +176,24 @@ def test_cli_resume_sample_export(trained, data, tmp_path):
     assert meta["z_dim"] == "10"  # noise + one-hot label
     with pytest.raises(UserError, match="translate sample"):
         load_generator(path)
+
+
+@pytest.mark.parametrize("method", ["cgan", "infogan"])
+def test_conditional_gans_build_their_nets_once(method, data, tmp_path, monkeypatch):
+    """cgan and infogan build their own G and D through build_nets, not GAN's plain ones
+    first and then replacements: one G and one D, each initialised once."""
+    import importlib
+
+    from translate.methods import METHODS, gan
+
+    built = []
+    for module in (gan, importlib.import_module(f"translate.methods.{method}")):
+        real = module.build_net
+        monkeypatch.setattr(module, "build_net", lambda kind, _real=real, **kw: (
+            built.append(kind), _real(kind, **kw))[1])
+    sets = TINY if method == "cgan" else []
+    cfg = recipe_mod.load(ROOT / "recipes" / f"{method}.toml",
+                          sets + [f'data.root="{data}"', f'run_dir="{tmp_path / "r"}"'])
+    nets = METHODS[cfg.method].build(cfg).nets
+    assert sorted(built) == ["dcgan_d", "dcgan_g"], built
+    assert set(nets) == {"G", "D"}

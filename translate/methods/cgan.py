@@ -101,12 +101,18 @@ def generator_input(z: Tensor, y: Tensor, n_classes: int) -> Tensor:
 
 class CGAN(gan.GAN):
     def __init__(self, cfg: RunConfig):
-        super().__init__(cfg)  # objective, phases, settings; its unconditional nets are replaced
         m = cfg.model
         if not m.classes:
             find_classes(cfg.data.root, cfg.method)  # raises the reason (no root, no subfolders)
             raise ConfigError("model.classes: empty; list the class subfolders of data.root")
-        self.classes, n, channels = m.classes, len(m.classes), cfg.data.channels_a
+        self.classes = m.classes
+        super().__init__(cfg)  # objective, phases, settings, and build_nets below
+        self.generators = {"G": {"latent": True, "metadata": {
+            "classes": json.dumps(list(self.classes)), "noise_dim": str(m.z_dim)}}}
+
+    def build_nets(self, cfg: RunConfig) -> Nets:
+        """G reads noise + one-hot label; D is a DCGAN D with a projection head."""
+        m, n, channels = cfg.model, len(self.classes), cfg.data.channels_a
         G = build_net("dcgan_g", z_dim=m.z_dim + n, ngf=m.ngf, out_channels=channels,
                       image_size=m.image_size, attention=m.self_attention)
         D = build_net("dcgan_d", in_channels=channels, ndf=m.ndf, image_size=m.image_size,
@@ -114,9 +120,7 @@ class CGAN(gan.GAN):
                       minibatch_std=m.minibatch_std)
         init_weights(G)
         init_weights(D)
-        self.nets: Nets = {"G": G, "D": ProjectionD(D, n, m.spectral_norm)}
-        self.generators = {"G": {"latent": True, "metadata": {
-            "classes": json.dumps(list(self.classes)), "noise_dim": str(m.z_dim)}}}
+        return {"G": G, "D": ProjectionD(D, n, m.spectral_norm)}
 
     def bind(self, nets: Nets, y: Tensor) -> dict[str, Callable[[Tensor], Tensor]]:
         """G and D with the labels y filled in: GAN's losses then run on them unchanged."""

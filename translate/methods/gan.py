@@ -102,6 +102,23 @@ class GAN:
         self.cfg, self.seed = m, cfg.seed
         self.toy = m.net == "mlp"
         self.toy_name = cfg.data.toy
+        self.nets: Nets = self.build_nets(cfg)  # built once, by the subclass if it has its own
+        self.d_obj, self.g_obj = objectives.get(m.objective)
+        t = cfg.train
+        after = partial(_clip, c=m.clip_value) if m.penalty == "clip" else None
+        self.unroll_settings = (_optimizer_factory(cfg), after)
+        # Unrolling gives G its own fresh batch: the copy of D should not train on the very
+        # images the real D has just stepped on.
+        self.phases = [
+            Phase("D", ("D",), self.d_loss, t.lr_d, t.betas_d, m.n_critic, True, after),
+            Phase("G", ("G",), self.g_loss, t.lr_g, t.betas_g, 1, m.unrolled_steps > 0, None,
+                  True),
+        ]
+        self.generators: dict[str, dict[str, Any]] = {"G": {"latent": True}}
+
+    def build_nets(self, cfg: RunConfig) -> Nets:
+        """G and D, initialised (a subclass with other nets overrides this)."""
+        m = cfg.model
         channels = cfg.data.channels_a
         if self.toy:
             G = build_net("mlp_g", z_dim=m.z_dim, out_dim=2, hidden=m.hidden, depth=m.depth)
@@ -115,19 +132,7 @@ class GAN:
                           attention=m.self_attention, minibatch_std=m.minibatch_std)
             init_weights(G)
             init_weights(D)
-        self.nets: Nets = {"G": G, "D": D}
-        self.d_obj, self.g_obj = objectives.get(m.objective)
-        t = cfg.train
-        after = partial(_clip, c=m.clip_value) if m.penalty == "clip" else None
-        self.unroll_settings = (_optimizer_factory(cfg), after)
-        # Unrolling gives G its own fresh batch: the copy of D should not train on the very
-        # images the real D has just stepped on.
-        self.phases = [
-            Phase("D", ("D",), self.d_loss, t.lr_d, t.betas_d, m.n_critic, True, after),
-            Phase("G", ("G",), self.g_loss, t.lr_g, t.betas_g, 1, m.unrolled_steps > 0, None,
-                  True),
-        ]
-        self.generators: dict[str, dict[str, Any]] = {"G": {"latent": True}}
+        return {"G": G, "D": D}
 
     def _pack(self, x: Tensor) -> Tensor:
         # PacGAN for conv nets: stack `pack` samples along channels; MLP D packs internally.

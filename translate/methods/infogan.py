@@ -106,9 +106,15 @@ def info_loss(m: InfoGANConfig, q: Tensor, cat: Tensor, cont: Tensor) -> dict[st
 
 class InfoGAN(gan.GAN):
     def __init__(self, cfg: RunConfig):
-        super().__init__(cfg)  # objective, phases, settings; its nets are replaced
-        m, channels = cfg.model, cfg.data.channels_a
+        m = cfg.model
         self.code_dim = m.n_cat * m.cat_dim + m.n_cont
+        super().__init__(cfg)  # objective, phases, settings, and build_nets below
+        self.generators = {"G": {"latent": True, "metadata": {
+            "noise_dim": str(m.z_dim), "codes": describe_codes(m)}}}
+
+    def build_nets(self, cfg: RunConfig) -> Nets:
+        """G reads noise + codes; D shares its trunk with the Q head (InfoD)."""
+        m, channels = cfg.model, cfg.data.channels_a
         G = build_net("dcgan_g", z_dim=m.z_dim + self.code_dim, ngf=m.ngf,
                       out_channels=channels, image_size=m.image_size, attention=m.self_attention)
         D = build_net("dcgan_d", in_channels=channels, ndf=m.ndf, image_size=m.image_size,
@@ -117,9 +123,7 @@ class InfoGAN(gan.GAN):
         info_d = InfoD(D, self.code_dim, m.q_hidden)
         init_weights(G)
         init_weights(info_d)
-        self.nets: Nets = {"G": G, "D": info_d}
-        self.generators = {"G": {"latent": True, "metadata": {
-            "noise_dim": str(m.z_dim), "codes": describe_codes(m)}}}
+        return {"G": G, "D": info_d}
 
     def codes(self, k: Tensor, stream: int) -> tuple[Tensor, Tensor]:
         """Per-sample codes from the prior: (categorical (N, n_cat) int64, continuous (N, n_cont))."""
