@@ -11,6 +11,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -359,3 +360,11 @@ def _repeat(fn: Callable[[], list], spec: dict[str, Any], before: Callable[[], N
 def _progress(c: Case, start: float) -> None:
     print(f"[{time.perf_counter() - start:6.0f} s] {c.key}: {c.result.get('error') or 'ok'}",
           file=sys.stderr, flush=True)
+
+
+def in_folder(runs: Path | None, prefix: str, fn: Callable[[Path], Any]) -> Any:
+    """fn(runs), or with no --runs fn(a temporary folder that is removed afterwards)."""
+    if runs is not None:
+        return fn(runs)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        return fn(Path(tmp))

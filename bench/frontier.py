@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import json
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ for p in (ROOT, ROOT / "bench"):
     if str(p) not in sys.path:  # run as a script from a checkout that is not pip-installed
         sys.path.insert(0, str(p))
 
-from _common import map_jobs
+from _common import in_folder, map_jobs
 
 
 @dataclass(frozen=True)
@@ -250,11 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     from translate.errors import UserError
 
     try:
-        if args.runs is not None:
-            rows = run(args, args.runs.resolve())
-        else:
-            with tempfile.TemporaryDirectory(prefix="bench_frontier_") as tmp:
-                rows = run(args, Path(tmp))
+        rows = in_folder(args.runs.resolve() if args.runs else None, "bench_frontier_",
+                         lambda folder: run(args, folder))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

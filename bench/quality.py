@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ for p in (ROOT, ROOT / "bench"):
     if str(p) not in sys.path:  # run as a script from a checkout that is not pip-installed
         sys.path.insert(0, str(p))
 
-from _common import map_jobs
+from _common import in_folder, map_jobs
 
 TOYS = ("ring", "grid")
 METRICS = ("modes", "hq", "rkl")
@@ -214,11 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     from translate.eval.report import jsonable
 
     try:
-        if args.runs is not None:
-            reports = run_toy(args, args.runs)
-        else:
-            with tempfile.TemporaryDirectory(prefix="bench_quality_") as tmp:
-                reports = run_toy(args, Path(tmp))
+        reports = in_folder(args.runs, "bench_quality_", lambda folder: run_toy(args, folder))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

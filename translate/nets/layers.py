@@ -100,6 +100,16 @@ def check_choice(value: str, allowed: tuple[str, ...], net: str, option: str) ->
                           f"{', '.join(repr(n) for n in allowed)}, got {value!r}")
 
 
+GENERATOR_NORMS = ("instance", "batch", "none")
+
+
+def check_generator(net: str, norm: str, upsample: str, padding: str) -> None:
+    """Raise ConfigError unless the image-to-image generator `net` accepts these options."""
+    check_norm(norm, GENERATOR_NORMS, net)
+    check_choice(upsample, UPSAMPLES, net, "upsample")
+    check_choice(padding, PADDINGS, net, "padding")
+
+
 def padding_mode(padding: str) -> str:
     """nn.Conv2d's padding_mode for a border padding name. Zero padding tells every conv where
     the border is, and a net with several stacked layers learns to draw stripes along it;

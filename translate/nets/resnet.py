@@ -6,20 +6,15 @@ from torch import Tensor, nn
 
 from translate.errors import ConfigError
 from translate.nets.layers import (
-    PADDINGS,
-    UPSAMPLES,
     BorderConv2d,
     ReflectionPad2d,
-    check_choice,
-    check_norm,
+    check_generator,
     conv_bias,
     make_norm,
     padding_mode,
     register,
     upsample_x2,
 )
-
-_NORMS = ("instance", "batch", "none")
 
 
 class ResidualBlock(nn.Module):
@@ -81,9 +76,7 @@ class ResnetGenerator(nn.Module):
         padding: str = "zero",  # border padding of the stride-2 convs: "zero" (paper), "reflect"
     ) -> None:
         super().__init__()
-        check_norm(norm, _NORMS, "resnet")
-        check_choice(upsample, UPSAMPLES, "resnet", "upsample")
-        check_choice(padding, PADDINGS, "resnet", "padding")
+        check_generator("resnet", norm, upsample, padding)
         if n_blocks < 0 or not 0.0 <= dropout < 1.0:
             raise ConfigError(f"resnet: need n_blocks >= 0 and 0 <= dropout < 1, got "
                               f"n_blocks={n_blocks}, dropout={dropout}")

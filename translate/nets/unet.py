@@ -8,19 +8,14 @@ from torch import Tensor, nn
 
 from translate.errors import ConfigError
 from translate.nets.layers import (
-    PADDINGS,
-    UPSAMPLES,
     BorderConv2d,
-    check_choice,
-    check_norm,
+    check_generator,
     conv_bias,
     make_norm,
     padding_mode,
     register,
     upsample_x2,
 )
-
-_NORMS = ("instance", "batch", "none")
 
 
 @register("unet")
@@ -56,9 +51,7 @@ class UnetGenerator(nn.Module):
                                    # transform of the input pixel instead of the output itself
     ) -> None:
         super().__init__()
-        check_norm(norm, _NORMS, "unet")
-        check_choice(upsample, UPSAMPLES, "unet", "upsample")
-        check_choice(padding, PADDINGS, "unet", "padding")
+        check_generator("unet", norm, upsample, padding)
         if num_downs < 2 or not 0.0 <= dropout < 1.0:
             raise ConfigError(f"unet: need num_downs >= 2 and 0 <= dropout < 1, got "
                               f"num_downs={num_downs}, dropout={dropout}")
