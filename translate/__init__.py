@@ -6,7 +6,7 @@ import os
 # so the switch is forced on, even over a NO_ALBUMENTATIONS_UPDATE=0 inherited from the shell.
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 
-from translate.version import __version__  # noqa: E402, F401 (after the switch above)
+from translate.version import __version__  # noqa: F401 (after the switch above)
 
 __all__ = ["export_run", "load_config", "load_generator", "train", "translate_folder"]
 
