@@ -110,13 +110,6 @@ def check_generator(net: str, norm: str, upsample: str, padding: str) -> None:
     check_choice(padding, PADDINGS, net, "padding")
 
 
-def padding_mode(padding: str) -> str:
-    """nn.Conv2d's padding_mode for a border padding name. Zero padding tells every conv where
-    the border is, and a net with several stacked layers learns to draw stripes along it;
-    reflection keeps image statistics at the border (no new parameters, same state dict)."""
-    return {"zero": "zeros", "reflect": "reflect"}[padding]
-
-
 class BorderConv2d(nn.Conv2d):
     """nn.Conv2d whose reflect padding runs in its input's dtype under autocast, as
     `ReflectionPad2d` does (nn.Conv2d pads through F.pad, which CPU autocast runs in fp32:
@@ -129,6 +122,16 @@ class BorderConv2d(nn.Conv2d):
         with torch.autocast(x.device.type, enabled=False):
             x = border_pad(x, self._reversed_padding_repeated_twice, self.padding_mode)
         return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+
+
+def border_conv(cin: int, cout: int, kernel: int, stride: int, bias: bool,
+                padding: str) -> BorderConv2d:
+    """A conv whose borders are padded by name (`PADDINGS`) by (kernel - 1) // 2 pixels: the
+    same size out at stride 1, half at stride 2. Zero padding tells every conv where the border
+    is, and a net with several stacked layers learns to draw stripes along it; reflection keeps
+    image statistics at the border (no new parameters, same state dict)."""
+    return BorderConv2d(cin, cout, kernel, stride, (kernel - 1) // 2, bias=bias,
+                        padding_mode={"zero": "zeros", "reflect": "reflect"}[padding])
 
 
 class SubPixelUpsample(nn.Sequential):

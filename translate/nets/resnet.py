@@ -6,12 +6,11 @@ from torch import Tensor, nn
 
 from translate.errors import ConfigError
 from translate.nets.layers import (
-    BorderConv2d,
     ReflectionPad2d,
+    border_conv,
     check_generator,
     conv_bias,
     make_norm,
-    padding_mode,
     register,
     upsample_x2,
 )
@@ -95,8 +94,7 @@ class ResnetGenerator(nn.Module):
         ]
         ends = [0]  # feature point i is the output of layers[:ends[i]]
         for mult in (1, 2):
-            layers.append(BorderConv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1,
-                                       bias=bias, padding_mode=padding_mode(padding)))
+            layers.append(border_conv(ngf * mult, ngf * mult * 2, 3, 2, bias, padding))
             ends.append(len(layers))
             # Not in place: with norm "none" the ReLU would overwrite the conv output that is a
             # feature point.

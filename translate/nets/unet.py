@@ -8,11 +8,10 @@ from torch import Tensor, nn
 
 from translate.errors import ConfigError
 from translate.nets.layers import (
-    BorderConv2d,
+    border_conv,
     check_generator,
     conv_bias,
     make_norm,
-    padding_mode,
     register,
     upsample_x2,
 )
@@ -64,61 +63,13 @@ class UnetGenerator(nn.Module):
         self.out_channels = out_channels
         self.size_multiple = 2**num_downs
         self.min_size = self.size_multiple
-        bias = conv_bias(norm)
         widths = [ngf * min(2**i, 8) for i in range(num_downs)]
-        innermost = num_downs - 1
         self.feature_channels = (in_channels, *widths)
         self.feature_strides = tuple(2**i for i in range(num_downs + 1))
-
-        def conv(cin: int, cout: int, kernel: int, stride: int, bias: bool) -> nn.Conv2d:
-            return BorderConv2d(cin, cout, kernel, stride, 1 if kernel > 1 else 0, bias=bias,
-                                padding_mode=padding_mode(padding))
-
-        # full_res adds a level at the input's resolution (as Ronneberger et al.'s U-Net has;
-        # the reference's first conv already halves it): a 3x3 conv whose features skip to a
-        # last 3x3 conv, so each output pixel is decoded with its full-resolution surroundings
-        # rather than from half-resolution features alone.
-        self.stem = conv(in_channels, ngf, 3, 1, True) if full_res else None
-        first: nn.Module = (nn.Sequential(nn.LeakyReLU(0.2), conv(ngf, ngf, 4, 2, bias),
-                                          make_norm(norm, ngf))
-                            if full_res else conv(in_channels, ngf, 4, 2, bias))
-        self.down = nn.ModuleList([first])
-        for i in range(1, num_downs):
-            layers: list[nn.Module] = [nn.LeakyReLU(0.2), conv(widths[i - 1], widths[i], 4, 2, bias)]
-            if i != innermost:
-                layers.append(make_norm(norm, widths[i]))
-            self.down.append(nn.Sequential(*layers))
-
-        # up[i] mirrors down[i]: it reads level i's output (joined with its skip, except at the
-        # bottleneck) and writes level i-1's resolution and width.
-        # affine_out (after the local affine colour models of Gharbi et al. 2017, HDRNet): the
-        # last layer writes a cout x cin matrix and an offset per pixel, applied to that pixel
-        # of the input, so the input's detail reaches the output exactly and the net only has
-        # to learn how colours change. The layer starts at the usual random init, not at the
-        # identity: a G that starts as the identity meets the identity and cycle L1 losses
-        # exactly, and their kinks held it there (the demo stayed at the do-nothing 19.2 dB).
-        n_out = out_channels * (in_channels + 1) if affine_out else out_channels
-        last: nn.Module = nn.Identity() if affine_out else nn.Tanh()
-        if full_res:
-            self.up = nn.ModuleList([nn.Sequential(
-                nn.ReLU(), upsample_x2(upsample, widths[0] * 2, ngf, bias, kernel=4),
-                make_norm(norm, ngf))])
-            self.out = nn.Sequential(nn.ReLU(), conv(2 * ngf, n_out, 1 if affine_out else 3, 1,
-                                                     True), last)
-        else:
-            self.up = nn.ModuleList([nn.Sequential(
-                nn.ReLU(), upsample_x2(upsample, widths[0] * 2, n_out, True, kernel=4), last)])
-            self.out = None
-        for i in range(1, num_downs):
-            width_in = widths[i] if i == innermost else widths[i] * 2
-            layers = [
-                nn.ReLU(),
-                upsample_x2(upsample, width_in, widths[i - 1], bias, kernel=4),
-                make_norm(norm, widths[i - 1]),
-            ]
-            if dropout > 0 and i != innermost and widths[i - 1] == ngf * 8:
-                layers.append(nn.Dropout(dropout))
-            self.up.append(nn.Sequential(*layers))
+        self.stem, self.down = _encoder(in_channels, widths, norm, padding, full_res)
+        self.up, self.out = _decoder(out_channels * (in_channels + 1) if affine_out
+                                     else out_channels, widths, norm, dropout, upsample,
+                                     padding, full_res, affine_out)
 
     def forward(self, x: Tensor, features: Sequence[int] | None = None) -> Tensor | list[Tensor]:
         """The translation of x; with `features`, instead the encoder's outputs at those feature
@@ -151,3 +102,58 @@ class UnetGenerator(nn.Module):
         matrix = coef[:, : cout * cin].unflatten(1, (cout, cin))
         y = (matrix * image.unsqueeze(1)).sum(dim=2) + coef[:, cout * cin:]
         return F.hardtanh(y)  # the [-1, 1] range, without tanh's squeeze at the ends
+
+
+def _encoder(cin: int, widths: list[int], norm: str, padding: str, full_res: bool
+             ) -> tuple[nn.Module | None, nn.ModuleList]:
+    """(stem, down levels). full_res adds a level at the input's resolution (as Ronneberger et
+    al.'s U-Net has; the reference's first conv already halves it): a 3x3 conv whose features
+    skip to the last layer, so each output pixel is decoded with its full-resolution
+    surroundings rather than from half-resolution features alone."""
+    bias, ngf, innermost = conv_bias(norm), widths[0], len(widths) - 1
+    stem = border_conv(cin, ngf, 3, 1, True, padding) if full_res else None
+    first: nn.Module = (nn.Sequential(nn.LeakyReLU(0.2), border_conv(ngf, ngf, 4, 2, bias, padding),
+                                      make_norm(norm, ngf))
+                        if full_res else border_conv(cin, ngf, 4, 2, bias, padding))
+    down = nn.ModuleList([first])
+    for i in range(1, len(widths)):
+        layers: list[nn.Module] = [nn.LeakyReLU(0.2),
+                                   border_conv(widths[i - 1], widths[i], 4, 2, bias, padding)]
+        if i != innermost:
+            layers.append(make_norm(norm, widths[i]))
+        down.append(nn.Sequential(*layers))
+    return stem, down
+
+
+def _decoder(n_out: int, widths: list[int], norm: str, dropout: float, upsample: str,
+             padding: str, full_res: bool, affine_out: bool
+             ) -> tuple[nn.ModuleList, nn.Module | None]:
+    """(up levels, the full-resolution head or None). up[i] mirrors down[i]: it reads level
+    i's output (joined with its skip, except at the bottleneck) and writes level i-1's
+    resolution and width; the last one writes the image (n_out channels).
+
+    affine_out (after the local affine colour models of Gharbi et al. 2017, HDRNet): the last
+    layer writes a cout x cin matrix and an offset per pixel (n_out of them), applied to that
+    pixel of the input, so the input's detail reaches the output exactly and the net only has
+    to learn how colours change. The layer starts at the usual random init, not at the
+    identity: a G that starts as the identity meets the identity and cycle L1 losses exactly,
+    and their kinks held it there (the demo stayed at the do-nothing 19.2 dB)."""
+    bias, ngf, innermost = conv_bias(norm), widths[0], len(widths) - 1
+    last: nn.Module = nn.Identity() if affine_out else nn.Tanh()
+    out = None
+    if full_res:
+        up = nn.ModuleList([nn.Sequential(
+            nn.ReLU(), upsample_x2(upsample, ngf * 2, ngf, bias, kernel=4), make_norm(norm, ngf))])
+        out = nn.Sequential(nn.ReLU(), border_conv(2 * ngf, n_out, 1 if affine_out else 3, 1,
+                                                   True, padding), last)
+    else:
+        up = nn.ModuleList([nn.Sequential(
+            nn.ReLU(), upsample_x2(upsample, ngf * 2, n_out, True, kernel=4), last)])
+    for i in range(1, len(widths)):
+        width_in = widths[i] if i == innermost else widths[i] * 2
+        layers = [nn.ReLU(), upsample_x2(upsample, width_in, widths[i - 1], bias, kernel=4),
+                  make_norm(norm, widths[i - 1])]
+        if dropout > 0 and i != innermost and widths[i - 1] == ngf * 8:
+            layers.append(nn.Dropout(dropout))
+        up.append(nn.Sequential(*layers))
+    return up, out
