@@ -50,7 +50,7 @@ from torch import nn
 
 from translate import recipe as recipe_mod
 from translate import runner
-from translate.core import loop
+from translate.core import loop, machine
 from translate.errors import ConfigError
 from translate.methods import gan as gan_mod
 
@@ -330,7 +330,7 @@ def test_epoch_length_counts_processes_and_accumulation(tiny_unpaired):
             'train.lr_schedule="linear"'])
         from translate import data
 
-        return loop.total_steps(cfg, data.build_dataset(cfg), world)
+        return machine.total_steps(cfg, data.build_dataset(cfg), world)
 
     assert steps(4, 1, 1) == (9, 6)  # 12 images / 4 per step = 3 steps per epoch
     assert steps(1, 2, 2) == steps(2, 1, 2) == steps(4, 1, 1)

@@ -44,7 +44,7 @@ def _is_unicode(text: str) -> bool:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from translate import config, recipe
-    from translate.core.loop import machine_precision
+    from translate.core.machine import machine_precision
     from translate.runner import train
 
     overrides = list(args.set or [])

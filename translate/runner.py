@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 
 from translate import recipe
 from translate.config import RunConfig
-from translate.core import loop
+from translate.core import loop, machine
 from translate.core.loop import RunResult
 from translate.data import build_dataset
 from translate.eval import monitor, periodic
@@ -36,7 +36,7 @@ def build(cfg: RunConfig, accelerator) -> dict:
 
 def setup(cfg: RunConfig) -> loop.Session:
     """The loop's session of the run `cfg` describes, without training (benches, tests)."""
-    accelerator, precision_why = loop.make_accelerator(cfg)
+    accelerator, precision_why = machine.make_accelerator(cfg)
     parts = build(cfg, accelerator)
     return loop.setup(parts["method"], parts["dataset"], cfg, parts["scorer"], parts["monitor"],
                       accelerator, precision_why)
@@ -45,7 +45,7 @@ def setup(cfg: RunConfig) -> loop.Session:
 def train(cfg: RunConfig, resume: str | None = None, progress: bool = True,
           overwrite: bool = False, again: list[str] | None = None) -> RunResult:
     """Train the run `cfg` describes (resume, overwrite, again: as translate.core.loop.train)."""
-    accelerator, precision_why = loop.make_accelerator(cfg)
+    accelerator, precision_why = machine.make_accelerator(cfg)
     parts = build(cfg, accelerator)
     return loop.train(parts["method"], parts["dataset"], cfg, parts["scorer"],
                       monitor=parts["monitor"], read_config=recipe.load_json,
