@@ -198,8 +198,8 @@ def _train_case(p: Plan, key: str, label: str, recipe: str, variant: str,
             "overrides": [*overrides, "data.num_workers=0",
                           f'run_dir="{p.work / "runs" / key.replace("/", "_")}"',
                           *VARIANTS[variant]],
-            "warmup": 3 if "compile" in variant else 2, "repeats": p.repeats,
-            "budget": p.budget(), "threads": p.threads}
+            # 2 steps: with torch.compile the first compiles, the second runs what it made.
+            "warmup": 2, "repeats": p.repeats, "budget": p.budget(), "threads": p.threads}
     return Case(key, "train", spec, label, variant)
 
 

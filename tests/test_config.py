@@ -284,6 +284,9 @@ def test_compile_refuses_the_double_backward_of_a_penalty():
     # torch.compile (aot_autograd) raises mid-training on a gradient penalty; say it up front.
     assert config_error(["train.compile=true"], WGAN_GP).startswith("train.compile:")
     assert resolve(["train.compile=true", "model.penalty='clip'"], WGAN_GP).train.compile
+    # The default, "auto", is no refusal: it leaves such runs uncompiled (test_train.py).
+    assert resolve([], WGAN_GP).train.compile == "auto"
+    assert config_error(["train.compile='yes'"], WGAN_GP).startswith("train.compile:")
 
 
 def test_batch_must_be_a_multiple_of_pack():

@@ -79,6 +79,8 @@ def _losses(run: Path) -> list[dict]:
     ("toy_wgan_gp_ring.toml", ["model.hidden=16", "train.batch_size=8", "train.ema=0.9"]),
     # identity_until, like a linear LR, follows the run's length, which the resume changes
     ("cyclegan_demo.toml", TINY_CYCLEGAN + ["model.identity_until=0"]),
+    # train.compile auto's choice for long runs
+    ("cyclegan_demo.toml", TINY_CYCLEGAN + ["model.identity_until=0", "train.compile=true"]),
 ])
 def test_resume_is_exact(recipe, sets, mixed_precision, tiny_unpaired, tmp_path):
     """train(6) == train(3) + resume + train(3): same losses, weights, pools, EMA; in fp32 and
@@ -101,6 +103,37 @@ def test_resume_is_exact(recipe, sets, mixed_precision, tiny_unpaired, tmp_path)
         for k in ra:
             if "/" in k and not k.startswith("run/"):  # run/...: facts of each start
                 assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (k, ra["step"])
+
+
+def test_compile_auto_is_on_for_long_cyclegan_runs_in_bf16_only(tiny_unpaired, tmp_path,
+                                                                 monkeypatch):
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from translate import runner
+    from translate.core import machine
+
+    def session(recipe: str, *sets: str):
+        return runner.setup(recipe_mod.load(ROOT / "recipes" / recipe, [
+            'train.mixed_precision="bf16"', *sets, f'run_dir="{tmp_path / "run"}"',
+            "train.steps=10"]))
+
+    cyclegan = [*TINY_CYCLEGAN, f'data.root="{tiny_unpaired}"']
+    assert recipe_mod.load(ROOT / "recipes" / "cyclegan_demo.toml").train.compile == "auto"
+    short = session("cyclegan_demo.toml", *cyclegan)
+    assert not short.compiled and "10 steps, under 5,000" in short.compile_why
+    monkeypatch.setattr(machine, "AUTO_COMPILE_STEPS", 10)
+    long = session("cyclegan_demo.toml", *cyclegan)
+    assert long.compiled and all(isinstance(n, OptimizedModule) for n in long.nets.values())
+    # CycleGAN's 4 nets compile 8 variants through one accelerate wrapper: room beyond torch's 8.
+    assert torch._dynamo.config.recompile_limit >= 16
+    # Not measured to gain (and a penalty's double backward torch.compile cannot do at all).
+    penalty = session("wgan_gp.toml", "model.ngf=4", "model.ndf=4", "model.image_size=32",
+                      "data.crop_size=32", f'data.root="{random_image_folder(tmp_path / "i")}"')
+    assert not penalty.compiled and "not measured to pay for wgan_gp" in penalty.compile_why
+    fp32 = session("cyclegan_demo.toml", *cyclegan, 'train.mixed_precision="no"')
+    assert not fp32.compiled and "only for bf16 on a CPU" in fp32.compile_why  # 0.88x there
+    off = session("cyclegan_demo.toml", *cyclegan, "train.compile=false")
+    assert not off.compiled and not any(isinstance(n, OptimizedModule) for n in off.nets.values())
 
 
 def test_resume_changes_nothing_when_weights_differ_detects_real_training(tmp_path):

@@ -98,7 +98,7 @@ class TrainConfig:
     mixed_precision: str = choice("auto", *PRECISIONS)  # autocast dtype; auto: bf16 where the hardware has it natively, else fp32
     channels_last: bool = False           # NHWC memory format for conv nets
     sync_batchnorm: bool = False          # BatchNorm statistics over all processes (GPU only; DCGAN's BatchNorm nets)
-    compile: bool = False                 # torch.compile the nets (slow warm-up)
+    compile: bool | str = choice("auto", True, False, "auto")  # torch.compile the nets (a warm-up of minutes); auto: on where measured to pay (CycleGAN, bf16 on a CPU, >= 5,000 steps: translate.core.machine.compile_choice)
     log_every: int = positive(50)         # steps between log lines (loss values fetched only then)
     sample_every: int = positive(500)     # steps between sample grids
     save_every: int = positive(1000)      # steps between checkpoints

@@ -19,7 +19,13 @@ from translate.core import best, checkpoint, faults, penalties, rundir, tracking
 from translate.core.batches import batches as batch_stream
 from translate.core.ema import ema_update, make_ema, warmed_decay
 from translate.core.faults import Diverged
-from translate.core.machine import make_accelerator, make_optimizer, sync_batchnorm, total_steps
+from translate.core.machine import (
+    compile_choice,
+    make_accelerator,
+    make_optimizer,
+    sync_batchnorm,
+    total_steps,
+)
 from translate.core.runlog import RUN_SHAPE, RunLog
 from translate.core.schedules import health_due, lr_factor
 from translate.errors import ConfigError
@@ -139,6 +145,8 @@ class Session:
     precision_why: str = ""  # how the precision was chosen, for the start line
     health: Any = None  # train.health's checks (main process only): observe, check_nets
     best: best.Keeper | None = None  # train.keep_best's checkpoint (main process only)
+    compiled: bool = False  # the nets run through torch.compile
+    compile_why: str = ""  # why (or why not), for the start line
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -169,12 +177,27 @@ def setup(method, dataset, cfg: RunConfig, scorer=None, monitor=None,
     opts = [make_optimizer(cfg, ph, method.nets) for ph in method.phases]
     prepared = accelerator.prepare(*raw, *opts)
     nets = dict(zip(names, prepared[: len(names)]))
-    if cfg.train.compile:
-        nets = {n: torch.compile(m) for n, m in nets.items()}
-    ema = {g: make_ema(method.nets[g]) for g in method.generators} if cfg.train.ema > 0 else {}
     total, decay = total_steps(cfg, dataset, accelerator.num_processes)
+    compiled, compile_why = compile_choice(cfg, method, total, accelerator.mixed_precision,
+                                           accelerator.device.type)
+    if compiled:
+        nets = _compiled(nets)
+    ema = {g: make_ema(method.nets[g]) for g in method.generators} if cfg.train.ema > 0 else {}
     return Session(cfg, accelerator, method, nets, list(prepared[len(names):]), ema, dataset,
-                   total, decay, cfg.out_dir, scorer, precision_why, monitor)
+                   total, decay, cfg.out_dir, scorer, precision_why, monitor,
+                   compiled=compiled, compile_why=compile_why)
+
+
+def _compiled(nets: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The nets through torch.compile. Every net runs through the same function (accelerate's
+    forward wrapper), so all their compiled variants (one per net and kind of input: CycleGAN
+    has 8) count against that function's recompile limit, 8 by default; past it the rest would
+    run eager without a word. So: room for 4 per net, and a fresh start (entries of an earlier
+    run in this process would count too, and change the numbers on resume)."""
+    torch.compiler.reset()
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, 4 * len(nets))
+    return {n: torch.compile(m) for n, m in nets.items()}
 
 
 def _save(s: Session, state: checkpoint.TrainState) -> Path:
@@ -249,7 +272,8 @@ def start_line(s: Session, state: checkpoint.TrainState, path: Path | None) -> s
     return (f"{cfg.method} '{cfg.name}': {s.dataset.describe()}; global batch "
             f"{t.batch_size} x {acc.num_processes} processes x {t.grad_accum} accumulation = "
             f"{state.global_batch}; {s.total} steps; precision {acc.mixed_precision} "
-            f"({s.precision_why})" + (f"; resumed from {path}" if path else ""))
+            f"({s.precision_why}); compile {'on' if s.compiled else 'off'} ({s.compile_why})"
+            + (f"; resumed from {path}" if path else ""))
 
 
 def train(method, dataset, cfg: RunConfig, scorer=None, *, monitor=None,

@@ -70,3 +70,27 @@ def make_optimizer(cfg: RunConfig, phase, nets: dict[str, nn.Module]):
 def sync_batchnorm(nets: list[nn.Module]) -> list[nn.Module]:
     """BatchNorm statistics over the global batch instead of each process's share of it."""
     return [nn.SyncBatchNorm.convert_sync_batchnorm(net) for net in nets]
+
+
+# train.compile "auto" compiles runs at least this long, of a method measured to gain (its
+# `compile_pays`), in bf16 on a CPU. Measured with bench/speed.py (CycleGAN 128 px batch 1,
+# 2-core Xeon with AMX): bf16 steps 1.15-1.26x faster compiled, after a compile of one to a few
+# minutes, so it pays after ~1,000-2,000 steps (a paper-length run has 200,000); fp32 steps
+# were 0.88x (slower) compiled on the same CPU run as an AVX2 one; GPUs and the other methods
+# were not measured, so auto leaves them eager.
+AUTO_COMPILE_STEPS = 5_000
+
+
+def compile_choice(cfg: RunConfig, method, total: int, mixed: str, device: str
+                   ) -> tuple[bool, str]:
+    """(torch.compile the nets?, why, for the start line). `mixed`: the autocast mode the run
+    computes in; `device`: its device type."""
+    if cfg.train.compile != "auto":
+        return bool(cfg.train.compile), "set by the recipe or --set"
+    if not getattr(method, "compile_pays", False):
+        return False, f"auto: not measured to pay for {cfg.method}"
+    if (mixed, device) != ("bf16", "cpu"):
+        return False, "auto: measured to pay only for bf16 on a CPU"
+    if total < AUTO_COMPILE_STEPS:
+        return False, f"auto: {total} steps, under {AUTO_COMPILE_STEPS:,} to repay the warm-up"
+    return True, f"auto: {total} steps repay the warm-up"

@@ -35,6 +35,8 @@ class Method(Protocol):
     nets: Nets                     # all trainable nets by paper name (G_ab, D_b, G, D, ...)
     phases: list[Phase]
     generators: dict[str, dict[str, Any]]  # exported nets -> metadata (domains, kind, ...)
+    # Optional `compile_pays: bool`: torch.compile was measured (bench/speed.py) to make this
+    # method's steps faster; only then does train.compile "auto" turn it on.
 
     def sample(self, nets: Nets, fixed: Batch) -> Tensor:
         """A grid of images (N, C, H, W) in [-1, 1] for the sample PNG (or a 2-D plot)."""

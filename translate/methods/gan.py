@@ -77,7 +77,7 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} must be a multiple of "
                           f"model.pack {m.pack}")
     _check_options(cfg)
-    if m.penalty in ("gp", "r1") and cfg.train.compile:
+    if m.penalty in ("gp", "r1") and cfg.train.compile is True:  # "auto" leaves it off
         raise ConfigError(f"train.compile: torch.compile cannot differentiate the {m.penalty} "
                           "penalty's gradient again (double backward); set train.compile = false")
     if m.penalty == "gp" and m.d_norm == "batch" and m.net == "dcgan":
