@@ -49,7 +49,8 @@ class Recipe:
 # The demo recipe as it was before issue #13 (U-Net, transposed convs, zero padding), written
 # out key by key so that it stays measurable beside today's recipe.
 OLD_DEMO = ('model.generator="unet"', "model.unet_downs=4", "model.ngf=16", "model.ndf=16",
-            "model.n_layers_d=2", 'model.upsample="transpose"', 'model.padding="zero"',
+            "model.n_layers_d=2", 'model.norm="instance"', "train.channels_last=false",
+            'model.upsample="transpose"', 'model.padding="zero"',
             "model.unet_full_res=false", "model.unet_affine_out=false",
             "model.identity_until=0",
             "model.lambda_identity=0.5", "train.steps=2000", "train.batch_size=4",

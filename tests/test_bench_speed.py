@@ -3,6 +3,7 @@ fewer than MIN_STEPS steps, and its self-check reads `translate train`'s real it
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -51,10 +52,33 @@ def test_repeat_never_stops_before_min_steps():
 
 
 def test_self_check_reads_translate_trains_rate(tiny_unpaired, tmp_path):
-    proc = run_cli("train", str(ROOT / "recipes" / "cyclegan_demo.toml"),
-                   *set_args(TINY_CYCLEGAN + [f'data.root="{tiny_unpaired}"',
-                                              f'run_dir="{tmp_path / "run"}"']),
-                   "--steps", "4", "--log-every", "2", "--no-progress")
-    seconds = _self_check.cli_seconds_per_step(proc.stdout + proc.stderr)
-    assert seconds is not None and 0 < seconds < 60
-    assert _self_check.cli_seconds_per_step("no rate here") is None
+    run = tmp_path / "run"
+    run_cli("train", str(ROOT / "recipes" / "cyclegan_demo.toml"),
+            *set_args(TINY_CYCLEGAN + [f'data.root="{tiny_unpaired}"', f'run_dir="{run}"']),
+            "--steps", "5", "--log-every", "1", "--no-progress")
+    seconds = _self_check.cli_seconds_per_step(run / "log.jsonl")
+    steps = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+             if r["step"] > _self_check.WARMUP_STEPS]
+    assert len(steps) == 3 and seconds == sorted(1 / r["it_s"] for r in steps)[1]
+    assert _self_check.cli_seconds_per_step(tmp_path / "missing.jsonl") is None
+
+
+def test_profile_step_groups_a_real_step_by_op():
+    import profile_step
+    import subprocess
+
+    assert profile_step.group_of("aten::convolution_backward") == "convolution"
+    assert profile_step.group_of("aten::reflection_pad2d_backward") == "padding / resize"
+    assert profile_step.group_of("aten::_to_copy") == "dtype conversion / copy"
+    assert profile_step.group_of("aten::_fused_adam_") == "optimizer"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "profile_step.py"), "--recipe",
+         "cyclegan_demo.toml", "--size", "16", "--batch", "2", "--precision", "no",
+         "--steps", "2", "--threads", "1", "--top", "5"],
+        capture_output=True, text=True, timeout=300, check=True)
+    out = proc.stdout
+    assert "cyclegan_demo.toml 16px batch 2, precision no:" in out and "s/step" in out
+    groups = {line.split("|")[1].strip(): float(line.split("|")[3].strip().rstrip("%"))
+              for line in out.splitlines() if line.startswith("| ") and line.count("|") == 4
+              and "%" in line}
+    assert groups["convolution"] > 0 and abs(sum(groups.values()) - 100) < 1.0

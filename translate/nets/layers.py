@@ -117,8 +117,10 @@ class BorderConv2d(nn.Conv2d):
     Same parameters and state dict as nn.Conv2d."""
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if self.padding_mode == "zeros":
-            return super()._conv_forward(x, weight, bias)
+        if self.padding_mode == "zeros" or not any(self.padding):
+            # (a 1x1 conv pads nothing: no copy of its, often full-resolution, input)
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation,
+                            self.groups)
         with torch.autocast(x.device.type, enabled=False):
             x = border_pad(x, self._reversed_padding_repeated_twice, self.padding_mode)
         return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
