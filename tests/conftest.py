@@ -99,6 +99,7 @@ TINY_CUT = [
     'model.generator="resnet"', "model.ngf=4", "model.ndf=4", "model.n_blocks=1", "model.n_layers_d=1",
     "model.nce_layers=[0, 1, 2, 3]", "model.num_patches=16", "model.head_width=8",
     'data.preprocess="crop"', "data.load_size=16", "data.crop_size=16", "train.batch_size=2",
+    'model.norm="instance"',  # as TINY_CYCLEGAN: the tiny ResNet needs its norm layers
 ]
 
 # Every tiny model the tests train, by name: (recipe, --set overrides). The one place these
