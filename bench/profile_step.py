@@ -99,7 +99,7 @@ def report(prof, step_s: float, args: argparse.Namespace) -> None:
     print(f"{args.recipe} {args.size}px batch {args.batch}, precision {args.precision}: "
           f"{step_s:.3f} s/step (median of {args.steps}, unprofiled); profiled aten self time "
           f"{total:.3f} s/step")
-    print(f"\n| op | calls/step | self ms/step | share |\n|---|---:|---:|---:|")
+    print("\n| op | calls/step | self ms/step | share |\n|---|---:|---:|---:|")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
         ms = e.self_cpu_time_total / args.steps / 1e3
         print(f"| {e.key} | {e.count / args.steps:.0f} | {ms:.1f} | {ms / 1e3 / total:.1%} |")

@@ -64,8 +64,9 @@ def test_self_check_reads_translate_trains_rate(tiny_unpaired, tmp_path):
 
 
 def test_profile_step_groups_a_real_step_by_op():
-    import profile_step
     import subprocess
+
+    import profile_step
 
     assert profile_step.group_of("aten::convolution_backward") == "convolution"
     assert profile_step.group_of("aten::reflection_pad2d_backward") == "padding / resize"
