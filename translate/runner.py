@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 
 from translate import recipe
 from translate.config import RunConfig
-from translate.core import loop, machine
+from translate.core import loop, machine, rundir
 from translate.core.loop import RunResult
 from translate.data import build_dataset
 from translate.eval import monitor, periodic
@@ -23,7 +23,7 @@ from translate.methods import METHODS
 def build(cfg: RunConfig, accelerator) -> dict:
     """What the loop trains, scores and checks: {method, dataset, scorer, monitor}. Seeds first,
     so every rank builds identical initial weights."""
-    loop.check_run_dir(cfg.out_dir)
+    rundir.check_name(cfg.out_dir)
     set_seed(cfg.seed)
     method = METHODS[cfg.method].build(cfg)
     dataset = build_dataset(cfg)

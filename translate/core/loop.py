@@ -21,6 +21,7 @@ from translate.core.ema import ema_update, make_ema, warmed_decay
 from translate.core.faults import Diverged
 from translate.core.machine import (
     compile_choice,
+    compile_nets,
     make_accelerator,
     make_optimizer,
     sync_batchnorm,
@@ -28,7 +29,6 @@ from translate.core.machine import (
 )
 from translate.core.runlog import RUN_SHAPE, RunLog
 from translate.core.schedules import health_due, lr_factor
-from translate.errors import ConfigError
 
 
 @dataclass
@@ -149,16 +149,6 @@ class Session:
     compile_why: str = ""  # why (or why not), for the start line
 
 
-def check_run_dir(run_dir: Path) -> None:
-    try:
-        str(run_dir.absolute()).encode("utf-8")
-    except UnicodeEncodeError:
-        # safetensors (ours and accelerate's) opens files by UTF-8 path only: such a run
-        # would train but could never be resumed or exported.
-        raise ConfigError(f"run_dir: {run_dir} has bytes that are not UTF-8, which safetensors "
-                          "cannot open; choose a run folder with a UTF-8 name") from None
-
-
 def setup(method, dataset, cfg: RunConfig, scorer=None, monitor=None,
           accelerator: Accelerator | None = None, precision_why: str = "") -> Session:
     """The run's prepared nets and optimizers around what it trains (built above the core, by
@@ -166,7 +156,7 @@ def setup(method, dataset, cfg: RunConfig, scorer=None, monitor=None,
     rules (rundir.plan) allow the start."""
     if accelerator is None:
         accelerator, precision_why = make_accelerator(cfg)
-    check_run_dir(cfg.out_dir)
+    rundir.check_name(cfg.out_dir)
     names = list(method.nets)
     raw = [method.nets[n] for n in names]
     if cfg.train.sync_batchnorm:
@@ -181,23 +171,12 @@ def setup(method, dataset, cfg: RunConfig, scorer=None, monitor=None,
     compiled, compile_why = compile_choice(cfg, method, total, accelerator.mixed_precision,
                                            accelerator.device.type)
     if compiled:
-        nets = _compiled(nets)
+        nets = compile_nets(nets)
     ema = {g: make_ema(method.nets[g]) for g in method.generators} if cfg.train.ema > 0 else {}
     return Session(cfg, accelerator, method, nets, list(prepared[len(names):]), ema, dataset,
                    total, decay, cfg.out_dir, scorer, precision_why, monitor,
                    compiled=compiled, compile_why=compile_why)
 
-
-def _compiled(nets: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """The nets through torch.compile. Every net runs through the same function (accelerate's
-    forward wrapper), so all their compiled variants (one per net and kind of input: CycleGAN
-    has 8) count against that function's recompile limit, 8 by default; past it the rest would
-    run eager without a word. So: room for 4 per net, and a fresh start (entries of an earlier
-    run in this process would count too, and change the numbers on resume)."""
-    torch.compiler.reset()
-    limit = torch._dynamo.config.recompile_limit
-    torch._dynamo.config.recompile_limit = max(limit, 4 * len(nets))
-    return {n: torch.compile(m) for n, m in nets.items()}
 
 
 def _save(s: Session, state: checkpoint.TrainState) -> Path:

@@ -94,3 +94,15 @@ def compile_choice(cfg: RunConfig, method, total: int, mixed: str, device: str
     if total < AUTO_COMPILE_STEPS:
         return False, f"auto: {total} steps, under {AUTO_COMPILE_STEPS:,} to repay the warm-up"
     return True, f"auto: {total} steps repay the warm-up"
+
+
+def compile_nets(nets: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The nets through torch.compile. Every net runs through the same function (accelerate's
+    forward wrapper), so all their compiled variants (one per net and kind of input: CycleGAN
+    has 8) count against that function's recompile limit, 8 by default; past it the rest would
+    run eager without a word. So: room for 4 per net, and a fresh start (entries of an earlier
+    run in this process would count too, and change the numbers on resume)."""
+    torch.compiler.reset()
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, 4 * len(nets))
+    return {n: torch.compile(m) for n, m in nets.items()}

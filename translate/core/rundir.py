@@ -254,6 +254,18 @@ def open_folder(cfg: RunConfig, p: Plan) -> list[str]:
     return notes
 
 
+
+def check_name(run_dir: Path) -> None:
+    """Refuse a run folder whose path safetensors could not open."""
+    try:
+        str(run_dir.absolute()).encode("utf-8")
+    except UnicodeEncodeError:
+        # safetensors (ours and accelerate's) opens files by UTF-8 path only: such a run
+        # would train but could never be resumed or exported.
+        raise ConfigError(f"run_dir: {run_dir} has bytes that are not UTF-8, which safetensors "
+                          "cannot open; choose a run folder with a UTF-8 name") from None
+
+
 # ---------------------------------------------------------------------------- the command line
 
 
