@@ -1,5 +1,5 @@
 """What a run computes on: its Accelerator and precision (refusing what the machine cannot
-do), its optimizers and its length in steps."""
+do), its optimizers, its length in steps, and whether its nets run through torch.compile."""
 
 from __future__ import annotations
 
