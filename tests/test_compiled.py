@@ -44,6 +44,40 @@ def test_compiled_matches_eager_within_one_level(generator, precision):
 
 
 @pytest.mark.slow
+def test_the_compiled_graph_holds_frozen_weights(generator):
+    # Freezing folds the weights into the graph as constants (prepacked for oneDNN once).
+    # Without it the weights stay graph inputs, re-laid out on every call: zeroing the compiled
+    # net's weights after the compile would then change its outputs.
+    fast = translate.load_generator(generator, precision="fp32", device="cpu", compile=True)
+    img = _picture(40, 48)
+    before = fast(img)
+    assert fast.forward.seen == {(40, 48)}
+    with torch.no_grad():
+        for p in fast.forward.compiled_net.parameters():
+            p.zero_()
+    np.testing.assert_array_equal(fast(img), before)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_sum_instance_norm_equals_instance_norm(affine):
+    # The compiled copy's instance norms compute their statistics from sums: the result of
+    # instance norm in float64, also for a channel whose mean is large against its spread
+    # (there E[x^2] - E[x]^2 without the shift is off by ~3.5, and torch's own fp32 norm ~5e-3).
+    torch.manual_seed(0)
+    norm = torch.nn.InstanceNorm2d(3, affine=affine)
+    if affine:
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 3, 17, 23)
+    x[:, 1] = 1000 + 0.01 * x[:, 1]
+    net = compiled.with_sum_norms(torch.nn.Sequential(torch.nn.Identity(), norm))
+    assert isinstance(net[1], compiled.SumInstanceNorm)
+    with torch.no_grad():
+        y = net(x).double()
+        torch.testing.assert_close(y, norm.double()(x.double()), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_sizes_beyond_the_chosen_run_eager(generator):
     eager = translate.load_generator(generator, precision="fp32", device="cpu")
     fast = translate.load_generator(generator, precision="fp32", device="cpu",
