@@ -124,7 +124,7 @@ def test_gradients_reach_g_and_the_heads_and_nothing_else(variant, tiny_unpaired
     g_phase = method.phases[0]
     assert set(g_phase.nets) == {"G_ab", "H"}
     set_trainable(nets, g_phase.nets)
-    out = g_phase.loss(nets, batch, {})
+    out = g_phase.loss(nets, batch, {"progress": torch.tensor(0.0)})  # as the loop hands it
     out["loss"].backward()
     assert all(p.grad is None for p in nets["D_b"].parameters())
     for mlp in H.mlps:
@@ -132,6 +132,29 @@ def test_gradients_reach_g_and_the_heads_and_nothing_else(variant, tiny_unpaired
     assert all(p.grad is not None for p in G.parameters())
     assert ("nce_idt" in out) == (variant == "cut")
     assert out["fake_b"].shape == batch["b"].shape and not out["fake_b"].requires_grad
+
+
+@pytest.mark.parametrize("nce_idt", [True, False])
+def test_l1_identity_term_falls_to_zero_by_identity_until(nce_idt, tiny_unpaired):
+    # lambda_idt_l1 * scale * L1(G_ab(b), b), scale falling linearly to 0 at identity_until;
+    # without the identity PatchNCE (FastCUT), G_ab(b) is computed for this term only, in the
+    # same call as the translation, and not at all once its weight is 0.
+    _, method = tiny_method(tiny_unpaired, "model.lambda_idt_l1=5", "model.identity_until=0.4",
+                            f"model.nce_idt={str(nce_idt).lower()}")
+    G, batch = method.nets["G_ab"], tiny_batch(tiny_unpaired)
+    with torch.no_grad():
+        l1 = float((G(batch["b"]) - batch["b"]).abs().mean())
+    sizes: list[int] = []
+    G.register_forward_hook(lambda mod, args, out: sizes.append(len(args[0])))
+    for progress, scale in ((0.0, 1.0), (0.2, 0.5), (0.4, 0.0)):
+        sizes.clear()
+        with torch.no_grad():
+            out = method.g_loss(method.nets, batch, {"progress": torch.tensor(progress)})
+        assert out["idt_l1"].item() == pytest.approx(5 * scale * l1, rel=1e-4), progress
+        translated = sizes[0]  # the first call translates; the rest encode for PatchNCE
+        assert translated == (4 if nce_idt or scale > 0 else 2), progress
+    _, plain = tiny_method(tiny_unpaired, "model.lambda_idt_l1=0")
+    assert "idt_l1" not in plain.g_loss(plain.nets, batch, {"progress": torch.tensor(0.0)})
 
 
 def test_flip_equivariance_compares_the_mirrored_output_mirrored_back(tiny_unpaired):
@@ -155,8 +178,10 @@ def test_flip_equivariance_compares_the_mirrored_output_mirrored_back(tiny_unpai
 
 
 def _train(recipe: str, data: Path, run: Path, steps: int, *flags: str):
-    # A constant LR: a linear schedule depends on the total steps, which a resume changes here.
-    sets = set_args(TINY_CUT + [f'data.root="{data}"', 'train.lr_schedule="constant"'])
+    # A constant LR and identity weight: a linear schedule depends on the total steps, which a
+    # resume changes here.
+    sets = set_args(TINY_CUT + [f'data.root="{data}"', 'train.lr_schedule="constant"',
+                                "model.identity_until=0"])
     return run_cli("train", f"recipes/{recipe}", *sets, "--steps", str(steps), "--run-dir",
                    str(run), "--mixed-precision", "no", "--log-every", "1", "--save-every",
                    "3", "--sample-every", "100", "--no-progress", *flags)
@@ -218,7 +243,8 @@ def test_2_processes_equal_1_with_twice_the_batch_across_a_resume(variant, tiny_
     # ~0.02 per conv, and a head output near normalize's eps (1e-6 at point 3) turns float
     # summation noise into visible moment differences: the two shallow points only.
     sets = TINY_CUT + COMMON + ['model.norm="none"', "model.nce_layers=[0, 1]", "train.ema=0.9",
-                                 'train.mixed_precision="no"', f'data.root="{tiny_unpaired}"']
+                                 'train.mixed_precision="no"', f'data.root="{tiny_unpaired}"',
+                                 "model.identity_until=0"]  # the run's length changes at resume
     recipe, run = VARIANTS[variant], tmp_path / "run"
     reference(recipe, tmp_path / "ref", sets + ["train.batch_size=2"])
     out = worker(tmp_path / "dump3", recipe, sets, "--batch-size", "1", "--steps", "3",

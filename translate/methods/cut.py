@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from translate import viz
-from translate.config import RunConfig, non_negative, positive
+from translate.config import RunConfig, fraction, non_negative, positive
 from translate.core import noise, objectives
 from translate.errors import ConfigError
 from translate.methods.base import Batch, Nets, Phase
@@ -48,6 +48,12 @@ class CUTConfig(TranslationNetsConfig):  # generator and D keys as CycleGAN's
     num_patches: int = positive(256)      # patches sampled per image and feature point
     nce_t: float = positive(0.07)         # InfoNCE temperature
     head_width: int = positive(256)       # units of both layers of each projection head
+    # Not in the paper: an L1 identity term lambda_idt_l1 * L1(G_ab(y), y), y in B (CycleGAN's
+    # identity loss; with nce_idt G_ab(y) is computed anyway). PatchNCE keeps structure, not
+    # colour: on the demo this term lifted CUT from 25.8 to 28.8 dB at 1,500 steps. With
+    # identity_until > 0 its weight falls linearly to 0 at that fraction of the run (0: constant).
+    lambda_idt_l1: float = non_negative(0.0)
+    identity_until: float = fraction(0.0)
 
 
 def check(cfg: RunConfig) -> None:
@@ -181,13 +187,21 @@ class CUT:
         # CUT: x and y through G in one batch; each y's patches draw from keys 2k + 1.
         src = torch.cat([a, b]) if m.nce_idt else a
         keys = torch.cat([2 * batch["k"], 2 * batch["k"] + 1]) if m.nce_idt else 2 * batch["k"]
+        scale = self.identity_scale(prev) if m.lambda_idt_l1 > 0 else 0.0
+        l1_idt = float(scale) > 0  # progress is a CPU tensor: no device sync
         flipped = None
         if m.flip_equivariance:
             flipped = noise.uniform(batch["k"], (), self.seed, _FLIP_STREAM).to(a.device) < 0.5
             flipped = flipped.repeat(len(src) // n)
-            gen = G(torch.where(flipped[:, None, None, None], src.flip(3), src))
+            fed = torch.where(flipped[:, None, None, None], src.flip(3), src)
         else:
-            gen = G(src)
+            fed = src
+        if l1_idt and not m.nce_idt:  # G_ab(y) only for the L1 term, in the same call
+            both = G(torch.cat([fed, b]))
+            gen, idt_b, idt_in = both[:len(fed)], both[len(fed):], b
+        else:
+            gen = G(fed)
+            idt_b, idt_in = gen[n:], fed[n:]
         fake_b = gen[:n]
         nce = self.nce(G, nets["H"], src, gen, keys, flipped)
         out = {"adv": m.lambda_gan * self.g_obj(nets["D_b"](fake_b)), "nce": nce[:n].mean()}
@@ -196,6 +210,11 @@ class CUT:
             out["loss"] = out["adv"] + m.lambda_nce * 0.5 * (out["nce"] + out["nce_idt"])
         else:
             out["loss"] = out["adv"] + m.lambda_nce * out["nce"]
+        if l1_idt:
+            out["idt_l1"] = m.lambda_idt_l1 * scale * F.l1_loss(idt_b.float(), idt_in.float())
+            out["loss"] = out["loss"] + out["idt_l1"]
+        elif m.lambda_idt_l1 > 0:
+            out["idt_l1"] = torch.zeros((), device=a.device)
         out["fake_b"] = fake_b.detach()
         return out
 
@@ -209,6 +228,7 @@ class CUT:
                 "fake_b": objectives.real_probability(fake_out, self.cfg.objective)}
 
     fixed_batch = CycleGAN.fixed_batch  # the first n (a, b) pairs
+    identity_scale = CycleGAN.identity_scale  # 1, or falling to 0 at identity_until
 
     def sample(self, nets: Nets, fixed: Batch) -> Any:
         """Rows: A, G_ab(A), B, G_ab(B) (what the identity term keeps close to B)."""
