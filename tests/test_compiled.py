@@ -207,3 +207,38 @@ def test_apply_cli_compile_on_matches_off(generator, tmp_path):
         on = np.asarray(Image.open(outs["on"] / f"{i}.png"), np.float64)
         off = np.asarray(Image.open(outs["off"] / f"{i}.png"), np.float64)
         assert on.shape == (h, w, 3) and np.abs(on - off).mean() <= 1.0
+
+
+@pytest.mark.slow
+def test_apply_cli_computes_in_the_resolved_precision_compiled_or_not(generator, tmp_path):
+    # `auto` resolving to bf16 (forced here, so any CPU runs it): `translate apply` writes what
+    # the bf16 generator makes of the image files, with and without --compile (the CLI once
+    # handed the files to the float-input path, which computes in fp32, and crashed compiled).
+    src = tmp_path / "in"
+    src.mkdir()
+    img = _picture(40, 48)
+    Image.fromarray(img).save(src / "0.png")
+    bf16 = translate.load_generator(generator, precision="bf16", device="cpu")(img)
+    fp32 = translate.load_generator(generator, precision="fp32", device="cpu")(img)
+    assert not np.array_equal(bf16, fp32)  # the picture tells the two precisions apart
+    for mode in ("off", "on"):
+        out = tmp_path / mode
+        run_cli("apply", str(generator), str(src), str(out), "--compile", mode, "--precision",
+                "auto", "--no-progress", env={"TRANSLATE_NATIVE_BF16": "1"})
+        got = np.asarray(Image.open(out / "0.png")).astype(np.float64)
+        if mode == "off":
+            np.testing.assert_array_equal(got, bf16)
+        else:
+            assert np.abs(got - bf16).mean() <= 1.0
+
+
+def test_float_input_to_a_compiled_bf16_generator_runs_eager_fp32(generator, monkeypatch):
+    # Float input computes in fp32 unless bf16 was asked for by name; a compiled forward holds
+    # bf16 constants, so float input takes its eager forward in fp32 (no compile at all).
+    monkeypatch.setenv("TRANSLATE_NATIVE_BF16", "1")
+    fast = translate.load_generator(generator, device="cpu", compile=True)
+    assert fast.precision == "bf16"
+    x = torch.from_numpy(_picture(40, 48)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    fp32 = translate.load_generator(generator, precision="fp32", device="cpu")
+    torch.testing.assert_close(fast(x), fp32(x), rtol=0, atol=0)
+    assert fast.forward.seen == set()

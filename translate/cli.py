@@ -113,8 +113,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     gen = load_generator(args.model, backend=args.backend, precision=args.precision,
                          compile=_compile_choice(args))
+    # gen.forward, not gen: image files compute in the precision load_generator resolved (gen
+    # itself would take translate_folder's float tensors for float input and run them in fp32).
     report = translate_folder(
-        gen, gen.info, args.input, args.output, batch_size=args.batch_size, tile=args.tile,
+        gen.forward, gen.info, args.input, args.output, batch_size=args.batch_size, tile=args.tile,
         overlap=args.overlap, resize=args.resize, format=args.format, overwrite=args.overwrite,
         side_by_side=args.side_by_side, workers=args.workers, max_pixels=args.max_pixels,
         progress=not args.no_progress,

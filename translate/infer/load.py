@@ -91,7 +91,9 @@ class Generator:
     def float_forward(self) -> Any:
         """The batch function for float input: fp32 unless bf16 was asked for."""
         if self.precision == "bf16" and self.requested != "bf16":
-            return dataclasses.replace(self.forward, precision="fp32")
+            # A compiled forward holds bf16 constants: float input runs its eager forward.
+            return dataclasses.replace(getattr(self.forward, "eager", self.forward),
+                                       precision="fp32")
         return self.forward
 
     def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
