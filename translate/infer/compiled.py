@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from translate.infer.tiling import ModelInfo, Tile, norm_layers, tile_side
+from translate.infer.tiling import ModelInfo, Tile, norm_layers, per_image_norm, tile_side
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 MAX_SIZES = 8  # compiled shapes per generator; torch.compile's own recompile limit is 8
@@ -148,8 +148,7 @@ def with_sum_norms(net: nn.Module) -> nn.Module:
     """`net` with each InstanceNorm2d that normalises by the image's own statistics replaced,
     in place, by a SumInstanceNorm."""
     for name, child in net.named_children():
-        if isinstance(child, nn.InstanceNorm2d) and (child.training or
-                                                      not child.track_running_stats):
+        if isinstance(child, nn.InstanceNorm2d) and per_image_norm(child):
             setattr(net, name, SumInstanceNorm(child))
         else:
             with_sum_norms(child)

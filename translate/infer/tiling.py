@@ -193,14 +193,20 @@ def _axis_weights(start: int, length: int, total: int, overlap: int) -> torch.Te
 # ------------------------------------------------------------- whole-image norm statistics
 
 
+def per_image_norm(m: nn.Module) -> bool:
+    """Does `m` normalise each image by its own statistics (InstanceNorm2d without running
+    stats, GroupNorm)?"""
+    return isinstance(m, nn.GroupNorm) or (
+        isinstance(m, nn.InstanceNorm2d) and (m.training or not m.track_running_stats))
+
+
 def norm_layers(fn: Generator) -> list[nn.Module]:
     """The layers of `fn` (an nn.Module, or a callable with a `.net` module) that normalise
-    each image by its own statistics: InstanceNorm2d without running stats and GroupNorm."""
+    each image by its own statistics (per_image_norm)."""
     net = fn if isinstance(fn, nn.Module) else getattr(fn, "net", None)
     if not isinstance(net, nn.Module):
         return []
-    return [m for m in net.modules() if isinstance(m, nn.GroupNorm) or (
-        isinstance(m, nn.InstanceNorm2d) and (m.training or not m.track_running_stats))]
+    return [m for m in net.modules() if per_image_norm(m)]
 
 
 def _overview(fn: Generator, info: ModelInfo, x: torch.Tensor, norms: list[nn.Module],
