@@ -197,12 +197,9 @@ class CUT:
         else:
             fed = src
         if l1_idt and not m.nce_idt:  # G_ab(y) only for the L1 term, in the same call
-            both = G(torch.cat([fed, b]))
-            gen, idt_b, idt_in = both[:len(fed)], both[len(fed):], b
-        else:
-            gen = G(fed)
-            idt_b, idt_in = gen[n:], fed[n:]
-        fake_b = gen[:n]
+            fed = torch.cat([fed, b])
+        out_all = G(fed)
+        gen, fake_b = out_all[:len(src)], out_all[:n]  # the last n of out_all: G_ab(y) of fed
         nce = self.nce(G, nets["H"], src, gen, keys, flipped)
         out = {"adv": m.lambda_gan * self.g_obj(nets["D_b"](fake_b)), "nce": nce[:n].mean()}
         if m.nce_idt:
@@ -211,7 +208,8 @@ class CUT:
         else:
             out["loss"] = out["adv"] + m.lambda_nce * out["nce"]
         if l1_idt:
-            out["idt_l1"] = m.lambda_idt_l1 * scale * F.l1_loss(idt_b.float(), idt_in.float())
+            out["idt_l1"] = m.lambda_idt_l1 * scale * F.l1_loss(out_all[-n:].float(),
+                                                                fed[-n:].float())
             out["loss"] = out["loss"] + out["idt_l1"]
         elif m.lambda_idt_l1 > 0:
             out["idt_l1"] = torch.zeros((), device=a.device)
