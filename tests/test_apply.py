@@ -1,6 +1,7 @@
 """translate.infer on real folders: odd sizes, odd files, padding, tiling, batching, resuming."""
 
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from torch import nn
 from translate.errors import ModelError, UserError
 from translate.images import load_image_rgba, to_tensor, to_uint8
 from translate.infer import ApplyWarning, ModelInfo, translate_folder, translate_tensor
+from translate.infer.lanes import LanePool
 from translate.infer.tiling import _mirror_pad
 
 RGB = ModelInfo(in_channels=3, out_channels=3, size_multiple=4)
@@ -382,9 +384,11 @@ def test_a_rerun_says_how_many_were_skipped(tmp_path, capsys):
     assert "skipped (their" not in capsys.readouterr().err  # a fresh run has nothing to say
 
 
-def test_jpg_output_of_transparent_images_warns_once(tmp_path):
+@pytest.mark.parametrize("in_lanes", [False, True])
+def test_jpg_output_of_transparent_images_warns_once(tmp_path, in_lanes):
     """--format jpg drops alpha (JPEG has none): one warning naming how many inputs lose
-    transparency and the first of them; opaque alpha and PNG outputs lose nothing."""
+    transparency and the first of them; opaque alpha and PNG outputs lose nothing. The same
+    when whole images run in lanes."""
     src = tmp_path / "in"
     src.mkdir()
     rgba = np.dstack([_noise(8, 8), np.full((8, 8), 255, np.uint8)])
@@ -392,9 +396,9 @@ def test_jpg_output_of_transparent_images_warns_once(tmp_path):
     for name in ("a.png", "b.png"):
         rgba[:4, :, 3] = 0
         Image.fromarray(rgba).save(src / name)
+    fn = _InLanes(lambda x: -x) if in_lanes else (lambda x: -x)
     with pytest.warns(ApplyWarning) as seen:
-        report = translate_folder(lambda x: -x, RGB, src, tmp_path / "jpg", format="jpg",
-                                  progress=False)
+        report = translate_folder(fn, RGB, src, tmp_path / "jpg", format="jpg", progress=False)
     assert report.translated == 3 and len(seen) == 1
     assert str(seen[0].message).startswith(
         f"2 input images have transparency (first: {src / 'a.png'}) that .jpg files cannot "
@@ -403,3 +407,55 @@ def test_jpg_output_of_transparent_images_warns_once(tmp_path):
         warnings.simplefilter("error")
         translate_folder(lambda x: -x, RGB, src, tmp_path / "png", format="png", progress=False)
     assert np.asarray(Image.open(tmp_path / "png" / "a.png"))[:4, :, 3].max() == 0
+
+
+class _InLanes:
+    """A batch function whose `lanes` make translate_folder run whole images side by side (as
+    a compiled generator's do on a CPU); it records the threads it ran in."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.lanes, self.threads = fn, LanePool(2), set()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.threads.add(threading.get_ident())
+        return self.fn(x)
+
+
+def test_lanes_translate_every_kind_of_file_as_one_at_a_time(tmp_path, mixed):
+    net = _net()
+    one = translate_folder(net, RGB, mixed, tmp_path / "one", batch_size=1, progress=False)
+    lanes = _InLanes(net)
+    two = translate_folder(lanes, RGB, mixed, tmp_path / "two", progress=False)
+    assert len(lanes.threads) == 2 and threading.get_ident() not in lanes.threads
+    assert (two.translated, two.skipped) == (one.translated, one.skipped) == (8, 0)
+    assert [(p.name, r.replace("two", "one")) for p, r in two.failed] == \
+        [(p.name, r) for p, r in one.failed]
+    written = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.*"))
+    assert written == sorted(p.relative_to(tmp_path / "two")
+                             for p in (tmp_path / "two").rglob("*.*"))
+    for rel in written:
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "two" / rel)),
+                                      np.asarray(Image.open(tmp_path / "one" / rel)), str(rel))
+
+
+def test_lanes_keep_finished_work_when_interrupted(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        Image.fromarray(_noise(8, 8 + 4 * i, seed=i)).save(src / f"{i}.png")
+
+    def dies_on_2(x):
+        if x.shape[3] == 16:  # image 2
+            raise KeyboardInterrupt
+        return -x
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        translate_folder(_InLanes(dies_on_2), RGB, src, out, progress=False)
+    done = sorted(p.name for p in out.iterdir())  # whole outputs only: no temp files
+    assert {"0.png", "1.png"} <= set(done) <= {f"{i}.png" for i in (0, 1, 3, 4, 5)}
+    report = translate_folder(_InLanes(lambda x: -x), RGB, src, out, progress=False)
+    assert (report.translated, report.skipped) == (6 - len(done), len(done))
+    for i in range(6):
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"{i}.png")),
+                                      255 - _noise(8, 8 + 4 * i, seed=i))
+

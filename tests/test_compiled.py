@@ -4,6 +4,7 @@ grey level of eager in a named precision, the eager fallbacks, the auto rule, th
 from __future__ import annotations
 
 import argparse
+import threading
 import warnings
 
 import numpy as np
@@ -16,6 +17,7 @@ import translate
 from translate.errors import UserError
 from translate.infer import ModelInfo, compiled, translate_folder, translate_tensor
 from translate.infer.compiled import MAX_SIZES, sizes_worth_compiling
+from translate.infer.lanes import LanePool
 
 RGB = ModelInfo(in_channels=3, out_channels=3, size_multiple=4, min_size=8)
 
@@ -26,6 +28,48 @@ def _picture(h: int, w: int, seed: int = 0) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
     img = np.stack([np.sin(5 * xx), np.cos(4 * yy), np.sin(3 * xx * yy)], -1) * 100 + 128
     return (img + rng.normal(0, 20, img.shape)).clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def two_threads():
+    """torch with 2 threads (the suite runs with 1): compiled generators then run in lanes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_lanes_split_the_threads_and_leave_the_callers_alone(two_threads):
+    pool = LanePool(2)
+    assert pool.run([torch.get_num_threads] * 2) == [1, 1]
+    assert torch.get_num_threads() == 2
+    later: list[int] = []  # a thread started later gets the caller's count, not a lane's
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert later == [2]
+    both = threading.Barrier(2, timeout=30)  # one call at a time would time out here
+    assert sorted(pool.run([both.wait, both.wait])) == [0, 1]
+
+
+@pytest.mark.slow
+def test_a_folder_runs_in_lanes_as_eager_within_one_level(generator, tmp_path, two_threads):
+    # Two lanes of one thread each take whole images; the first of each size compiles alone.
+    eager = translate.load_generator(generator, precision="fp32", device="cpu")
+    fast = translate.load_generator(generator, precision="fp32", device="cpu", compile=True)
+    assert fast.forward.lanes is not None and fast.forward.lanes.threads_each == 1
+    src = tmp_path / "in"
+    src.mkdir()
+    sizes = [(40, 48), (40, 48), (36, 52), (40, 48), (36, 52)]
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(_picture(h, w, seed=i)).save(src / f"{i}.png")
+    report = translate_folder(fast.forward, fast.info, src, tmp_path / "out", progress=False)
+    assert (report.translated, report.failed) == (5, [])
+    assert fast.forward.failed is None and fast.forward.seen == {(40, 48), (36, 52)}
+    for i, (h, w) in enumerate(sizes):
+        got = np.asarray(Image.open(tmp_path / "out" / f"{i}.png"), np.float64)
+        want = eager(_picture(h, w, seed=i)).astype(np.float64)
+        assert np.abs(got - want).mean() <= 1.0, i
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

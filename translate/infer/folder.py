@@ -28,24 +28,13 @@ import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 from translate.errors import ImageError, UserError
 from translate.images import (
@@ -57,7 +46,9 @@ from translate.images import (
     stores_alpha,
     to_uint8,
 )
+from translate.infer.lanes import LanePool
 from translate.infer.plan import Job, check_format, plan
+from translate.infer.progress import Tally, progress_bar
 
 # The model run lives in translate/infer/tiling.py; re-exported here, where users look for it.
 from translate.infer.tiling import (
@@ -127,13 +118,17 @@ def translate_folder(
         console.print(f"{len(jobs)} images: {len(jobs) - len(todo)} skipped (their outputs "
                       f"exist; --overwrite redoes them), {len(todo)} to do", markup=False,
                       highlight=False, soft_wrap=True)
-    with _progress_bar(console, progress) as bar:
-        tally = _Tally(bar, bar.add_task("translating", total=len(todo)), quiet=not progress)
-        pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="translate-io")
-        try:
-            _run_jobs(todo, settings, pool, tally, lookahead=batch_size + max(1, workers))
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+    with progress_bar(console, progress) as bar:
+        tally = Tally(bar, bar.add_task("translating", total=len(todo)), quiet=not progress)
+        lanes = getattr(getattr(fn, "forward", fn), "lanes", None)
+        if isinstance(lanes, LanePool):
+            _run_in_lanes(todo, settings, lanes, tally)
+        else:
+            pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="translate-io")
+            try:
+                _run_jobs(todo, settings, pool, tally, lookahead=batch_size + max(1, workers))
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
     if tally.alpha_dropped:
         first, n = tally.alpha_dropped[0], len(tally.alpha_dropped)
         what = "1 input image has" if n == 1 else f"{n} input images have"
@@ -190,29 +185,7 @@ class _Loaded:
     wide: bool  # write a 16-bit output
 
 
-@dataclass
-class _Tally:
-    """Outcomes, recorded by the main thread only (it is the one reading the futures)."""
-
-    bar: Progress
-    task: TaskID
-    quiet: bool
-    translated: int = 0
-    failed: dict[int, tuple[Path, str]] = field(default_factory=dict)
-    alpha_dropped: list[Job] = field(default_factory=list)  # transparent inputs, opaque outputs
-
-    def done(self) -> None:
-        self.translated += 1
-        self.bar.advance(self.task)
-
-    def fail(self, job: Job, reason: str) -> None:
-        self.failed[job.index] = (job.src, reason)
-        if not self.quiet:
-            self.bar.console.print(reason, markup=False, highlight=False, soft_wrap=True)
-        self.bar.advance(self.task)
-
-
-def _run_jobs(todo: list[Job], s: _Settings, pool: ThreadPoolExecutor, tally: _Tally,
+def _run_jobs(todo: list[Job], s: _Settings, pool: ThreadPoolExecutor, tally: Tally,
               lookahead: int) -> None:
     """Decode ahead and encode behind on the pool while the generator runs here."""
     saves: deque[tuple[Job, Future]] = deque()
@@ -223,10 +196,8 @@ def _run_jobs(todo: list[Job], s: _Settings, pool: ThreadPoolExecutor, tally: _T
                 with _warm_up_shown(s, batch, tally):
                     outputs = _translate_batch(s, batch)
             except (RuntimeError, MemoryError) as e:  # e.g. out of memory on one huge image
-                reason = " ".join(str(e).split())[:300]
                 for item in batch:
-                    tally.fail(item.job, f"{item.job.src}: the generator failed ({reason}) — if "
-                               "it ran out of memory, use --tile 512 or a smaller --batch-size")
+                    tally.fail(item.job, _generator_failed(item.job, e))
                 continue
             for item, pixels in zip(batch, outputs):
                 saves.append((item.job, pool.submit(_save, item, pixels)))
@@ -236,8 +207,72 @@ def _run_jobs(todo: list[Job], s: _Settings, pool: ThreadPoolExecutor, tally: _T
         _settle(saves, tally, keep=0)  # even when interrupted: finished work is kept
 
 
+def _run_in_lanes(todo: list[Job], s: _Settings, lanes: LanePool, tally: Tally) -> None:
+    """Each lane takes whole images through decode, generator and encode, one at a time
+    (translate/infer/lanes.py); outcomes are recorded here, in input order."""
+    running: deque[tuple[Job, Future[tuple[str | None, bool]]]] = deque()
+    try:
+        for job in todo:
+            running.append((job, lanes.submit(_whole_image, job, s, tally)))
+            while len(running) > 2 * lanes.count or running and running[0][1].done():
+                _record(*running.popleft(), tally)
+        while running:
+            _record(*running.popleft(), tally)
+    finally:  # interrupted: images not started stay undone, started ones finish (whole)
+        for job, future in running:
+            if not future.cancel():
+                with contextlib.suppress(Exception):  # the first error is the one raised
+                    _record(job, future, tally)
+
+
+def _whole_image(job: Job, s: _Settings, tally: Tally) -> tuple[str | None, bool]:
+    """(why it failed or None, whether transparency was dropped), in a lane."""
+    try:
+        item = _load(job, s)
+    except (ImageError, MemoryError) as e:
+        return _load_failed(job, e), False
+    dropped = _drops_alpha(item)
+    try:
+        with _warm_up_shown(s, [item], tally):
+            pixels = _translate_batch(s, [item])[0]
+    except (RuntimeError, MemoryError) as e:
+        return _generator_failed(job, e), False
+    try:
+        _save(item, pixels)
+    except ImageError as e:
+        return str(e), False
+    return None, dropped
+
+
+def _record(job: Job, future: Future[tuple[str | None, bool]], tally: Tally) -> None:
+    reason, dropped = future.result()
+    if reason is not None:
+        tally.fail(job, reason)
+        return
+    if dropped:
+        tally.alpha_dropped.append(job)
+    tally.done()
+
+
+def _load_failed(job: Job, e: Exception) -> str:
+    if isinstance(e, MemoryError):
+        return f"{job.src}: out of memory while decoding — lower --max-pixels"
+    return str(e)
+
+
+def _generator_failed(job: Job, e: Exception) -> str:
+    reason = " ".join(str(e).split())[:300]
+    return (f"{job.src}: the generator failed ({reason}) — if it ran out of memory, use "
+            "--tile 512 or a smaller --batch-size")
+
+
+def _drops_alpha(item: _Loaded) -> bool:
+    """A transparent input whose output format stores no alpha."""
+    return item.alpha is not None and item.alpha.min() < 255 and not stores_alpha(item.job.dst)
+
+
 @contextlib.contextmanager
-def _warm_up_shown(s: _Settings, batch: list[_Loaded], tally: _Tally) -> Iterator[None]:
+def _warm_up_shown(s: _Settings, batch: list[_Loaded], tally: Tally) -> Iterator[None]:
     """While a compiled generator compiles for a new input size (translate/infer/compiled.py: tens
     of seconds, once per size), the progress bar says so instead of looking stuck."""
     h, w = batch[0].x.shape[2:]
@@ -253,7 +288,7 @@ def _warm_up_shown(s: _Settings, batch: list[_Loaded], tally: _Tally) -> Iterato
         tally.bar.update(tally.task, description="translating")
 
 
-def _loaded(todo: list[Job], s: _Settings, pool: ThreadPoolExecutor, tally: _Tally,
+def _loaded(todo: list[Job], s: _Settings, pool: ThreadPoolExecutor, tally: Tally,
             lookahead: int) -> Iterator[_Loaded]:
     """Decoded images in input order, `lookahead` decodes in flight; failures go to tally."""
     jobs = iter(todo)
@@ -267,13 +302,10 @@ def _loaded(todo: list[Job], s: _Settings, pool: ThreadPoolExecutor, tally: _Tal
             job, future = loads.popleft()
             try:
                 item = future.result()
-            except ImageError as e:
-                tally.fail(job, str(e))
+            except (ImageError, MemoryError) as e:
+                tally.fail(job, _load_failed(job, e))
                 continue
-            except MemoryError:
-                tally.fail(job, f"{job.src}: out of memory while decoding — lower --max-pixels")
-                continue
-            if item.alpha is not None and item.alpha.min() < 255 and not stores_alpha(job.dst):
+            if _drops_alpha(item):
                 tally.alpha_dropped.append(job)
             yield item
     finally:
@@ -346,7 +378,7 @@ def _save(item: _Loaded, pixels: np.ndarray) -> None:
     save_image(item.job.dst, pixels, item.alpha, bit_depth=16 if item.wide else 8)
 
 
-def _settle(saves: deque[tuple[Job, Future]], tally: _Tally, keep: int) -> None:
+def _settle(saves: deque[tuple[Job, Future]], tally: Tally, keep: int) -> None:
     """Record finished saves in order; block until at most `keep` are outstanding."""
     while saves and (len(saves) > keep or saves[0][1].done()):
         job, future = saves.popleft()
@@ -356,14 +388,3 @@ def _settle(saves: deque[tuple[Job, Future]], tally: _Tally, keep: int) -> None:
             tally.fail(job, str(e))
         else:
             tally.done()
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.1f} img/s" if speed else "-- img/s")
-
-
-def _progress_bar(console: Console, enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    _RateColumn(), TimeRemainingColumn(), console=console, disable=not enabled)
