@@ -70,6 +70,11 @@ def test_a_folder_runs_in_lanes_as_eager_within_one_level(generator, tmp_path, t
         got = np.asarray(Image.open(tmp_path / "out" / f"{i}.png"), np.float64)
         want = eager(_picture(h, w, seed=i)).astype(np.float64)
         assert np.abs(got - want).mean() <= 1.0, i
+    # From Python: one image runs in this thread, a batch is split over the lanes.
+    batch = np.stack([_picture(40, 48, seed=s) for s in (7, 8, 9)])
+    for x in (batch[:1], batch):
+        assert np.abs(fast(x).astype(np.float64) - eager(x)).mean() <= 1.0
+    assert fast.forward.seen == {(40, 48), (36, 52)}  # nothing compiled again
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
