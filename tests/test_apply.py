@@ -2,6 +2,7 @@
 
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -459,3 +460,49 @@ def test_lanes_keep_finished_work_when_interrupted(tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(out / f"{i}.png")),
                                       255 - _noise(8, 8 + 4 * i, seed=i))
 
+
+
+def test_lanes_run_a_tiled_image_alone_on_all_threads(tmp_path):
+    # Tiling hooks and patches the net's norm layers for one image's statistics: with the net
+    # shared by both lanes, nothing else may run meanwhile. The tiled image gets every thread.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 3, 3, padding=1)).eval()
+    norm = net[1]
+
+    def patched() -> bool:
+        return "forward" in norm.__dict__ or bool(norm._forward_hooks)
+
+    class Watched:
+        def __init__(self) -> None:
+            self.net, self.lanes, self.calls = net, LanePool(2), []
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            during = patched()
+            if x.shape[2] == 16:
+                time.sleep(0.05)  # a window for a tiled image in the other lane to patch in
+            y = net(x)
+            self.calls.append((x.shape[2], torch.get_num_threads(), during or patched()))
+            return y
+
+    src = tmp_path / "in"
+    src.mkdir()
+    sizes = [16, 64, 16, 16, 64, 16]
+    for i, side in enumerate(sizes):
+        Image.fromarray(_noise(side, side, seed=i)).save(src / f"{i}.png")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        watched = Watched()
+        report = translate_folder(watched, RGB, src, tmp_path / "two", tile=32, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert report.translated == 6
+    small = [c for c in watched.calls if c[0] == 16]
+    assert len(small) == 4 and all(c[1:] == (1, False) for c in small)  # a lane, unpatched
+    assert {c[1:] for c in watched.calls if c[0] > 16} == {(2, True)}  # alone, all threads
+    translate_folder(net, RGB, src, tmp_path / "one", tile=32, progress=False)
+    for i in range(6):
+        a, b = (np.asarray(Image.open(tmp_path / d / f"{i}.png"), np.int16) for d in ("one", "two"))
+        assert np.abs(a - b).max() <= 1, i

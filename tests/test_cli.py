@@ -257,8 +257,8 @@ def test_help_describes_every_option_with_its_default():
     proc = run_cli("apply", "--help")
     text = " ".join(proc.stdout.split())
     assert "--batch-size BATCH_SIZE images of one size (or tiles of a large image) per " \
-           "generator call; memory grows with it (compiled runs on a CPU take whole images " \
-           "in two lanes instead) (default: 4)" in text
+           "generator call; memory grows with it (on a CPU with 2+ threads, torch runs take " \
+           "whole images in two lanes instead) (default: 4)" in text
     assert "--overlap OVERLAP tile overlap in pixels" in text and "(default: 64)" in text
     choices = {f.name: f for f in dataclasses.fields(TrainConfig)}["mixed_precision"]
     assert choices.metadata["choices"] == ("auto", "no", "bf16", "fp16")

@@ -186,6 +186,36 @@ def test_apply_cli_on_a_folder(exported, tmp_path):
     assert again.returncode == 0 and "skipped 1" in again.stderr
 
 
+@pytest.mark.slow
+def test_apply_cli_with_two_threads_runs_whole_images_in_lanes(exported, tmp_path):
+    # With 2 torch threads on a CPU, `translate apply` takes whole images in two lanes of one
+    # thread each (translate/infer/lanes.py): the outputs are a one-thread run's, exactly.
+    model = str(exported / "G_ab.safetensors")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lanes = translate.load_generator(model, precision="fp32").forward.lanes
+        assert lanes is not None and (lanes.count, lanes.threads_each) == (2, 1)
+    finally:
+        torch.set_num_threads(before)
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(50, 70), (17, 3), (50, 70), (64, 40), (33, 33)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(src / f"{i}.png")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    for threads in ("1", "2"):
+        proc = run_cli("apply", model, str(src), str(tmp_path / threads), "--precision", "fp32",
+                       "--compile", "off", "--batch-size", "1", "--no-progress", check=False,
+                       env={"OMP_NUM_THREADS": threads})
+        assert proc.returncode == 1 and "broken.png" in proc.stderr, proc.stderr
+        assert sorted(p.name for p in (tmp_path / threads).iterdir()) == \
+            [f"{i}.png" for i in range(5)]
+    for i in range(5):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "2" / f"{i}.png")),
+                                      np.asarray(Image.open(tmp_path / "1" / f"{i}.png")))
+
+
 def test_export_cli_and_missing_run(trained_run, tmp_path):
     proc = run_cli("export", str(trained_run), "--out", str(tmp_path / "e"))
     assert "G_ba.safetensors" in proc.stdout

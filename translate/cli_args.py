@@ -80,8 +80,8 @@ def _add_inference(sub, commands: Commands) -> None:
     p.add_argument("input", help="image file, folder (recursive) or glob")
     p.add_argument("output", help="output folder (mirrors the input's relative paths)")
     p.add_argument("--batch-size", type=int, default=4, help="images of one size (or tiles of "
-                   "a large image) per generator call; memory grows with it (compiled runs on "
-                   "a CPU take whole images in two lanes instead)")
+                   "a large image) per generator call; memory grows with it (on a CPU with 2+ "
+                   "threads, torch runs take whole images in two lanes instead)")
     p.add_argument("--tile", type=tile_size, default="auto",
                    help="translate large images in NxN tiles (default auto: 512 for images "
                    "above 1024x1024 px, bounding memory; 0: never tile)")

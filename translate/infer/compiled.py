@@ -28,7 +28,7 @@ Two things make the compiled graph fast, each measured on a 2-core Xeon with AMX
   `SumInstanceNorm` (the same statistics from the sums of x - s and (x - s)^2 in fp32, s one
   sample of each channel so a large mean costs no precision): 13.6 img/s.
 
-On a CPU with 2 or more torch threads, images run in LANES lanes (translate/infer/lanes.py),
+On a CPU with 2 or more torch threads, images run in two lanes (translate/infer/lanes.py),
 each with its share of the threads; translate_folder hands a lane whole images (decode,
 generator, encode). The graph is compiled in a lane, so its kernels use a lane's threads, and
 with inductor's C++ wrapper (`cpp_wrapper`): the Python-bound kernels of the default wrapper
@@ -61,7 +61,6 @@ from translate.infer.lanes import LanePool
 from translate.infer.tiling import ModelInfo, Tile, norm_layers, per_image_norm, tile_side
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-LANES = 2  # images translate_folder runs side by side on a CPU (translate/infer/lanes.py)
 MAX_SIZES = 8  # compiled shapes per generator; torch.compile's own recompile limit is 8
 # `translate apply --compile auto` compiles an image size when its images hold at least this
 # many pixels. Measured on a 2-core Xeon with AMX, ResNet-9 at 256x256 px: a compile takes 10-40
@@ -93,8 +92,7 @@ class CompiledForward:
         self._compiling = threading.Lock()
         # Images run side by side, each on its share of the cores (translate/infer/lanes.py);
         # translate_folder runs whole images (decode, generator, encode) in these lanes.
-        self.lanes = (LanePool(LANES) if device.type == "cpu"
-                      and torch.get_num_threads() >= LANES else None)
+        self.lanes: LanePool | None = getattr(eager, "lanes", None)
 
     @property
     def net(self) -> nn.Module | None:

@@ -213,7 +213,7 @@ def _run_in_lanes(todo: list[Job], s: _Settings, lanes: LanePool, tally: Tally) 
     running: deque[tuple[Job, Future[tuple[str | None, bool]]]] = deque()
     try:
         for job in todo:
-            running.append((job, lanes.submit(_whole_image, job, s, tally)))
+            running.append((job, lanes.submit(_whole_image, job, s, lanes, tally)))
             while len(running) > 2 * lanes.count or running and running[0][1].done():
                 _record(*running.popleft(), tally)
         while running:
@@ -223,17 +223,21 @@ def _run_in_lanes(todo: list[Job], s: _Settings, lanes: LanePool, tally: Tally) 
             if not future.cancel():
                 with contextlib.suppress(Exception):  # the first error is the one raised
                     _record(job, future, tally)
+        lanes.restore()
 
 
-def _whole_image(job: Job, s: _Settings, tally: Tally) -> tuple[str | None, bool]:
-    """(why it failed or None, whether transparency was dropped), in a lane."""
+def _whole_image(job: Job, s: _Settings, lanes: LanePool, tally: Tally
+                 ) -> tuple[str | None, bool]:
+    """(why it failed or None, whether transparency was dropped), in a lane; an image run in
+    tiles runs alone (translate/infer/lanes.py)."""
     try:
         item = _load(job, s)
     except (ImageError, MemoryError) as e:
         return _load_failed(job, e), False
     dropped = _drops_alpha(item)
+    tiled = tile_side(s.tile, s.info, *item.x.shape[2:]) is not None
     try:
-        with _warm_up_shown(s, [item], tally):
+        with lanes.alone() if tiled else lanes.beside(), _warm_up_shown(s, [item], tally):
             pixels = _translate_batch(s, [item])[0]
     except (RuntimeError, MemoryError) as e:
         return _generator_failed(job, e), False

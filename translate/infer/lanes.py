@@ -9,19 +9,33 @@ AMX, compiled bf16 ResNet-9, 256 px: 11.6 -> 16.5 img/s for the generator on bat
 torch's thread count is per thread (OpenMP's nthreads ICV), so each lane thread sets its own
 once. `torch.set_num_threads` also changes the default that threads started later pick up;
 that default is put back once the lanes are up.
+
+An image run in tiles goes `alone` (no other lane runs meanwhile), on all of the threads: the
+tiling patches the generator's norm layers to whole-image statistics (translate/infer/tiling.py)
+and the other lane shares those layers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
 
 T = TypeVar("T")
+LANES = 2  # lanes on a CPU with at least as many torch threads (measured on 2 cores)
 _local = threading.local()
+
+
+def cpu_lanes(device: torch.device) -> LanePool | None:
+    """The lanes a generator on `device` runs images in: LANES on a CPU with that many torch
+    threads or more; none on an accelerator."""
+    if device.type != "cpu" or torch.get_num_threads() < LANES:
+        return None
+    return LanePool(LANES)
 
 
 def in_lane() -> bool:
@@ -35,7 +49,12 @@ class LanePool:
     def __init__(self, count: int) -> None:
         threads = torch.get_num_threads()
         self.count = count
+        self.threads = threads
         self.threads_each = max(1, threads // count)
+        self._turns = threading.Condition()
+        self._running = 0  # lanes in a `beside` turn
+        self._alone_waiting = 0
+        self._alone = False
         self._pool = ThreadPoolExecutor(count, thread_name_prefix="translate-lane")
         ready = threading.Barrier(count + 1)
         for _ in range(count):  # each submit starts a thread: the others wait at the barrier
@@ -59,3 +78,39 @@ class LanePool:
         if in_lane():
             return [call() for call in calls]
         return [f.result() for f in [self._pool.submit(call) for call in calls]]
+
+    @contextlib.contextmanager
+    def beside(self) -> Iterator[None]:
+        """A turn beside the other lanes (waits while one runs alone, or waits to)."""
+        with self._turns:
+            self._turns.wait_for(lambda: not self._alone and not self._alone_waiting)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._turns:
+                self._running -= 1
+                self._turns.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        """A turn with no other lane running, on all of the threads (from a lane)."""
+        with self._turns:
+            self._alone_waiting += 1
+            self._turns.wait_for(lambda: not self._alone and not self._running)
+            self._alone_waiting -= 1
+            self._alone = True
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            # This lane's count back; the default for new threads is put back by `restore`.
+            torch.set_num_threads(self.threads_each)
+            with self._turns:
+                self._alone = False
+                self._turns.notify_all()
+
+    def restore(self) -> None:
+        """Put back the default thread count for threads started later (an `alone` turn set
+        it to a lane's); call from a thread outside the lanes."""
+        torch.set_num_threads(self.threads)

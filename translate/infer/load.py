@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch import nn
 from translate.errors import ModelError, UserError
 from translate.images import match_channels
 from translate.infer.compiled import compile_forward
+from translate.infer.lanes import LanePool, cpu_lanes
 from translate.infer.onnx import load_onnx, model_info
 from translate.infer.tiling import ModelInfo, translate_tensor
 from translate.nets import NETS, build_net
@@ -133,11 +134,13 @@ def _split_channels(batch: np.ndarray, channels: int) -> tuple[np.ndarray, np.nd
 
 @dataclass(frozen=True)
 class TorchForward:
-    """The torch backend's batch function: channels_last, optional bf16 autocast."""
+    """The torch backend's batch function: channels_last, optional bf16 autocast. `lanes`:
+    translate_folder runs whole images side by side in them (translate/infer/lanes.py)."""
 
     net: nn.Module
     precision: str
     device: torch.device
+    lanes: LanePool | None = field(default=None, compare=False)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,7 +193,7 @@ def load_generator(path: str | Path, backend: str = "auto", precision: str = "au
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     resolved = inference_precision(precision, dev)
     net = net.to(dev).to(memory_format=torch.channels_last)
-    forward = TorchForward(net, resolved, dev)
+    forward = TorchForward(net, resolved, dev, cpu_lanes(dev))
     if compile is not False:
         forward = compile_forward(forward, model_info(meta), None if compile is True else compile)
     return Generator(model_info(meta), meta, forward, "torch", resolved, precision)
