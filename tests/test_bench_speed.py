@@ -44,6 +44,21 @@ def test_plans_time_enough_steps_and_keep_auto_rows(quick, native):
         assert not any("bf16" in c.variant for c in cases if c.kind != "gemm")
 
 
+def test_the_training_target_reads_cyclegan_rows_only():
+    # CUT and FastCUT are timed in CycleGAN's 128 px group (beside its fp32 step); a faster
+    # FastCUT step must not stand in for CycleGAN's best in the 0.45 s/it target.
+    cases = speed.plan(speed.Plan(Path("/nonexistent"), True, False, speed.MIN_STEPS, 2),
+                       "train128b1")
+    speedups = {"train128b1/fp32": 1.0, "train128b1/auto": 1.1, "train128b1/fp32+compile": 1.3,
+                "train128b1/cut": 1.6, "train128b1/fastcut": 2.9}
+    assert {c.key for c in cases if c.kind == "train"} == set(speedups)
+    for c in cases:
+        if c.key in speedups:
+            c.result = {"median_s": 2.0 / speedups[c.key], "speedup": speedups[c.key]}
+    got = speed.summary(cases, {}, {})
+    assert got["train128_best_variant"] == "fp32+compile" and got["train128_best_s"] == 2.0 / 1.3
+
+
 def test_repeat_never_stops_before_min_steps():
     calls = []
     out = _common._repeat(lambda: calls.append(1) or [1.0], {"repeats": 9, "budget": 0.0},
