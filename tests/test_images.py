@@ -298,32 +298,70 @@ def test_save_is_atomic_and_leaves_no_temp(tmp_path):
     assert (out.stat().st_mode & 0o777) == (0o666 & ~umask)
 
 
-def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
-    out = tmp_path / "o.png"
-
+def _break_writes(monkeypatch, exc: BaseException) -> None:
+    """Every image write fails part-way with `exc`: PIL's encoders (which write to the file
+    descriptor) and the bytes save_image writes itself (8-bit PNGs from OpenCV)."""
     def broken_save(self, fp, *args, **kwargs):
         fp.write(b"\x89PNG partial")
-        raise OSError(28, "No space left on device")
+        raise exc
+
+    class Failing:
+        def __init__(self, f) -> None:
+            self.f = f
+
+        def write(self, data: bytes) -> int:
+            self.f.write(data[:10])
+            raise exc
+
+        def __getattr__(self, name: str):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info) -> None:
+            self.f.close()
+
+    real_fdopen = os.fdopen
     monkeypatch.setattr(Image.Image, "save", broken_save)
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Failing(real_fdopen(fd, mode)))
+
+
+@pytest.mark.parametrize("name", ["o.png", "o.jpg", "o16.png"])
+def test_failed_save_leaves_no_file(tmp_path, monkeypatch, name):
+    out = tmp_path / name
+    pixels = _ramp()[..., :1] if name == "o16.png" else _ramp()
+    _break_writes(monkeypatch, OSError(28, "No space left on device"))
     with pytest.raises(ImageError) as err:
-        save_image(out, _ramp())
+        save_image(out, pixels, bit_depth=16 if name == "o16.png" else 8)
     _assert_one_line_error(err, out, "No space left")
     assert list(tmp_path.iterdir()) == []
     # an existing output is never replaced by a broken one
     out.write_bytes(b"old")
     with pytest.raises(ImageError):
-        save_image(out, _ramp())
-    assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["o.png"]
+        save_image(out, pixels)
+    assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == [name]
 
 
-def test_interrupted_save_cleans_up(tmp_path, monkeypatch):
-    def interrupted(self, fp, *args, **kwargs):
-        fp.write(b"half")
-        raise KeyboardInterrupt
-    monkeypatch.setattr(Image.Image, "save", interrupted)
+@pytest.mark.parametrize("name", ["o.png", "o.jpg"])
+def test_interrupted_save_cleans_up(tmp_path, monkeypatch, name):
+    _break_writes(monkeypatch, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
-        save_image(tmp_path / "o.png", _ramp())
+        save_image(tmp_path / name, _ramp())
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_png_writes_the_exact_pixels(tmp_path, channels):
+    # 8-bit gray, RGB and RGBA PNGs come from OpenCV's encoder (faster than PIL's): the
+    # channel order and alpha must come back exactly as given.
+    pixels = np.random.default_rng(channels).integers(0, 256, (23, 31, channels), np.uint8)
+    rgb, alpha = (pixels[..., :3], pixels[..., 3]) if channels == 4 else (pixels, None)
+    save_image(tmp_path / "a.png", rgb, alpha)
+    with Image.open(tmp_path / "a.png") as im:
+        assert im.mode == {1: "L", 3: "RGB", 4: "RGBA"}[channels]
+        got = np.asarray(im)
+    np.testing.assert_array_equal(got.reshape(pixels.shape), pixels)
 
 
 @pytest.mark.parametrize("name", ["a.png", "a.webp", "a.tif"])
