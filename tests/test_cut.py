@@ -102,6 +102,23 @@ def test_patch_positions_are_distinct_and_a_function_of_the_sample():
     assert not torch.equal(patch_positions(keys, 64, 16, 0, 4), idx)  # per feature point
 
 
+@pytest.mark.parametrize("generator", ["unet", "resnet"])
+def test_the_translating_pass_gives_the_keys_of_a_pass_of_their_own(generator, tiny_unpaired):
+    # CUT takes src's keys from the pass that translates it (`taps`): the same tensors as the
+    # translation plus a features-only pass give, so the same PatchNCE.
+    extra = [] if generator == "unet" else ['model.generator="resnet"', "model.n_blocks=2",
+                                            'model.norm="instance"']
+    cfg, method = tiny_method(tiny_unpaired, *extra)
+    G, H, layers = method.nets["G_ab"], method.nets["H"], list(cfg.model.nce_layers)
+    batch = tiny_batch(tiny_unpaired)
+    x = batch["a"]
+    y, taps = G(x, taps=layers)
+    assert torch.equal(y, G(x))
+    assert all(torch.equal(a, b) for a, b in zip(taps, G(x, layers), strict=True))
+    torch.testing.assert_close(method.nce(G, H, x, y, batch["k"], feat_k=taps),
+                               method.nce(G, H, x, y, batch["k"]), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("variant", ["cut", "fastcut"])
 def test_gradients_reach_g_and_the_heads_and_nothing_else(variant, tiny_unpaired):
     extra = [] if variant == "cut" else ["model.nce_idt=false", "model.lambda_nce=10",

@@ -163,15 +163,18 @@ class CUT:
         self.generators: dict[str, dict[str, Any]] = {"G_ab": {"from": "A", "to": "B"}}
 
     def nce(self, G: nn.Module, H: nn.Module, src: Tensor, out: Tensor, keys: Tensor,
-            flipped: Tensor | None = None) -> Tensor:
+            flipped: Tensor | None = None, feat_k: list[Tensor] | None = None) -> Tensor:
         """(N,) PatchNCE of each output out[i] = G(src[i]) against its source, averaged over the
-        feature points; `flipped` (N,) marks outputs of a mirrored source, mirrored back here."""
+        feature points; `flipped` (N,) marks outputs of a mirrored source, mirrored back here.
+        `feat_k`: src's features at the NCE layers when the pass that made `out` gave them."""
         m, layers = self.cfg, list(self.cfg.nce_layers)
         feat_q = G(out, layers)
         if flipped is not None:
             feat_q = [torch.where(flipped[:, None, None, None], f.flip(3), f) for f in feat_q]
-        with torch.no_grad():  # the keys get no gradient (the reference detaches them)
-            feat_k = G(src, layers)
+        if feat_k is None:
+            with torch.no_grad():
+                feat_k = G(src, layers)
+        feat_k = [f.detach() for f in feat_k]  # the keys get no gradient (as the reference)
         check_patches(m, *src.shape[-2:])  # with preprocess "none" the size is known only now
         idx = [patch_positions(keys, f.shape[2] * f.shape[3], m.num_patches, self.seed,
                                _PATCH_STREAM + i).to(f.device) for i, f in zip(layers, feat_k)]
@@ -198,9 +201,14 @@ class CUT:
             fed = src
         if l1_idt and not m.nce_idt:  # G_ab(y) only for the L1 term, in the same call
             fed = torch.cat([fed, b])
-        out_all = G(fed)
+        feat_k = None
+        if flipped is None:  # fed starts with src: its keys come from this same pass
+            out_all, taps = G(fed, taps=list(m.nce_layers))
+            feat_k = [f[:len(src)] for f in taps]
+        else:  # the keys are src's features, unflipped: a pass of their own
+            out_all = G(fed)
         gen, fake_b = out_all[:len(src)], out_all[:n]  # the last n of out_all: G_ab(y) of fed
-        nce = self.nce(G, nets["H"], src, gen, keys, flipped)
+        nce = self.nce(G, nets["H"], src, gen, keys, flipped, feat_k)
         out = {"adv": m.lambda_gan * self.g_obj(nets["D_b"](fake_b)), "nce": nce[:n].mean()}
         if m.nce_idt:
             out["nce_idt"] = nce[n:].mean()

@@ -13,6 +13,7 @@ from translate.errors import ConfigError
 
 NETS: dict[str, type[nn.Module]] = {}
 _Net = TypeVar("_Net", bound=type[nn.Module])
+Tapped = tuple[Tensor, list[Tensor]]  # a generator's translation and its feature points
 
 
 def register(name: str) -> Callable[[_Net], _Net]:

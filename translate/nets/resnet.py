@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from translate.errors import ConfigError
 from translate.nets.layers import (
     ReflectionPad2d,
+    Tapped,
     border_conv,
     check_generator,
     conv_bias,
@@ -114,16 +115,21 @@ class ResnetGenerator(nn.Module):
         layers += [ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor, features: Sequence[int] | None = None) -> Tensor | list[Tensor]:
+    def forward(self, x: Tensor, features: Sequence[int] | None = None,
+                taps: Sequence[int] | None = None) -> Tensor | list[Tensor] | Tapped:
         """The translation of x; with `features`, instead the encoder's outputs at those feature
-        points, in that order (only the layers up to the deepest point run). Both go through
-        forward so that a DDP or compiled wrapper sees every call."""
-        if features is None:
+        points, in that order (only the layers up to the deepest point run); with `taps`, both:
+        (translation, the outputs at those points) from one pass. All go through forward so
+        that a DDP or compiled wrapper sees every call."""
+        if features is None and taps is None:
             return self.model(x)
-        ends = [self.feature_ends[i] for i in features]
+        points = taps if features is None else features
+        ends = [self.feature_ends[i] for i in points]
         found = {0: x}
-        for n, layer in enumerate(self.model[:max(ends)], start=1):
+        for n, layer in enumerate(self.model if features is None else self.model[:max(ends)],
+                                  start=1):
             x = layer(x)
             if n in ends:
                 found[n] = x
-        return [found[e] for e in ends]
+        tapped = [found[e] for e in ends]
+        return tapped if features is not None else (x, tapped)

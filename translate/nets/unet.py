@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from translate.errors import ConfigError
 from translate.nets.layers import (
+    Tapped,
     border_conv,
     check_generator,
     conv_bias,
@@ -71,10 +72,12 @@ class UnetGenerator(nn.Module):
                                      else out_channels, widths, norm, dropout, upsample,
                                      padding, full_res, affine_out)
 
-    def forward(self, x: Tensor, features: Sequence[int] | None = None) -> Tensor | list[Tensor]:
+    def forward(self, x: Tensor, features: Sequence[int] | None = None,
+                taps: Sequence[int] | None = None) -> Tensor | list[Tensor] | Tapped:
         """The translation of x; with `features`, instead the encoder's outputs at those feature
-        points, in that order (only the levels up to the deepest point run). Both go through
-        forward so that a DDP or compiled wrapper sees every call."""
+        points, in that order (only the levels up to the deepest point run); with `taps`, both:
+        (translation, the outputs at those points) from one pass. All go through forward so
+        that a DDP or compiled wrapper sees every call."""
         if features is not None:
             found = [x]
             h = self.stem(x) if self.stem is not None else x
@@ -89,12 +92,14 @@ class UnetGenerator(nn.Module):
         for down in self.down:
             x = down(x)
             skips.append(x)
+        points = [image, *skips]  # the feature points: the input, then each level down
         x = self.up[-1](skips.pop())
         for up in reversed(self.up[:-1]):
             x = up(torch.cat([skips.pop(), x], dim=1))
         if self.out is not None:
             x = self.out(torch.cat([full, x], dim=1))
-        return self._apply_affine(x, image) if self.affine_out else x
+        y = self._apply_affine(x, image) if self.affine_out else x
+        return y if taps is None else (y, [points[i] for i in taps])
 
     def _apply_affine(self, coef: Tensor, image: Tensor) -> Tensor:
         cin, cout = self.in_channels, self.out_channels
