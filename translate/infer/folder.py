@@ -92,7 +92,7 @@ def translate_folder(
     input: str | Path,  # a file, a folder (searched recursively) or a glob pattern
     output: str | Path,  # a folder mirroring INPUT's relative paths (or a file, for one file)
     *,
-    batch_size: int = 4,  # images (or tiles) per generator call
+    batch_size: int = 4,  # images (or tiles) per generator call; in lanes: tiles only
     tile: Tile = "auto",  # tile side for larger images; "auto": 512 above 1024x1024 px;
                           # None or 0: never tile (whole images, memory grows with size)
     overlap: int = DEFAULT_OVERLAP,  # pixels shared by neighbouring tiles (at most tile/2)
@@ -100,7 +100,8 @@ def translate_folder(
     format: str | None = None,  # output extension/format, e.g. "png"; None: same as input
     overwrite: bool = False,  # re-translate images whose output exists (else: skipped)
     side_by_side: bool = False,  # also write OUTPUT/_pairs/<path>: input | output
-    workers: int = 2,  # threads decoding and encoding while the generator runs
+    workers: int = 2,  # threads decoding and encoding while the generator runs (unused when
+                       # `fn` runs in lanes: each lane decodes and encodes its own images)
     max_pixels: int | None = DEFAULT_MAX_PIXELS,  # larger images fail (decompression bombs)
     progress: bool = True,  # progress bar, failure lines and a summary line on stderr
 ) -> ApplyReport:

@@ -4,7 +4,9 @@ A 256 px ResNet-9 image at batch 1 keeps two cores only ~80% busy: the norm kern
 Python between kernels do not split well across threads, and one image's decode and encode
 would wait for the generator. Two lanes, each a thread with half of torch's threads that takes
 a whole image through decode, generator and encode, keep both cores busy (2-core Xeon with
-AMX, compiled bf16 ResNet-9, 256 px: 11.6 -> 16.5 img/s for the generator on batches of 4).
+AMX, compiled bf16 ResNet-9, 256 px, the generator alone: 13.1 img/s one image at a time on 2
+threads, 16.1 on batches of 4 split over two lanes of 1 thread; end to end through
+translate_folder, with inductor's C++ wrapper: 12.7 -> 15.6 img/s).
 
 torch's thread count is per thread (OpenMP's nthreads ICV), so each lane thread sets its own
 once. `torch.set_num_threads` also changes the default that threads started later pick up;
