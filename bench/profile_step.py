@@ -2,6 +2,7 @@
 
     python bench/profile_step.py [--recipe cyclegan_horse2zebra.toml] [--size 128] [--batch 1]
                                  [--precision bf16] [--steps 5] [--set KEY=VALUE ...] [--top 25]
+                                 [--floor]
 
 Builds the recipe's run in-process (translate.runner.setup, the real train_step, synthetic
 PNGs of the given size), takes 3 warm-up steps, then profiles `--steps` steps with
@@ -9,6 +10,12 @@ torch.profiler and prints: the median step time outside the profiler, the ops wi
 self CPU time, and that time grouped by what it is (convolution arithmetic, norms, padding,
 dtype conversions and copies, elementwise, losses and reductions, the optimizer, the rest).
 The groups are what issue #18 asks about: how much of a step is not convolution arithmetic.
+
+--floor: every convolution call of the step (forward and backward, with its shapes, strides and
+which gradients it computed) is timed again on its own, in the step's dtype, with warm caches,
+in the faster of the NCHW and channels_last layouts, and the sum is printed beside the step's
+own convolution time: what the step's convolutions cost at their best on this machine, so the
+part of a step no fusion or layout change outside the convolutions can remove.
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--set", action="append", default=[], dest="sets")
+    ap.add_argument("--floor", action="store_true",
+                    help="time each convolution of the step on its own (see the docstring)")
     args = ap.parse_args(argv)
 
     import torch
@@ -87,10 +96,12 @@ def main(argv: list[str] | None = None) -> None:
             t = time.perf_counter()
             loop.train_step(s, state, batches)
             times.append(time.perf_counter() - t)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=args.floor) as prof:
             for _ in range(args.steps):
                 loop.train_step(s, state, batches)
     report(prof, statistics.median(times), args)
+    if args.floor:
+        conv_floor(prof, args)
 
 
 def report(prof, step_s: float, args: argparse.Namespace) -> None:
@@ -109,6 +120,73 @@ def report(prof, step_s: float, args: argparse.Namespace) -> None:
     print("\n| group | s/step | share |\n|---|---:|---:|")
     for group, sec in sorted(by_group.items(), key=lambda kv: -kv[1]):
         print(f"| {group} | {sec:.3f} | {sec / total:.1%} |")
+
+
+def conv_calls(prof, steps: int) -> dict[tuple, float]:
+    """{(kind, shapes, non-tensor arguments, dtype): calls per step} of the profiled steps'
+    aten::convolution (forward) and aten::convolution_backward calls."""
+    calls: dict[tuple, float] = defaultdict(float)
+    for e in prof.events():
+        if e.name not in ("aten::convolution", "aten::convolution_backward"):
+            continue
+        # convolution: input, weight, bias (shape [] when None), then stride ... groups;
+        # convolution_backward: grad_output, input, weight, bias sizes, stride ... output_mask
+        shapes = tuple(tuple(s) for s in e.input_shapes[:3])
+        args = tuple(tuple(a) if isinstance(a, list) else a for a in e.concrete_inputs[3:])
+        calls[(e.name, shapes, args, e.input_dtypes[0])] += 1 / steps
+    return calls
+
+
+def time_conv(key: tuple, channels_last: bool, repeats: int = 20) -> float:
+    """Median seconds of one call `key` (from conv_calls) on random tensors."""
+    import torch
+
+    name, shapes, args, dtype = key
+    dt = {"c10::BFloat16": torch.bfloat16, "c10::Half": torch.float16}.get(dtype, torch.float32)
+    args = tuple(list(a) if isinstance(a, tuple) else a for a in args)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def rand(shape):
+        if not shape:
+            return None
+        t = torch.randn(shape, dtype=dt)
+        return t.contiguous(memory_format=fmt) if t.dim() == 4 else t
+
+    if name == "aten::convolution":
+        x, w, bias = (rand(s) for s in shapes)
+
+        def call():
+            torch.ops.aten.convolution(x, w, bias, *args)
+    else:
+        g, x, w = (rand(s) for s in shapes)
+
+        def call():
+            torch.ops.aten.convolution_backward(g, x, w, *args)
+    for _ in range(3):
+        call()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def conv_floor(prof, args: argparse.Namespace) -> None:
+    calls = conv_calls(prof, args.steps)
+    in_step = {name: sum(e.self_cpu_time_total for e in prof.key_averages() if e.key == k)
+               / args.steps / 1e6 for name, k in (("forward", "aten::mkldnn_convolution"),
+                                                  ("backward", "aten::convolution_backward"))}
+    alone = {"forward": 0.0, "backward": 0.0}
+    for key, n in calls.items():
+        best = min(time_conv(key, False), time_conv(key, True))
+        alone["forward" if key[0] == "aten::convolution" else "backward"] += n * best
+    print(f"\nconvolutions, {len(calls)} kinds of call: each timed alone (warm caches, the "
+          "faster of NCHW and channels_last) against their self time in the step")
+    print("\n| | alone s/step | in the step s/step |\n|---|---:|---:|")
+    for part in ("forward", "backward"):
+        print(f"| {part} | {alone[part]:.3f} | {in_step[part]:.3f} |")
+    print(f"| total | {sum(alone.values()):.3f} | {sum(in_step.values()):.3f} |")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def test_profile_step_groups_a_real_step_by_op():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "profile_step.py"), "--recipe",
          "cyclegan_demo.toml", "--size", "16", "--batch", "2", "--precision", "no",
-         "--steps", "2", "--threads", "1", "--top", "5"],
+         "--steps", "2", "--threads", "1", "--top", "5", "--floor"],
         capture_output=True, text=True, timeout=300, check=True)
     out = proc.stdout
     assert "cyclegan_demo.toml 16px batch 2, precision no:" in out and "s/step" in out
@@ -98,3 +98,33 @@ def test_profile_step_groups_a_real_step_by_op():
               for line in out.splitlines() if line.startswith("| ") and line.count("|") == 4
               and "%" in line}
     assert groups["convolution"] > 0 and abs(sum(groups.values()) - 100) < 1.0
+    floor = {line.split("|")[1].strip(): [float(v) for v in line.split("|")[2:4]]
+             for line in out.splitlines() if line.startswith("| ") and line.count("|") == 4
+             and "%" not in line and "s/step" not in line}
+    assert set(floor) == {"forward", "backward", "total"}
+    assert all(alone > 0 and step > 0 for alone, step in floor.values())
+
+
+def test_conv_floor_replays_each_recorded_convolution_call():
+    import profile_step
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(1, 3, 12, 12, requires_grad=True)
+    w = torch.randn(5, 3, 3, 3, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(2):  # two steps: counts are per step
+            F.conv2d(x, w, None, 2, 1).sum().backward()
+            F.conv_transpose2d(torch.randn(1, 5, 6, 6), w, torch.zeros(3), 2, 1, 1)
+    calls = profile_step.conv_calls(prof, steps=2)
+    # name, first shape, and transposed (forward) or output_mask (backward: x and w need grads)
+    kinds = sorted((k[0], k[1][0], k[2][3] if k[0] == "aten::convolution" else k[2][-1])
+                   for k in calls)
+    assert kinds == [("aten::convolution", (1, 3, 12, 12), False),
+                     ("aten::convolution", (1, 5, 6, 6), True),
+                     ("aten::convolution_backward", (1, 5, 6, 6), (True, True, False))]
+    assert all(n == 1 for n in calls.values())
+    for key in calls:  # each replays with its own arguments, in both layouts
+        assert profile_step.time_conv(key, False, repeats=2) > 0
+        assert profile_step.time_conv(key, True, repeats=2) > 0
