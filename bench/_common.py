@@ -38,6 +38,39 @@ def write_pngs(folder: Path, size: int, count: int, seed: int) -> None:
         Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
 
 
+def export_resnet9(path: Path, ngf: int = 64, n_blocks: int = 9):
+    """(net, metadata): the paper's ResNet generator (untrained, seed 0) written to `path` as
+    `translate export` writes one, for the apply benchmarks."""
+    from safetensors.torch import save_file
+
+    from translate import recipe
+    from translate.export import metadata
+    from translate.nets import build_net, init_weights
+
+    torch.manual_seed(0)
+    G = build_net("resnet", ngf=ngf, n_blocks=n_blocks)
+    init_weights(G, 0.02)
+    G.eval()
+    cfg = recipe.load(Path(__file__).resolve().parent.parent / "recipes" /
+                      "cyclegan_horse2zebra.toml",
+                      [f"model.ngf={ngf}", f"model.n_blocks={n_blocks}"])
+    meta = metadata(G, cfg, "G_ab", {"from": "A", "to": "B"}, 0, False)
+    save_file({k: v.contiguous() for k, v in G.state_dict().items()}, str(path), meta)
+    return G, meta
+
+
+def apply_folder(gen, folder: str, out: str) -> int:
+    """One `translate apply` pass of a loaded generator over `folder` into `out` (overwritten):
+    the number translated; RuntimeError on the first failed image."""
+    from translate.infer import translate_folder
+
+    report = translate_folder(gen.forward, gen.info, folder, out, overwrite=True,
+                              progress=False)
+    if report.failed:
+        raise RuntimeError(f"apply failed: {report.failed[0][1]}")
+    return report.translated
+
+
 def write_unpaired(root: Path, size: int, count: int = 8) -> Path:
     """ROOT/trainA + ROOT/trainB of synthetic images, the layout data.kind = "unpaired" reads."""
     write_pngs(root / "trainA", size, count, seed=1)

@@ -136,21 +136,16 @@ def child_train(spec: dict[str, Any]) -> Unit:
 
 
 def child_apply(spec: dict[str, Any]) -> Unit:
-    from _common import peak_rss_mb
+    from _common import apply_folder, peak_rss_mb
 
     from translate.export import load_generator
-    from translate.infer import translate_folder
 
     args = BACKENDS[spec["backend"]]
     onnx = args.get("backend") == "onnx"
     gen = load_generator(spec["onnx"] if onnx else spec["model"], **args)
 
     def run() -> int:
-        report = translate_folder(gen.forward, gen.info, spec["input"], spec["output"],
-                                  overwrite=True, progress=False)
-        if report.failed:
-            raise RuntimeError(f"apply failed: {report.failed[0][1]}")
-        return report.translated
+        return apply_folder(gen, spec["input"], spec["output"])
 
     began = time.perf_counter()
     for _ in range(spec["warmup"]):
@@ -307,13 +302,8 @@ def prepare(work: Path, cases: list[Case]) -> dict[str, float]:
     """Write the synthetic data and the exported generator; returns G's forward FLOPs per
     image for each apply size (convs only, so they scale exactly with the pixel count)."""
     import torch
-    from _common import write_pngs, write_unpaired
-    from safetensors.torch import save_file
+    from _common import export_resnet9, write_pngs, write_unpaired
     from torch.utils.flop_counter import FlopCounterMode
-
-    from translate import recipe as config
-    from translate.export import metadata
-    from translate.nets import build_net, init_weights
 
     keys = " ".join(c.key for c in cases)
     for size in (64, 128, 256):
@@ -323,14 +313,7 @@ def prepare(work: Path, cases: list[Case]) -> dict[str, float]:
         write_pngs(work / "folder64", 64, 16, seed=3)
     if "apply" not in keys:
         return {}
-    torch.manual_seed(0)
-    G = build_net("resnet", ngf=64, n_blocks=9)
-    init_weights(G, 0.02)
-    G.eval()
-    cfg = config.load(ROOT / "recipes" / "cyclegan_horse2zebra.toml")
-    meta = metadata(G, cfg, "G_ab", {"from": "A", "to": "B"}, 0, False)
-    save_file({k: v.contiguous() for k, v in G.state_dict().items()},
-              str(work / "G.safetensors"), meta)
+    G, meta = export_resnet9(work / "G.safetensors")
     if "onnx" in keys:
         from translate.onnx_export import export_onnx
 

@@ -4,6 +4,7 @@ fewer than MIN_STEPS steps, and its self-check reads `translate train`'s real it
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -128,3 +129,22 @@ def test_conv_floor_replays_each_recorded_convolution_call():
     for key in calls:  # each replays with its own arguments, in both layouts
         assert profile_step.time_conv(key, False, repeats=2) > 0
         assert profile_step.time_conv(key, True, repeats=2) > 0
+
+
+def test_gpu_bench_runs_each_case_in_its_own_process_on_the_cpu_without_cuda(tmp_path):
+    import subprocess
+
+    tiny = ["--set", "model.ngf=8", "--set", "model.n_blocks=1", "--set", "model.ndf=8"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--size", "32", "--steps", "2",
+         "--apply-size", "32", "--apply-images", "2", "--ngf", "8", "--blocks", "1",
+         "--train", "fp32,fp16", "--apply", "fp32", "--json", *tiny],
+        capture_output=True, text=True, timeout=600, check=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["device"] == "CPU (no CUDA device)"
+    assert result["train/fp32"]["precision"] == "no" and result["train/fp32"]["median_s"] > 0
+    assert result["train/fp16"] == {"error": "fp16 training needs a CUDA device"}
+    assert result["apply/fp32"]["img_s"] > 0 and result["apply/fp32"]["alone_img_s"] > 0
+    assert result["cli_s"] > 0  # translate train's own rate on the fp32 case's config
+    assert "| train/fp32 |" in proc.stdout and "self-check: bench" in proc.stdout
