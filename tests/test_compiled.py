@@ -166,6 +166,29 @@ def test_a_failed_compile_warns_once_and_runs_eager(generator, monkeypatch):
     assert "no C++ compiler" in fast.forward.failed
 
 
+def test_a_cpu_compile_uses_the_cpp_wrapper_and_a_gpu_compile_does_not(generator, monkeypatch):
+    """On a CPU the graph compiles with freezing, inductor's C++ wrapper (which releases the
+    GIL, so lanes run side by side) and the calling thread's thread count; on another device
+    (a GPU) with freezing only: the C++ wrapper is a CPU choice."""
+    import torch._inductor.config as inductor
+
+    fast = translate.load_generator(generator, precision="fp32", device="cpu", compile=True)
+    seen = []
+
+    def spy(x):
+        seen.append((inductor.freezing, inductor.cpp_wrapper, inductor.cpp.threads))
+        return x
+
+    monkeypatch.setattr(fast.forward, "_graph", spy)
+    x = torch.zeros(1, 3, 8, 8)
+    fast.forward._one(x, 8, 8)
+    monkeypatch.setattr(fast.forward, "device", torch.device("cuda"))
+    fast.forward._one(x, 8, 12)
+    assert seen == [(True, True, torch.get_num_threads()),
+                    (True, False, inductor.cpp.threads)]
+    assert not inductor.freezing and not inductor.cpp_wrapper  # the settings were put back
+
+
 def test_onnx_refuses_compile(tmp_path):
     path = tmp_path / "G.onnx"
     path.write_bytes(b"not read: the flag is refused first")

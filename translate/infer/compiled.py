@@ -140,8 +140,10 @@ class CompiledForward:
         with torch.no_grad():
             if (h, w) in self.seen:
                 return self._graph(x)
-            with self._compiling, self._inductor_config.patch(
-                    {"freezing": True, "cpp_wrapper": True, "cpp.threads": torch.get_num_threads()}):
+            options = {"freezing": True}
+            if self.device.type == "cpu":  # the C++ wrapper releases the GIL for the lanes
+                options.update({"cpp_wrapper": True, "cpp.threads": torch.get_num_threads()})
+            with self._compiling, self._inductor_config.patch(options):
                 return self._graph(x)
 
 
