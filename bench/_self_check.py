@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _common import Case
+from _paired import Case
 
 ROOT = Path(__file__).resolve().parent.parent
 SELF_CHECK_TOLERANCE = 0.15  # |translate train's s/it / the bench's - 1| at most this

@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-from _common import Case
+from _paired import Case
 from _self_check import SELF_CHECK_TOLERANCE
 
 BASE_VARIANTS = ("fp32", "torch fp32")  # first in their group; the others are timed against it

@@ -44,7 +44,8 @@ for p in (ROOT, ROOT / "bench"):
     if str(p) not in sys.path:  # run as a script from a checkout that is not pip-installed
         sys.path.insert(0, str(p))
 
-from _common import MIN_STEPS, Case, groups, machine, run_group
+from _common import machine
+from _paired import MIN_STEPS, Case, groups, run_group
 from _self_check import self_check
 from _speed_report import (
     BASE_VARIANTS,
@@ -160,7 +161,7 @@ CHILDREN: dict[str, Callable[[dict[str, Any]], Unit]] = {
 
 def child_main(kind: str, spec_json: str) -> None:
     import torch
-    from _common import serve
+    from _paired import serve
 
     spec = json.loads(spec_json)
     torch.set_num_threads(spec.get("threads", THREADS))
@@ -175,7 +176,7 @@ class Plan:
     work: Path      # temporary folder: data, exports, runs
     quick: bool
     native: bool    # the CPU computes bf16 natively: bf16 variants are measured
-    repeats: int    # timed steps per case (at least _common.MIN_STEPS)
+    repeats: int    # timed steps per case (at least _paired.MIN_STEPS)
     threads: int    # torch threads per child
 
     def budget(self) -> float:

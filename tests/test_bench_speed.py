@@ -14,7 +14,7 @@ from conftest import ROOT, TINY_CYCLEGAN, run_cli, set_args
 from translate import recipe as recipe_mod
 
 sys.path.insert(0, str(ROOT / "bench"))
-import _common
+import _paired
 import _self_check
 import speed
 
@@ -40,7 +40,7 @@ def test_plans_time_enough_steps_and_keep_auto_rows(quick, native):
     assert ("train128b1/bf16+compile" in keys) == native
     assert ("apply256/torch bf16 compiled" in keys) == native
     assert "apply256/torch fp32 compiled" in keys and "apply256/onnx" in keys
-    assert all(c.spec["repeats"] >= _common.MIN_STEPS for c in cases if c.kind != "gemm")
+    assert all(c.spec["repeats"] >= _paired.MIN_STEPS for c in cases if c.kind != "gemm")
     if not native:  # emulated bf16 is not measured
         assert not any("bf16" in c.variant for c in cases if c.kind != "gemm")
 
@@ -62,9 +62,9 @@ def test_the_training_target_reads_cyclegan_rows_only():
 
 def test_repeat_never_stops_before_min_steps():
     calls = []
-    out = _common._repeat(lambda: calls.append(1) or [1.0], {"repeats": 9, "budget": 0.0},
+    out = _paired._repeat(lambda: calls.append(1) or [1.0], {"repeats": 9, "budget": 0.0},
                           lambda: None)
-    assert len(out) == _common.MIN_STEPS == len(calls)
+    assert len(out) == _paired.MIN_STEPS == len(calls)
 
 
 def test_self_check_reads_translate_trains_rate(tiny_unpaired, tmp_path):
