@@ -73,6 +73,20 @@ def write_unpaired(root: Path, size: int, count: int = 8) -> Path:
     return root
 
 
+def train_steps(recipe: str, overrides: list[str]):
+    """(session, batches, step) of recipes/RECIPE with `overrides`, set up in-process the way
+    `translate train` sets it up (translate.runner.setup); step() is one real train_step."""
+    from translate import recipe as config
+    from translate import runner
+    from translate.core import checkpoint, loop
+
+    cfg = config.load(Path(__file__).resolve().parent.parent / "recipes" / recipe, overrides)
+    s = runner.setup(cfg)
+    state = checkpoint.TrainState(fingerprint="bench")
+    batches = loop.Batches(cfg, s.dataset, s.accelerator, 0)
+    return s, batches, lambda: loop.train_step(s, state, batches)
+
+
 def time_calls(fn: Callable[[], object], warmup: int, repeats: int, budget_s: float
                ) -> list[float]:
     """Seconds per call of `fn` after `warmup` calls: `repeats` timed calls, fewer (but at

@@ -64,29 +64,22 @@ def _peak_mb(device) -> float:
 
 
 def _median_s(call, device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
+    """Median seconds of `repeats` calls, the device synchronised after each (and before)."""
+    from _common import time_calls
+
+    def synced():
         call()
         _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+
+    _sync(device)
+    return statistics.median(time_calls(synced, 0, repeats, float("inf")))
 
 
 def train_case(spec: dict[str, Any]) -> dict[str, Any]:
-    from translate import recipe, runner
-    from translate.core import checkpoint, loop
+    from _common import train_steps
 
-    cfg = recipe.load(ROOT / "recipes" / "cyclegan_horse2zebra.toml", spec["sets"])
-    s = runner.setup(cfg)
-    state = checkpoint.TrainState(fingerprint="bench")
-    batches = loop.Batches(cfg, s.dataset, s.accelerator, 0)
+    s, _, step = train_steps("cyclegan_horse2zebra.toml", spec["sets"])
     device = s.accelerator.device
-
-    def step():
-        loop.train_step(s, state, batches)
-
     began = time.perf_counter()
     for _ in range(WARMUP):
         step()

@@ -24,7 +24,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -71,11 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     import torch
-    from _common import write_unpaired
+    from _common import time_calls, train_steps, write_unpaired
     from torch.profiler import ProfilerActivity, profile
-
-    from translate import recipe, runner
-    from translate.core import checkpoint, loop
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,20 +81,11 @@ def main(argv: list[str] | None = None) -> None:
                 "data.num_workers=0", f'train.mixed_precision="{args.precision}"',
                 "train.compile=false", "train.eval_every=0", f'run_dir="{Path(tmp) / "run"}"',
                 *args.sets]
-        cfg = recipe.load(ROOT / "recipes" / args.recipe, sets)
-        s = runner.setup(cfg)
-        state = checkpoint.TrainState(fingerprint="profile")
-        batches = loop.Batches(cfg, s.dataset, s.accelerator, 0)
-        for _ in range(3):
-            loop.train_step(s, state, batches)
-        times = []
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            loop.train_step(s, state, batches)
-            times.append(time.perf_counter() - t)
+        _, _, step = train_steps(args.recipe, sets)
+        times = time_calls(step, warmup=3, repeats=args.steps, budget_s=float("inf"))
         with profile(activities=[ProfilerActivity.CPU], record_shapes=args.floor) as prof:
             for _ in range(args.steps):
-                loop.train_step(s, state, batches)
+                step()
     report(prof, statistics.median(times), args)
     if args.floor:
         conv_floor(prof, args)
@@ -140,6 +127,7 @@ def conv_calls(prof, steps: int) -> dict[tuple, float]:
 def time_conv(key: tuple, channels_last: bool, repeats: int = 20) -> float:
     """Median seconds of one call `key` (from conv_calls) on random tensors."""
     import torch
+    from _common import time_calls
 
     name, shapes, args, dtype = key
     dt = {"c10::BFloat16": torch.bfloat16, "c10::Half": torch.float16}.get(dtype, torch.float32)
@@ -162,14 +150,7 @@ def time_conv(key: tuple, channels_last: bool, repeats: int = 20) -> float:
 
         def call():
             torch.ops.aten.convolution_backward(g, x, w, *args)
-    for _ in range(3):
-        call()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(time_calls(call, warmup=3, repeats=repeats, budget_s=float("inf")))
 
 
 def conv_floor(prof, args: argparse.Namespace) -> None:

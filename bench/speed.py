@@ -89,17 +89,10 @@ def child_gemm(spec: dict[str, Any]) -> Unit:
 
 
 def child_train(spec: dict[str, Any]) -> Unit:
-    from _common import peak_rss_mb
+    from _common import peak_rss_mb, train_steps
     from torch.utils.flop_counter import FlopCounterMode
 
-    from translate import recipe as config
-    from translate import runner
-    from translate.core import checkpoint, loop
-
-    cfg = config.load(ROOT / "recipes" / spec["recipe"], spec["overrides"])
-    s = runner.setup(cfg)
-    state = checkpoint.TrainState(fingerprint="bench")
-    batches = loop.Batches(cfg, s.dataset, s.accelerator, 0)
+    s, batches, train_step = train_steps(spec["recipe"], spec["overrides"])
     draw, waited = batches.next, [0.0, 0]
 
     def timed_next():  # data loading in-process: its whole cost, nothing hidden by workers
@@ -111,7 +104,7 @@ def child_train(spec: dict[str, Any]) -> Unit:
     batches.next = timed_next
 
     def step() -> int:
-        loop.train_step(s, state, batches)
+        train_step()
         waited[1] += 1
         return 1
 
