@@ -62,7 +62,7 @@ class LanePool:
         for _ in range(count):  # each submit starts a thread: the others wait at the barrier
             self._pool.submit(self._start, ready)
         ready.wait()
-        torch.set_num_threads(threads)  # this thread's count, and the default for new threads
+        self.restore()  # this thread's count, and the default for new threads
 
     def _start(self, ready: threading.Barrier) -> None:
         torch.set_num_threads(self.threads_each)
