@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -178,6 +181,28 @@ def test_preprocess_output_shapes(tmp_path: Path, mode: str, train_hw, test_hw) 
         assert item["a"].shape == (3, *hw) and item["b"].shape == (3, *hw)
         assert item["a"].dtype == torch.float32
         assert -1.0 <= item["a"].min() and item["a"].max() <= 1.0
+
+
+def test_albumentations_loads_only_for_a_resize(tmp_path: Path) -> None:
+    """albumentations (~55 MB of memory, ~0.7 s to import) loads when an image is resized, not
+    with the training stack nor for images already the crop size (checked on a fresh
+    interpreter: this one has loaded it already)."""
+    rng = np.random.default_rng(0)
+    for split in ("trainA", "trainB"):
+        write_png(tmp_path / "exact" / split / "x.png", noise(rng, 16, 16))
+        write_png(tmp_path / "big" / split / "x.png", noise(rng, 30, 41))
+    code = ("import sys, translate.runner; from tests.test_data import cfg_for; "
+            "from translate.data import build_dataset; from pathlib import Path; "
+            "seen = ['albumentations' in sys.modules]; "
+            "build_dataset(cfg_for(Path(sys.argv[1]), preprocess='crop'))[0]; "
+            "seen.append('albumentations' in sys.modules); "
+            "build_dataset(cfg_for(Path(sys.argv[2]), preprocess='resize_and_crop'))[0]; "
+            "seen.append('albumentations' in sys.modules); print(seen)")
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "exact"),
+                          str(tmp_path / "big")], capture_output=True, text=True, cwd=root,
+                         check=True, env={**os.environ, "PYTHONPATH": f"{root}:{root / 'tests'}"})
+    assert out.stdout.strip() == "[False, False, True]", out.stderr
 
 
 def test_crop_refuses_images_smaller_than_the_crop_and_scale_width_fits_short_ones(

@@ -10,15 +10,12 @@ the same number and crop position and flip would be correlated.
 
 from __future__ import annotations
 
+import functools
 import os
-
-os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # albumentations checks PyPI on import
-
 from dataclasses import dataclass
+from types import ModuleType
 
-import cv2
 import numpy as np
-from albumentations.augmentations.geometric import functional as fgeometric
 
 from translate.config import DataConfig
 from translate.errors import ImageError
@@ -90,10 +87,24 @@ class Preprocess:
         return trim_to_multiple(img, SIZE_MULTIPLE)
 
 
+@functools.cache
+def _geometric() -> tuple[ModuleType, ModuleType]:
+    """(albumentations' geometric functions, cv2), imported on first use: albumentations loads
+    all of its transforms on import, ~55 MB of memory and ~0.7 s. Only a resize or a pad needs
+    it: a run whose images are already the crop size never pays, and with data workers only the
+    workers do."""
+    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # albumentations checks PyPI on import
+    import cv2
+    from albumentations.augmentations.geometric import functional
+
+    return functional, cv2
+
+
 def resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
     h, w = img.shape[:2]
     # Area averaging does not alias when shrinking; cubic is the reference's choice to enlarge.
     shrink = height <= h and width <= w
+    fgeometric, cv2 = _geometric()
     return fgeometric.resize(img, (height, width), cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
 
 
@@ -112,6 +123,7 @@ def pad_to(img: np.ndarray, size: int) -> np.ndarray:
         return img
     top, left = max(0, size - h) // 2, max(0, size - w) // 2
     bottom, right = max(0, size - h) - top, max(0, size - w) - left
+    fgeometric, cv2 = _geometric()
     border = cv2.BORDER_REFLECT_101 if min(h, w) > 1 else cv2.BORDER_REPLICATE
     return fgeometric.pad_with_params(img, top, bottom, left, right, border, None)
 
