@@ -151,6 +151,23 @@ def test_gradients_reach_g_and_the_heads_and_nothing_else(variant, tiny_unpaired
     assert out["fake_b"].shape == batch["b"].shape and not out["fake_b"].requires_grad
 
 
+@pytest.mark.parametrize("norm", ["none", "instance", "batch"])
+def test_d_judges_real_and_fake_in_one_call_unless_batch_norm(norm, tiny_unpaired):
+    """D_b sees real and fake B in one call of twice the batch (as CycleGAN's D): the same terms
+    as two calls where each image's output is its own, two calls with BatchNorm's statistics."""
+    _, method = tiny_method(tiny_unpaired, f'model.norm="{norm}"')
+    D, g = method.nets["D_b"], torch.Generator().manual_seed(0)
+    real, fake = (torch.rand(2, 3, 16, 16, generator=g) * 2 - 1 for _ in range(2))
+    calls = []
+    hook = D.register_forward_pre_hook(lambda _, args: calls.append(len(args[0])))
+    out = method.d_loss(method.nets, {"b": real}, {"fake_b": fake})
+    hook.remove()
+    assert calls == ([2, 2] if norm == "batch" else [4])
+    with torch.no_grad():
+        r, f = D(real), D(fake)
+    torch.testing.assert_close(out["loss"], 0.5 * ((r - 1) ** 2 + f**2).mean())
+
+
 @pytest.mark.parametrize("nce_idt", [True, False])
 def test_l1_identity_term_falls_to_zero_by_identity_until(nce_idt, tiny_unpaired):
     # lambda_idt_l1 * scale * L1(G_ab(b), b), scale falling linearly to 0 at identity_until;

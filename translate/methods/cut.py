@@ -225,8 +225,11 @@ class CUT:
         return out
 
     def d_loss(self, nets: Nets, batch: Batch, prev: dict) -> dict[str, Tensor]:
-        D = nets["D_b"]
-        real_out, fake_out = D(batch["b"]), D(prev["fake_b"])
+        D, real, fake = nets["D_b"], batch["b"], prev["fake_b"]
+        if self.cfg.norm == "batch":  # batch statistics: real and fake must not share a call
+            real_out, fake_out = D(real), D(fake)
+        else:  # one call of twice the batch: the same outputs, fewer and larger convolutions
+            real_out, fake_out = D(torch.cat([real, fake])).split(len(real))
         # Halved as in the reference: slows D relative to G.
         loss = 0.5 * self.d_obj(real_out, fake_out, self.cfg.real_target)
         return {"loss": loss,
