@@ -227,7 +227,8 @@ sys.meta_path.insert(0, Spy())
 import translate
 after_package = (os.environ.get("NO_ALBUMENTATIONS_UPDATE"), "albumentations" in sys.modules)
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "0"  # even if something resets it before the import
-import translate.data.transforms
+import numpy, translate.data.transforms as t
+t.resize(numpy.zeros((8, 8, 3), numpy.uint8), 4, 4)  # albumentations loads on the first resize
 print(after_package, seen)
 """
 
