@@ -20,7 +20,8 @@ REFERENCE = {
     "apply256": "ref impl. G only 2.2 img/s (issue #6, AVX-512/AMX CPU)",
 }
 REFERENCE_TRAIN128_S = 1.93
-TARGETS = {"train128_s": 0.45, "train128_rss_mb": 2000.0, "apply256_img_s": 15.0}
+TARGETS = {"train128_s": 0.45, "train128_rss_mb": 2000.0, "apply256_img_s": 15.0,
+           "cut128_rss_share": 0.70}  # issue #14: CUT's peak RSS over CycleGAN's (fp32, 128 px)
 
 
 def fill_derived(cases: list[Case], apply_flops: dict[str, float], ceiling: float) -> None:
@@ -114,6 +115,10 @@ def summary(cases: list[Case], info: dict[str, Any], checked: dict[str, Any]) ->
                train128_best_speedup=top.get("speedup"), train128_peak_rss_mb=top.get("rss_mb"),
                train128_fp32_peak_rss_mb=fp32.get("rss_mb"),
                train128_reference_s=REFERENCE_TRAIN128_S, reference_machine=REFERENCE_MACHINE)
+    for method in ("cut", "fastcut"):  # beside CycleGAN's fp32 step, also in fp32
+        rss = by_key.get(f"train128b1/{method}", {}).get("rss_mb")
+        out[f"{method}128_peak_rss_mb"] = rss
+        out[f"{method}128_rss_share"] = rss / fp32["rss_mb"] if rss and fp32.get("rss_mb") else None
     native = bool(info.get("native_bf16"))
     variant, top = _best(cases, "apply256")
     out.update(apply256_fp32_img_s=rate("apply256/torch fp32"),
@@ -155,6 +160,13 @@ def print_targets(s: dict[str, Any]) -> None:
     line(f"apply 256 >= {TARGETS['apply256_img_s']:.0f} img/s", img_s,
          f"{img_s or 0:.2f} img/s ({s['apply256_best_variant']})",
          lambda v: v >= TARGETS["apply256_img_s"])
+    for method in ("cut", "fastcut"):
+        share = s.get(f"{method}128_rss_share")
+        line(f"{method} 128 b1 peak RSS <= {TARGETS['cut128_rss_share']:.0%} of cyclegan's "
+             "(fp32, issue #14)", share,
+             f"{share or 0:.0%} ({s[f'{method}128_peak_rss_mb'] or 0:.0f} MB against "
+             f"{s['train128_fp32_peak_rss_mb'] or 0:.0f})",
+             lambda v: v <= TARGETS["cut128_rss_share"])
     fp32, compiled = s["apply256_fp32_img_s"], s["apply256_fp32_compiled_img_s"]
     if fp32 and compiled:
         print(f"apply 256 fp32 (as on a CPU without native bf16): compiled {compiled:.2f} vs "

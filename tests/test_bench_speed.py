@@ -45,7 +45,7 @@ def test_plans_time_enough_steps_and_keep_auto_rows(quick, native):
         assert not any("bf16" in c.variant for c in cases if c.kind != "gemm")
 
 
-def test_the_training_target_reads_cyclegan_rows_only():
+def test_the_training_target_reads_cyclegan_rows_only(capsys):
     # CUT and FastCUT are timed in CycleGAN's 128 px group (beside its fp32 step); a faster
     # FastCUT step must not stand in for CycleGAN's best in the 0.45 s/it target.
     cases = speed.plan(speed.Plan(Path("/nonexistent"), True, False, speed.MIN_STEPS, 2),
@@ -56,8 +56,19 @@ def test_the_training_target_reads_cyclegan_rows_only():
     for c in cases:
         if c.key in speedups:
             c.result = {"median_s": 2.0 / speedups[c.key], "speedup": speedups[c.key]}
+    rss = {"train128b1/fp32": 1400.0, "train128b1/cut": 1050.0, "train128b1/fastcut": 840.0}
+    for c in cases:
+        if c.key in rss:
+            c.result["rss_mb"] = rss[c.key]
     got = speed.summary(cases, {}, {})
     assert got["train128_best_variant"] == "fp32+compile" and got["train128_best_s"] == 2.0 / 1.3
+    # issue #14's memory target: each one-sided method's peak over CycleGAN's fp32 one
+    assert got["cut128_rss_share"] == 0.75 and got["fastcut128_rss_share"] == 0.6
+    speed.print_targets({**got, "self_check": {}})
+    out = capsys.readouterr().out
+    assert "target cut 128 b1 peak RSS <= 70% of cyclegan's (fp32, issue #14): 75% (1050 MB " \
+           "against 1400) MISS" in out
+    assert "target fastcut 128 b1 peak RSS <= 70% of cyclegan's (fp32, issue #14): 60%" in out
 
 
 def test_repeat_never_stops_before_min_steps():
