@@ -153,6 +153,7 @@ class CUT:
         for net in self.nets.values():
             init_weights(net, 0.02)
         self.d_obj, self.g_obj = objectives.get(m.objective)
+        self._per_image = m.norm != "batch"  # D's real and fake in one call (CycleGAN._twice)
         t = cfg.train
         # G first, then D on the same batch with G's fakes (as CycleGAN here; the reference
         # steps D first): one forward of G per step. The heads train with G.
@@ -225,11 +226,7 @@ class CUT:
         return out
 
     def d_loss(self, nets: Nets, batch: Batch, prev: dict) -> dict[str, Tensor]:
-        D, real, fake = nets["D_b"], batch["b"], prev["fake_b"]
-        if self.cfg.norm == "batch":  # batch statistics: real and fake must not share a call
-            real_out, fake_out = D(real), D(fake)
-        else:  # one call of twice the batch: the same outputs, fewer and larger convolutions
-            real_out, fake_out = D(torch.cat([real, fake])).split(len(real))
+        real_out, fake_out = self._twice(nets["D_b"], batch["b"], prev["fake_b"])
         # Halved as in the reference: slows D relative to G.
         loss = 0.5 * self.d_obj(real_out, fake_out, self.cfg.real_target)
         return {"loss": loss,
@@ -238,6 +235,7 @@ class CUT:
 
     fixed_batch = CycleGAN.fixed_batch  # the first n (a, b) pairs
     identity_scale = CycleGAN.identity_scale  # 1, or falling to 0 at identity_until
+    _twice = CycleGAN._twice  # (net(x), net(y)), in one call unless BatchNorm mixes images
 
     def sample(self, nets: Nets, fixed: Batch) -> Any:
         """Rows: A, G_ab(A), B, G_ab(B) (what the identity term keeps close to B)."""
