@@ -119,11 +119,12 @@ def test_the_translating_pass_gives_the_keys_of_a_pass_of_their_own(generator, t
                                method.nce(G, H, x, y, batch["k"]), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("apart", [True, False])
 @pytest.mark.parametrize("variant", ["cut", "fastcut"])
-def test_gradients_reach_g_and_the_heads_and_nothing_else(variant, tiny_unpaired):
+def test_gradients_reach_g_and_the_heads_and_nothing_else(variant, apart, tiny_unpaired):
     extra = [] if variant == "cut" else ["model.nce_idt=false", "model.lambda_nce=10",
                                          "model.flip_equivariance=true"]
-    _, method = tiny_method(tiny_unpaired, *extra)
+    _, method = tiny_method(tiny_unpaired, *extra, f"model.idt_apart={str(apart).lower()}")
     nets, batch = method.nets, tiny_batch(tiny_unpaired)
     G, H = nets["G_ab"], nets["H"]
     # PatchNCE alone, every net trainable: G and every head get gradients, D none, and the
@@ -141,8 +142,12 @@ def test_gradients_reach_g_and_the_heads_and_nothing_else(variant, tiny_unpaired
     g_phase = method.phases[0]
     assert set(g_phase.nets) == {"G_ab", "H"}
     set_trainable(nets, g_phase.nets)
-    out = g_phase.loss(nets, batch, {"progress": torch.tensor(0.0)})  # as the loop hands it
-    out["loss"].backward()
+    out: dict[str, torch.Tensor] = {}
+    assert len(g_phase.parts) == apart  # the identity terms (L1 in both here), a graph apart
+    for loss_fn in (*g_phase.parts, g_phase.loss):  # as the loop runs them, one at a time
+        part = loss_fn(nets, batch, {"progress": torch.tensor(0.0)})  # as the loop hands it
+        part["loss"].backward()
+        out.update(part)
     assert all(p.grad is None for p in nets["D_b"].parameters())
     for mlp in H.mlps:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mlp.parameters())
@@ -168,27 +173,73 @@ def test_d_judges_real_and_fake_in_one_call_unless_batch_norm(norm, tiny_unpaire
     torch.testing.assert_close(out["loss"], 0.5 * ((r - 1) ** 2 + f**2).mean())
 
 
+@pytest.mark.parametrize("apart", [True, False])
 @pytest.mark.parametrize("nce_idt", [True, False])
-def test_l1_identity_term_falls_to_zero_by_identity_until(nce_idt, tiny_unpaired):
-    # lambda_idt_l1 * scale * L1(G_ab(b), b), scale falling linearly to 0 at identity_until;
-    # without the identity PatchNCE (FastCUT), G_ab(b) is computed for this term only, in the
-    # same call as the translation, and not at all once its weight is 0.
+def test_l1_identity_term_falls_to_zero_by_identity_until(nce_idt, apart, tiny_unpaired):
+    # lambda_idt_l1 * scale * L1(G_ab(b), b), scale falling linearly to 0 at identity_until.
+    # idt_apart: in the G phase's part of its own, else in g_loss, where with the identity
+    # PatchNCE G_ab(b) comes from the translation's call. Without it (FastCUT), G_ab(b) is
+    # computed for this term only, and not at all once its weight is 0.
     _, method = tiny_method(tiny_unpaired, "model.lambda_idt_l1=5", "model.identity_until=0.4",
-                            f"model.nce_idt={str(nce_idt).lower()}")
+                            f"model.nce_idt={str(nce_idt).lower()}",
+                            f"model.idt_apart={str(apart).lower()}")
     G, batch = method.nets["G_ab"], tiny_batch(tiny_unpaired)
     with torch.no_grad():
         l1 = float((G(batch["b"]) - batch["b"]).abs().mean())
     sizes: list[int] = []
     G.register_forward_hook(lambda mod, args, out: sizes.append(len(args[0])))
+    g_phase = method.phases[0]
     for progress, scale in ((0.0, 1.0), (0.2, 0.5), (0.4, 0.0)):
-        sizes.clear()
-        with torch.no_grad():
-            out = method.g_loss(method.nets, batch, {"progress": torch.tensor(progress)})
+        out, calls = {}, []
+        for loss_fn in (*g_phase.parts, g_phase.loss):
+            sizes.clear()
+            with torch.no_grad():
+                out.update(loss_fn(method.nets, batch, {"progress": torch.tensor(progress)}))
+            calls.append(list(sizes))
         assert out["idt_l1"].item() == pytest.approx(5 * scale * l1, rel=1e-4), progress
-        translated = sizes[0]  # the first call translates; the rest encode for PatchNCE
-        assert translated == (4 if nce_idt or scale > 0 else 2), progress
+        translations = [c[:1] for c in calls]  # the rest encode for PatchNCE
+        if apart:  # G_ab(b) alone, or no pass of G once nothing needs it; then x alone
+            assert translations == [[2] if nce_idt or scale > 0 else [], [2]], progress
+        else:  # x and y in one call, or x, then y for the L1 term only while it counts
+            assert translations == [[4 if nce_idt else 2]], progress
+            assert calls[0].count(2) == (0 if nce_idt else 2 + (scale > 0)), progress
     _, plain = tiny_method(tiny_unpaired, "model.lambda_idt_l1=0")
-    assert "idt_l1" not in plain.g_loss(plain.nets, batch, {"progress": torch.tensor(0.0)})
+    assert "idt_l1" not in plain.g_loss_idt(plain.nets, batch, {"progress": torch.tensor(0.0)})
+    _, fastcut = tiny_method(tiny_unpaired, "model.lambda_idt_l1=0", "model.nce_idt=false")
+    assert fastcut.phases[0].parts == ()  # nothing to compute: no identity part at all
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_identity_terms_apart_give_the_gradients_of_one_graph(flip, tiny_unpaired):
+    """idt_apart only changes when the identity terms' graph is built and freed: the G phase's
+    logged values and the gradients of G and the heads are those of x and y in one pass (fp32:
+    no autocast here), and two graphs are backpropagated instead of one."""
+    results = []
+    for apart in (True, False):
+        _, method = tiny_method(tiny_unpaired, f"model.idt_apart={str(apart).lower()}",
+                                f"model.flip_equivariance={str(flip).lower()}")
+        nets, batch, g_phase = method.nets, tiny_batch(tiny_unpaired), method.phases[0]
+        set_trainable(nets, g_phase.nets)
+        logs, graphs = {}, 0
+        for loss_fn in (*g_phase.parts, g_phase.loss):
+            out = loss_fn(nets, batch, {"progress": torch.tensor(0.1)})
+            out["loss"].backward()
+            graphs += 1
+            for k, v in out.items():
+                if v.dim() == 0:
+                    logs[k] = logs.get(k, 0.0) + v.item()
+        assert graphs == (2 if apart else 1)
+        results.append((logs, [p.grad for n in ("G_ab", "H") for p in nets[n].parameters()]))
+    (logs_apart, grads_apart), (logs_joint, grads_joint) = results
+    assert set(logs_apart) == set(logs_joint) >= {"loss", "adv", "nce", "nce_idt", "idt_l1"}
+    for k in logs_joint:
+        assert logs_apart[k] == pytest.approx(logs_joint[k], rel=1e-5, abs=1e-6), k
+    # Other float sums: a few near-cancelling bias gradients differ by a few percent of
+    # themselves, so all gradients are compared as one vector.
+    flat_apart, flat_joint = (torch.cat([g.flatten() for g in gs])
+                              for gs in (grads_apart, grads_joint))
+    assert float((flat_apart - flat_joint).norm()) <= 1e-5 * float(flat_joint.norm())
+    assert float(flat_joint.norm()) > 0
 
 
 def test_flip_equivariance_compares_the_mirrored_output_mirrored_back(tiny_unpaired):

@@ -1,14 +1,18 @@
 """The adversarial core inside real (tiny, in-process) runs: n_critic, TTUR, the linear LR
-decay, keep-last-K, exact resume of a BatchNorm DCGAN, and WGAN weight clipping."""
+decay, keep-last-K, exact resume of a BatchNorm DCGAN, WGAN weight clipping, and a phase's
+parts backpropagated one at a time."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate import state as state_mod
 from conftest import ROOT, random_image_folder, tiny_sets
 from safetensors.torch import load_file
 from test_train import _losses, _weights
@@ -17,6 +21,7 @@ from translate import config
 from translate import recipe as recipe_mod
 from translate.core import checkpoint, loop
 from translate.methods import METHODS
+from translate.methods.base import Phase
 from translate.runner import train
 
 TOY = [*tiny_sets("toy"), "model.z_dim=5"]
@@ -218,3 +223,55 @@ def test_weight_clipping_bounds_every_critic_weight_after_a_run(tmp_path):
             assert all(float(saved[n].abs().max()) <= c for n in params)
         else:
             assert top > 5 * c
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_phases_parts_are_backpropagated_one_at_a_time(accum):
+    """Phase.parts: each part's graph is backpropagated before the next loss is built (so their
+    activations are never alive together), the gradients add up to the one-graph sum's, the
+    logged values add under shared keys, and a part may only log."""
+    state_mod.AcceleratorState._reset_state()
+    acc = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    events: list[str] = []
+
+    def traced(tag: str, x: torch.Tensor) -> torch.Tensor:
+        events.append(f"build {tag}")
+        y = net(x)
+        y.register_hook(lambda g: events.append(f"back {tag}"))
+        return y
+
+    def idt(nets, batch, prev):
+        loss = traced("idt", batch["y"]).square().mean()
+        return {"loss": loss, "shared": loss.detach(), "idt": loss.detach()}
+
+    def only_logs(nets, batch, prev):
+        return {"seen": batch["x"].sum()}
+
+    def main(nets, batch, prev):
+        out = traced("main", batch["x"])
+        loss = out.abs().mean()
+        return {"loss": loss, "shared": loss.detach(), "out": out.detach()}
+
+    g = torch.Generator().manual_seed(1)
+    batch = {"x": torch.randn(4, 3, generator=g), "y": torch.randn(4, 3, generator=g)}
+    cfg = SimpleNamespace(train=SimpleNamespace(grad_accum=accum, grad_clip=0.0))
+    phase = Phase("G", ("N",), main, lr=0.0, parts=(idt, only_logs))
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    captured: list[torch.Tensor] = []
+    opt.step = lambda: captured.extend(p.grad.clone() for p in net.parameters())
+    logs, handed = loop.run_phase(acc, cfg, phase, opt, {"N": net}, batch, [{}] * accum)
+    assert events == ["build idt", "back idt", "build main", "back main"] * accum
+    net.zero_grad(set_to_none=True)
+    total = sum((idt({}, c, {})["loss"] + main({}, c, {})["loss"]) / accum
+                for c in loop.split(batch, accum))
+    total.backward()
+    for got, want in zip(captured, (p.grad for p in net.parameters())):
+        torch.testing.assert_close(got, want)  # fp32 on every CPU: no autocast outside it
+    ref = [(idt({}, c, {})["idt"].item(), main({}, c, {})["shared"].item())
+           for c in loop.split(batch, accum)]
+    assert logs["G/shared"].item() == pytest.approx(sum(a + b for a, b in ref) / accum, rel=1e-6)
+    assert logs["G/idt"].item() == pytest.approx(sum(a for a, _ in ref) / accum, rel=1e-6)
+    assert logs["G/seen"].item() == pytest.approx(batch["x"].sum().item() / accum, rel=1e-5)
+    assert [h.keys() for h in handed] == [{"out"}] * accum

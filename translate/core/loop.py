@@ -92,19 +92,27 @@ def run_phase(accelerator, cfg, phase, opt, nets, batch, prev) -> tuple[dict, li
     scaler = accelerator.scaler
     scale = 1.0 if scaler is None else \
         scaler._scale if scaler._scale is not None else scaler.get_scale()
+    losses = (*phase.parts, phase.loss)  # each backpropagated before the next is built
     for i, (chunk, p) in enumerate(zip(split(batch, accum), prev)):
-        with contextlib.ExitStack() as stack:
-            # Micro-batches before the last skip the gradient all-reduce; frozen nets never sync.
-            for name in frozen + (list(phase.nets) if i < accum - 1 else []):
-                stack.enter_context(accelerator.no_sync(nets[name]))
-            with accelerator.autocast(), penalties.loss_scale(scale):
-                out = phase.loss(nets, chunk, p)
-            accelerator.backward(out["loss"] / accum)
-        for k, v in out.items():
-            if v.dim() == 0:
-                v = v.detach().float() / accum
-                logs[f"{phase.name}/{k}"] = logs.get(f"{phase.name}/{k}", 0.0) + v
-        handed.append({k: v for k, v in out.items() if v.dim() > 0})
+        given: dict[str, Tensor] = {}
+        for j, loss_fn in enumerate(losses):
+            last = i == accum - 1 and j == len(losses) - 1
+            with contextlib.ExitStack() as stack:
+                # Only the last loss of the last micro-batch all-reduces the gradients (the
+                # others add to them locally); frozen nets never sync.
+                for name in frozen + ([] if last else list(phase.nets)):
+                    stack.enter_context(accelerator.no_sync(nets[name]))
+                with accelerator.autocast(), penalties.loss_scale(scale):
+                    out = loss_fn(nets, chunk, p)
+                if "loss" in out:
+                    accelerator.backward(out["loss"] / accum)
+            for k, v in out.items():
+                if v.dim() == 0:
+                    v = v.detach().float() / accum
+                    logs[f"{phase.name}/{k}"] = logs.get(f"{phase.name}/{k}", 0.0) + v
+                else:
+                    given[k] = v
+        handed.append(given)
     if cfg.train.grad_clip > 0:
         params = [q for name in phase.nets for q in nets[name].parameters()]
         logs[f"{phase.name}/grad_norm"] = accelerator.clip_grad_norm_(params, cfg.train.grad_clip)

@@ -29,6 +29,11 @@ class Phase:
     new_batch: bool = True         # draw a fresh batch for each repeat (else reuse the last)
     after_step: Callable[[Nets], None] | None = None  # e.g. WGAN weight clipping
     is_generator: bool = False     # EMA is updated after this phase
+    # Losses of the same step whose graphs are apart from `loss`'s, each backpropagated before
+    # the next is built (then `loss`, last), so only one graph's activations are alive at a time
+    # (CUT's identity terms: ~140 MB less at 128 px). Their gradients add up; their logged
+    # values add to `loss`'s under the same keys. A part may return no "loss" (only logs).
+    parts: tuple[LossFn, ...] = ()
 
 
 class Method(Protocol):
