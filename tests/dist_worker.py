@@ -171,4 +171,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.leave(main())  # as the translate command ends a rank (see cli.leave)

@@ -573,3 +573,33 @@ def test_cgan_r1_2_processes_keep_identical_ranks(tmp_path):
                                                      "num_batches_tracked"))
     logged = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert logged["D/r1"] > 0
+
+
+LEAVING = """
+import atexit, sys
+from translate.cli import leave
+
+class Noisy:
+    def __del__(self):
+        sys.__stdout__.write("finalized\\n")
+        sys.__stdout__.flush()
+
+kept = Noisy()  # a module global: interpreter finalization deletes it
+atexit.register(lambda: print("exit handler"))
+print("buffered", end="")  # no newline, no flush: leave must flush it
+leave(3)
+"""
+
+
+@pytest.mark.parametrize("world", ["2", "1", ""])
+def test_a_rank_of_a_multi_process_run_leaves_without_finalization(world):
+    """cli.leave, how the translate command ends: a rank of a multi-process run (WORLD_SIZE > 1)
+    runs the exit handlers and flushes its output, then ends without interpreter finalization
+    (where torch's gloo threads, still freeing the last collective, abort the process now and
+    then); a lone process exits as usual. The exit code is the command's either way."""
+    env = {**os.environ, "WORLD_SIZE": world}
+    proc = subprocess.run([sys.executable, "-c", LEAVING], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=60, check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.startswith("bufferedexit handler\n"), proc.stdout
+    assert ("finalized" in proc.stdout) == (world != "2"), proc.stdout

@@ -1,8 +1,6 @@
 """`python -m translate ...`: the `translate` command."""
 
-import sys
-
-from translate.cli import main
+from translate.cli import run
 
 if __name__ == "__main__":  # importing the module (pkgutil walks, docs tools) runs nothing
-    sys.exit(main())
+    run()

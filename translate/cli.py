@@ -14,12 +14,14 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import json
 import os
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from translate import cli_args
 from translate.cli_args import TRAIN_FLAGS
@@ -267,5 +269,25 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = shown
 
 
+def leave(code: int) -> NoReturn:
+    """End the process with `code`. A rank of a multi-process run (WORLD_SIZE > 1) runs the exit
+    handlers, flushes its output and ends without interpreter finalization: torch's gloo worker
+    threads may still be freeing the last collectives' work (tensors with Python references)
+    after the final barrier, and doing that during finalization aborts the process (SIGABRT,
+    "terminate called without an active exception", after a finished run; a core dump shows
+    ProcessGroupGloo::runLoop destroying an AsyncBarrierWork; pytorch/pytorch PR 179291)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        atexit._run_exitfuncs()  # what finalization would run first, while all is alive
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def run() -> NoReturn:
+    """The `translate` command (pyproject's script, cli.py, python -m translate)."""
+    leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
