@@ -138,6 +138,11 @@ def patch_positions(keys: Tensor, positions: int, n: int, seed: int, stream: int
     return torch.argsort(u, dim=1, stable=True)[:, :n]
 
 
+def mirrored(x: Tensor, flipped: Tensor) -> Tensor:
+    """The (N, C, H, W) batch x with image i mirrored left-right where flipped[i] (N,)."""
+    return torch.where(flipped[:, None, None, None], x.flip(3), x)
+
+
 def gather(feature: Tensor, idx: Tensor) -> Tensor:
     """The (N, P, C) feature vectors of an (N, C, H, W) map at flat positions idx (N, P)."""
     flat = feature.flatten(2).transpose(1, 2)  # (N, H*W, C)
@@ -177,7 +182,7 @@ class CUT:
         m, layers = self.cfg, list(self.cfg.nce_layers)
         feat_q = G(out, layers)
         if flipped is not None:
-            feat_q = [torch.where(flipped[:, None, None, None], f.flip(3), f) for f in feat_q]
+            feat_q = [mirrored(f, flipped) for f in feat_q]
         if feat_k is None:
             with torch.no_grad():
                 feat_k = G(src, layers)
@@ -204,7 +209,7 @@ class CUT:
         if flipped is None:  # the keys come from the same pass that translates src
             out, taps = G(src, taps=layers)
             return out, self.nce(G, nets["H"], src, out, keys, None, taps)
-        out = G(torch.where(flipped[:, None, None, None], src.flip(3), src))
+        out = G(mirrored(src, flipped))
         return out, self.nce(G, nets["H"], src, out, keys, flipped)
 
     def g_loss(self, nets: Nets, batch: Batch, prev: dict) -> dict[str, Tensor]:
@@ -214,11 +219,11 @@ class CUT:
         n, joint = len(a), m.nce_idt and not m.idt_apart
         flipped = self.flips(batch)
         if joint:  # each y's patches draw from keys 2k + 1
-            a, keys = torch.cat([a, b]), torch.cat([2 * k, 2 * k + 1])
+            src, keys = torch.cat([a, b]), torch.cat([2 * k, 2 * k + 1])
             flipped = None if flipped is None else flipped.repeat(2)
         else:
-            keys = 2 * k
-        gen, nce = self.translate(nets, a, keys, flipped)
+            src, keys = a, 2 * k
+        gen, nce = self.translate(nets, src, keys, flipped)
         fake_b = gen[:n]
         out = {"adv": m.lambda_gan * self.g_obj(nets["D_b"](fake_b)), "nce": nce[:n].mean()}
         out["loss"] = out["adv"] + m.lambda_nce * (0.5 if m.nce_idt else 1.0) * out["nce"]
@@ -243,7 +248,7 @@ class CUT:
         out: dict[str, Tensor] = {}
         if m.nce_idt:
             flipped = self.flips(batch)
-            fed = b if flipped is None else torch.where(flipped[:, None, None, None], b.flip(3), b)
+            fed = b if flipped is None else mirrored(b, flipped)
             same, nce = made or self.translate(nets, b, 2 * batch["k"] + 1, flipped)
             out["nce_idt"] = nce.mean()
             out["loss"] = m.lambda_nce * 0.5 * out["nce_idt"]
