@@ -16,7 +16,8 @@ subprocess, one at a time, so its peak memory is its own:
   images/s over the second and third pass (the first compiles); and the generator alone on a
   batch of 8 on the device (images/s, synchronised).
 - the self-check: `translate train` run as a user runs it on the same config as the first
-  training case, its own per-step rate (log.jsonl) beside the bench's.
+  training case, its own per-step rate (log.jsonl) beside the bench's, PASS where they agree
+  within bench/_self_check.py's tolerance (15%), as bench/speed.py's (`self_check_pass`).
 `--set` overrides every training case's recipe (tiny nets for a smoke run:
 `--set model.ngf=8 --set model.n_blocks=1 --set model.ndf=8`). `--json` ends with one JSON line.
 """
@@ -196,14 +197,27 @@ def main(argv: list[str] | None = None) -> int:
             rows[f"apply/{case}"] = run_worker("apply", spec)
             print(f"apply/{case}: {rows[f'apply/{case}']}", flush=True)
         cli_s = self_check(first, work) if first else None
-    print_table(rows, where, args, checked, cli_s)
+    verdict = check_verdict(rows.get(checked or "", {}), cli_s)
+    print_table(rows, where, args, checked, cli_s, verdict)
     if args.json:
-        print(json.dumps({"device": where, "cli_s": cli_s, **rows}))
+        print(json.dumps({"device": where, "cli_s": cli_s, "self_check_pass": verdict, **rows}))
     return 0
 
 
+def check_verdict(bench: dict[str, Any], cli_s: float | None) -> bool | None:
+    """Whether translate train's s/it agrees with the bench row's within the bench's tolerance
+    (bench/_self_check.py); None where either figure is missing."""
+    from _self_check import SELF_CHECK_TOLERANCE
+
+    if "median_s" not in bench or not cli_s:
+        return None
+    return abs(cli_s / bench["median_s"] - 1) <= SELF_CHECK_TOLERANCE
+
+
 def print_table(rows: dict[str, dict[str, Any]], where: str, args: argparse.Namespace,
-                checked: str | None, cli_s: float | None) -> None:
+                checked: str | None, cli_s: float | None, verdict: bool | None) -> None:
+    from _self_check import SELF_CHECK_TOLERANCE
+
     print(f"\n{where}: CycleGAN {args.size} px batch 1 (s/it), apply {args.apply_size} px "
           "(img/s end to end; generator alone, batch 8)\n")
     print("| case | figure | warm-up s | peak MB | precision |\n|---|---|---:|---:|---|")
@@ -217,9 +231,10 @@ def print_table(rows: dict[str, dict[str, Any]], where: str, args: argparse.Name
               f"{r['precision']} |")
     if checked is not None:
         bench = rows[checked]
-        if "median_s" in bench and cli_s:
+        if verdict is not None:
             print(f"\nself-check: bench {bench['median_s']:.3f} s/it, translate train "
-                  f"{cli_s:.3f} s/it (ratio {cli_s / bench['median_s']:.2f})")
+                  f"{cli_s:.3f} s/it (ratio {cli_s / bench['median_s']:.2f}): "
+                  f"{'PASS' if verdict else 'FAIL'} (within {SELF_CHECK_TOLERANCE:.0%})")
         else:
             print("\nself-check: no figure (see the rows above)")
 

@@ -160,4 +160,7 @@ def test_gpu_bench_runs_each_case_in_its_own_process_on_the_cpu_without_cuda(tmp
     # translate train's own rate on the fp32 case's config, checked against that row (the
     # first case, fp16, is refused on a CPU)
     assert result["cli_s"] > 0
+    ratio = result["cli_s"] / result["train/fp32"]["median_s"]
+    assert result["self_check_pass"] is (abs(ratio - 1) <= 0.15)
     assert "| train/fp32 |" in proc.stdout and "self-check: bench" in proc.stdout
+    assert ("PASS" if result["self_check_pass"] else "FAIL") in proc.stdout
