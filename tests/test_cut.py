@@ -156,21 +156,51 @@ def test_gradients_reach_g_and_the_heads_and_nothing_else(variant, apart, tiny_u
     assert out["fake_b"].shape == batch["b"].shape and not out["fake_b"].requires_grad
 
 
-@pytest.mark.parametrize("norm", ["none", "instance", "batch"])
+@pytest.mark.parametrize("norm", ["none", "instance", "batch", "spectral"])
 def test_d_judges_real_and_fake_in_one_call_unless_batch_norm(norm, tiny_unpaired):
     """D_b sees real and fake B in one call of twice the batch (as CycleGAN's D): the same terms
-    as two calls where each image's output is its own, two calls with BatchNorm's statistics."""
-    _, method = tiny_method(tiny_unpaired, f'model.norm="{norm}"')
+    as two calls where each image's output is its own; two calls with BatchNorm's statistics or
+    spectral norm's power iteration, which depend on the call."""
+    sets = (["model.spectral_norm=true", 'model.norm="none"'] if norm == "spectral"
+            else [f'model.norm="{norm}"'])
+    _, method = tiny_method(tiny_unpaired, *sets)
     D, g = method.nets["D_b"], torch.Generator().manual_seed(0)
+    spectral = [m for m in D.modules() if hasattr(m, "parametrizations")]
+    assert bool(spectral) == (norm == "spectral")
     real, fake = (torch.rand(2, 3, 16, 16, generator=g) * 2 - 1 for _ in range(2))
     calls = []
     hook = D.register_forward_pre_hook(lambda _, args: calls.append(len(args[0])))
     out = method.d_loss(method.nets, {"b": real}, {"fake_b": fake})
     hook.remove()
-    assert calls == ([2, 2] if norm == "batch" else [4])
+    assert calls == ([2, 2] if norm in ("batch", "spectral") else [4])
+    if norm == "spectral":  # each call ran its own power iteration: compare in eval mode
+        return
     with torch.no_grad():
         r, f = D(real), D(fake)
     torch.testing.assert_close(out["loss"], 0.5 * ((r - 1) ** 2 + f**2).mean())
+
+
+def test_diff_augment_shows_d_real_and_fake_alike_augmented_and_g_learns_through_it(
+        tiny_unpaired):
+    """model.diff_augment (as CycleGAN's): D's real and fake get one draw of the policy, and
+    G's adversarial term judges an augmented fake, with gradients back to G."""
+    _, method = tiny_method(tiny_unpaired, 'model.diff_augment="translation,cutout"')
+    D = method.nets["D_b"]
+    seen = []
+    hook = D.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
+    real = torch.rand(2, 3, 16, 16) * 2 - 1
+    method.d_loss(method.nets, {"b": real}, {"fake_b": real.clone()})
+    (both,) = seen
+    assert torch.equal(both[:2], both[2:])  # one draw for real and fake
+    assert not torch.equal(both[:2], real)  # augmented
+    batch = tiny_batch(tiny_unpaired)
+    seen.clear()
+    out = method.g_loss(method.nets, batch, {"progress": torch.tensor(0.0)})
+    hook.remove()
+    assert not torch.equal(seen[0], out["fake_b"])
+    out["adv"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in method.nets["G_ab"].parameters())
 
 
 @pytest.mark.parametrize("apart", [True, False])
@@ -371,6 +401,7 @@ def test_demo_with_cut_prints_the_score_table_without_a_cycle(tmp_path):
     (["model.nce_layers=[]"], "model.nce_layers"),
     (["model.nce_t=0"], "model.nce_t: must be > 0"),
     (["data.channels_b=1"], "model.nce_idt"),
+    (['model.diff_augment="translation,flip"'], "unknown DiffAugment policy 'flip'"),
 ])
 def test_bad_settings_are_refused_before_training(sets, needle, tiny_unpaired, tmp_path):
     run = tmp_path / "run"

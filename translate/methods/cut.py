@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from translate import viz
+from translate.augment import parse_policy
 from translate.config import RunConfig, fraction, non_negative, positive
 from translate.core import noise, objectives
 from translate.errors import ConfigError
@@ -88,6 +89,8 @@ def check(cfg: RunConfig) -> None:
                           f"0..{points - 1} of {what}")
     if d.preprocess != "none":
         check_patches(m, d.crop_size, d.crop_size)
+    if m.diff_augment:
+        parse_policy(m.diff_augment)
 
 
 def check_patches(m: CUTConfig, height: int, width: int) -> None:
@@ -157,13 +160,14 @@ class CUT:
         self.nets: Nets = {
             "G_ab": G,
             "D_b": build_net("patchgan", in_channels=cb, ndf=m.ndf, n_layers=m.n_layers_d,
-                             norm=m.norm),
+                             norm=m.norm, spectral_norm=m.spectral_norm),
             "H": ProjectionHeads([G.feature_channels[i] for i in m.nce_layers], m.head_width),
         }
         for net in self.nets.values():
             init_weights(net, 0.02)
         self.d_obj, self.g_obj = objectives.get(m.objective)
-        self._per_image = m.norm != "batch"  # D's real and fake in one call (CycleGAN._twice)
+        # D's real and fake in one call (CycleGAN._twice) unless that changes what D computes.
+        self._per_image = m.norm != "batch" and not m.spectral_norm
         t, identity = cfg.train, m.nce_idt or m.lambda_idt_l1 > 0
         # G first, then D on the same batch with G's fakes (as CycleGAN here; the reference
         # steps D first): one forward of G per step. The heads train with G.
@@ -225,7 +229,8 @@ class CUT:
             src, keys = a, 2 * k
         gen, nce = self.translate(nets, src, keys, flipped)
         fake_b = gen[:n]
-        out = {"adv": m.lambda_gan * self.g_obj(nets["D_b"](fake_b)), "nce": nce[:n].mean()}
+        out = {"adv": m.lambda_gan * self.g_obj(nets["D_b"](self._aug(fake_b))),
+               "nce": nce[:n].mean()}
         out["loss"] = out["adv"] + m.lambda_nce * (0.5 if m.nce_idt else 1.0) * out["nce"]
         if not m.idt_apart:
             idt = self.identity_terms(nets, batch, prev, (gen[n:], nce[n:]) if joint else None)
@@ -262,16 +267,14 @@ class CUT:
         return out
 
     def d_loss(self, nets: Nets, batch: Batch, prev: dict) -> dict[str, Tensor]:
-        real_out, fake_out = self._twice(nets["D_b"], batch["b"], prev["fake_b"])
-        # Halved as in the reference: slows D relative to G.
-        loss = 0.5 * self.d_obj(real_out, fake_out, self.cfg.real_target)
-        return {"loss": loss,
-                "real_b": objectives.real_probability(real_out, self.cfg.objective),
-                "fake_b": objectives.real_probability(fake_out, self.cfg.objective)}
+        loss, real_b, fake_b = self._d_one(nets["D_b"], batch["b"], prev["fake_b"])
+        return {"loss": loss, "real_b": real_b, "fake_b": fake_b}
 
     fixed_batch = CycleGAN.fixed_batch  # the first n (a, b) pairs
     identity_scale = CycleGAN.identity_scale  # 1, or falling to 0 at identity_until
     _twice = CycleGAN._twice  # (net(x), net(y)), in one call unless BatchNorm mixes images
+    _d_one = CycleGAN._d_one  # D's halved loss on DiffAugmented real and fake, and its outputs
+    _aug, _aug_pair = CycleGAN._aug, CycleGAN._aug_pair  # DiffAugment (model.diff_augment)
 
     def sample(self, nets: Nets, fixed: Batch) -> Any:
         """Rows: A, G_ab(A), B, G_ab(B) (what the identity term keeps close to B)."""

@@ -49,6 +49,8 @@ class TranslationNetsConfig:
     padding: str = choice("reflect", "zero", "reflect")
     objective: str = choice("lsgan", *objectives.OBJECTIVES)
     real_target: float = probability_target(1.0)    # one-sided label smoothing (D only)
+    diff_augment: str = ""                # DiffAugment policy on D's inputs, e.g. "color,translation"
+    spectral_norm: bool = False           # spectral normalisation on D's layers
 
     # What a run's config.json saved before a key existed was trained with (recipe.load_json).
     LEGACY: ClassVar[dict[str, Any]] = {"padding": "zero"}
@@ -63,8 +65,6 @@ class CycleGANConfig(TranslationNetsConfig):
     # but asks G_ab to leave B-like colours alone, which a true mapping does not.
     identity_until: float = fraction(0.0)
     pool_size: int = non_negative(50)     # image history per direction; 0 disables it
-    diff_augment: str = ""                # DiffAugment policy on D's inputs, e.g. "color,translation"
-    spectral_norm: bool = False           # spectral normalisation on D's layers
 
 
 def check(cfg: RunConfig) -> None:
