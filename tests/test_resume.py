@@ -7,9 +7,11 @@ are compared name their precision (fp32)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from translate import cli
 from translate.core import checkpoint, loop
 from translate.core.schedules import lr_factor
 from translate.export import read_metadata
+from translate.methods import METHODS
 
 RECIPE = "recipes/toy_gan_ring.toml"
 TOY = tiny_cli("toy")
@@ -288,3 +291,61 @@ def test_rewinding_to_an_older_checkpoint_moves_the_later_ones_aside(tmp_path):
     # The rewound run retraced the same steps: fp32 on a CPU repeats exactly.
     _assert_same(checkpoint.step_dir(run, 8), aside / "step_0000008")
     assert [r["step"] for r in _log(run)] == list(range(1, 9))
+
+
+# ---------------------------------------------------------------------------- upgrades
+
+# The model keys each method's checkpoints are fingerprinted by (checkpoint.fingerprint), as of
+# 2026-12-06. A key added to a method's config goes into that config's NEW_KEYS, with the value
+# that means "as before the key existed"; else every checkpoint made before the upgrade is
+# refused as "made by a different recipe" after it. Remove a key here only on purpose.
+_TRANSLATION = {"dropout", "generator", "n_blocks", "n_layers_d", "ndf", "ngf", "norm",
+                "objective", "padding", "real_target", "unet_affine_out", "unet_downs",
+                "unet_full_res", "upsample"}
+_GAN = {"clip_value", "d_norm", "depth", "gp_weight", "hidden", "image_size", "minibatch_std",
+        "n_critic", "ndf", "net", "ngf", "objective", "pack", "penalty", "r1_gamma",
+        "real_target", "self_attention", "spectral_norm", "unrolled_steps", "z_dim"}
+FINGERPRINTED = {
+    "cyclegan": _TRANSLATION | {"diff_augment", "identity_until", "lambda_cycle",
+                                "lambda_identity", "pool_size", "spectral_norm"},
+    "cut": _TRANSLATION | {"flip_equivariance", "head_width", "identity_until", "idt_apart",
+                           "lambda_gan", "lambda_idt_l1", "lambda_nce", "nce_idt", "nce_layers",
+                           "nce_t", "num_patches"},
+    "gan": _GAN, "dcgan": _GAN, "wgan_gp": _GAN, "cgan": _GAN | {"classes"},
+    "infogan": _GAN | {"cat_dim", "lambda_cat", "lambda_cont", "n_cat", "n_cont", "q_hidden"},
+}
+
+
+def test_every_model_key_is_fingerprinted_or_declared_new():
+    for name, spec in METHODS.items():
+        keys = {f.name for f in fields(spec.config)} - set(getattr(spec.config, "NEW_KEYS", {}))
+        assert keys == FINGERPRINTED[name], (
+            f"{name}: {sorted(keys ^ FINGERPRINTED[name])}: declare a new model key in the "
+            "config's NEW_KEYS with its 'as before' value, so older checkpoints still resume")
+
+
+def test_a_checkpoint_made_before_a_model_key_existed_resumes_after_the_upgrade(tiny_unpaired,
+                                                                                 tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "recipes/cut_demo.toml", *tiny_cli("cut"), "--set",
+            f'data.root="{tiny_unpaired}"', "--run-dir", str(run), "--log-every", "1",
+            "--save-every", "2", "--sample-every", "1000", "--no-progress", *FP32]
+    run_cli(*args, "--steps", "2")
+    # Make it a run of the code before CUT had diff_augment and spectral_norm: its config.json
+    # without them, and its checkpoint's fingerprint as that code computed it (the first 16 hex
+    # digits of the sha256 of the sorted JSON of the method and every model key it had).
+    config = json.loads((run / "config.json").read_text())
+    for key in ("diff_augment", "spectral_norm"):
+        del config["model"][key]
+    (run / "config.json").write_text(json.dumps(config))
+    text = json.dumps({"method": "cut", "model": config["model"]}, sort_keys=True)
+    state_file = checkpoint.step_dir(run, 2) / "state.json"
+    state = json.loads(state_file.read_text())
+    state["fingerprint"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    state_file.write_text(json.dumps(state))
+    proc = run_cli(*args, "--steps", "4", "--resume", "auto")
+    assert "resumed from" in proc.stderr and "done: 4 steps" in proc.stdout
+    # The new key at a value the run did not train with is another recipe, as before.
+    line = _refused(run_cli(*args, "--steps", "6", "--resume", "auto", "--set",
+                            "model.spectral_norm=true", check=False))
+    assert "different recipe" in line

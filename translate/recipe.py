@@ -114,9 +114,11 @@ def load_json(path: Path, overrides: list[str] | None = None) -> RunConfig:
 
 def with_legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
     """A run saved before a model key existed was trained with that key's old behaviour, which
-    the key's default may no longer be: fill in the values of the method config's `LEGACY`."""
+    the key's default may no longer be: fill in the values of the method config's `LEGACY`
+    and `NEW_KEYS` (see translate.core.checkpoint.fingerprint)."""
     model, method = raw.get("model"), raw.get("method", "cyclegan")
-    legacy = getattr(METHODS[method].config, "LEGACY", {}) if method in METHODS else {}
+    config = METHODS[method].config if method in METHODS else None
+    legacy = {**getattr(config, "NEW_KEYS", {}), **getattr(config, "LEGACY", {})}
     if not isinstance(model, dict) or not legacy:
         return raw
     return {**raw, "model": {**legacy, **model}}

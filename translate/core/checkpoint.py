@@ -62,7 +62,13 @@ class TrainState:
 
 
 def fingerprint(method: str, model_cfg: object) -> str:
-    text = json.dumps({"method": method, "model": asdict(model_cfg)}, sort_keys=True)
+    """A hash of the method and its model settings. A key that the config class lists in
+    NEW_KEYS (added after checkpoints began to carry this hash) is left out while it holds the
+    value listed there, the one that means "as before the key existed": a checkpoint made
+    before an upgrade added a key still resumes after it."""
+    new = getattr(type(model_cfg), "NEW_KEYS", {})
+    model = {k: v for k, v in asdict(model_cfg).items() if k not in new or v != new[k]}
+    text = json.dumps({"method": method, "model": model}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

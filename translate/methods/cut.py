@@ -17,7 +17,7 @@ features). Unlike the reference, each image draws its own patch positions and it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,11 @@ class CUTConfig(TranslationNetsConfig):  # generator and D keys as CycleGAN's
     # with the paper's nets 1,071 -> 907 MB at the same s/step. Off, x and y share one pass of
     # twice the batch: on small nets (the demo's) 17% faster per step.
     idt_apart: bool = True
+
+    # Keys added since CUT's checkpoints began to carry a fingerprint, with the value that means
+    # "as before the key existed": at that value they are left out of the fingerprint, so older
+    # checkpoints still resume (translate.core.checkpoint.fingerprint). A new key goes here.
+    NEW_KEYS: ClassVar[dict[str, Any]] = {"diff_augment": "", "spectral_norm": False}
 
 
 def check(cfg: RunConfig) -> None:
