@@ -48,8 +48,8 @@ from conftest import (
 from safetensors.torch import load_file
 from torch import nn
 
+from translate import cli, runner
 from translate import recipe as recipe_mod
-from translate import runner
 from translate.core import loop, machine
 from translate.errors import ConfigError
 from translate.methods import gan as gan_mod
@@ -603,3 +603,22 @@ def test_a_rank_of_a_multi_process_run_leaves_without_finalization(world):
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout.startswith("bufferedexit handler\n"), proc.stdout
     assert ("finalized" in proc.stdout) == (world != "2"), proc.stdout
+
+
+@pytest.mark.parametrize("rank", ["1", "0"])
+def test_a_silent_rank_waits_for_the_main_rank_to_say_a_settings_error(rank, monkeypatch,
+                                                                       capsys):
+    """A settings error is said once, by the main rank. The other ranks stay silent and wait to
+    be ended by the launcher: a silent rank that exited at once could make torchrun stop the
+    main rank before its line was out (seen: a refused 2-process run with no error line)."""
+    waits = []
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = cli.main(["train", "recipes/toy_gan_ring.toml", "--set", "model.hidden=0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    if rank == "0":
+        assert waits == [] and err.startswith("error: ") and "model.hidden" in err
+    else:
+        assert waits == [cli.SILENT_RANK_WAIT_S] and err == ""

@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import NoReturn
@@ -246,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         code = getattr(e, "exit_code", 2)  # a requested stop: 128 + signal, as shells report it
-        if not (isinstance(e, ConfigError) and os.environ.get("RANK", "0") != "0"):
+        if isinstance(e, ConfigError) and os.environ.get("RANK", "0") != "0":
             # Under a launcher every rank reads the same settings: the main one says it once.
+            _await_the_main_rank()
+        else:
             print(f"error: {e}" if code == 2 else str(e), file=sys.stderr)
         return code
     except KeyboardInterrupt:
@@ -267,6 +270,18 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     finally:
         warnings.showwarning = shown
+
+
+SILENT_RANK_WAIT_S = 30.0
+
+
+def _await_the_main_rank() -> None:
+    """A rank that leaves a settings error for the main rank to say waits to be ended: torchrun
+    stops every rank once one has failed, and a silent rank that failed first could have the
+    main rank stopped before its line was printed (seen: no line at all, under load). Once the
+    main rank has failed the launcher ends this one; the wait is capped for launchers that do
+    not."""
+    time.sleep(SILENT_RANK_WAIT_S)
 
 
 def leave(code: int) -> NoReturn:
