@@ -15,7 +15,7 @@ from translate.errors import ConfigError
 from translate.eval.metrics import checkerboard_peak
 from translate.methods import METHODS
 from translate.nets import NETS, build_net, init_weights
-from translate.nets.layers import SubPixelUpsample
+from translate.nets.layers import GradInLayout, SubPixelUpsample
 
 # Small widths so that the whole sweep stays fast on CPU; each entry: config, input maker,
 # expected output shape.
@@ -498,3 +498,34 @@ def test_reflect_padding_reaches_a_one_pixel_bottleneck():
     assert torch.equal(ReflectionPad2d(1)(one), one.expand(1, 2, 3, 3))
     x = torch.rand(1, 2, 5, 5)
     assert torch.equal(ReflectionPad2d(2)(x), nn.ReflectionPad2d(2)(x))  # else unchanged
+
+
+def test_a_u_net_levels_gradient_comes_back_channels_last_for_the_upsampling_backward():
+    """A U-Net level's output is concatenated with its skip, so its gradient arrives as a channel
+    slice (strided, neither layout), and bilinear upsampling's CPU backward then takes its slow
+    NCHW path. GradInLayout hands it on channels_last-contiguous; the values are untouched."""
+    net = build_net("unet", ngf=4, num_downs=3, norm="none", upsample="conv_bilinear",
+                    full_res=True, affine_out=True).to(memory_format=torch.channels_last)
+    layouts = []
+
+    def watch(_module, _args, out):
+        out.register_hook(lambda g: layouts.append(
+            g.is_contiguous(memory_format=torch.channels_last)))
+
+    for m in net.modules():
+        if isinstance(m, nn.Upsample):
+            m.register_forward_hook(watch)
+    x = torch.rand(2, 3, 16, 16).to(memory_format=torch.channels_last)
+    net(x).square().sum().backward()
+    assert layouts and all(layouts), layouts
+    # The identity otherwise: the same values and gradients as without it, NCHW untouched.
+    layer = GradInLayout()
+    s = torch.rand(2, 8, 4, 4).to(memory_format=torch.channels_last)[:, 2:6].requires_grad_()
+    cl = s.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = layer(cl)
+    assert torch.equal(y, cl)
+    y.backward(s.detach() * 3)
+    assert cl.grad.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(cl.grad, s.detach() * 3)
+    plain = torch.rand(2, 3, 4, 4)
+    assert layer(plain) is plain

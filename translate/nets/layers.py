@@ -158,6 +158,32 @@ class SubPixelUpsample(nn.Sequential):
             conv.bias.copy_(conv.bias[::4].repeat_interleave(4))
 
 
+class _ChannelsLastGrad(torch.autograd.Function):
+    """The identity; its backward hands the gradient on channels_last-contiguous."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
+class GradInLayout(nn.Module):
+    """The identity, except that a channels_last input's gradient comes back channels_last-
+    contiguous. A U-Net level's output is concatenated with its skip, so the gradient that
+    reaches it is a channel slice of the concatenation's: strided, neither layout. CPU kernels
+    such as bilinear upsampling's backward then copy it to NCHW and take their slow NCHW path
+    (measured, 2-core Xeon, bf16, 8x16x32x32 -> 64x64: 1.39 ms against 0.21 channels_last)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.requires_grad and x.is_contiguous(memory_format=torch.channels_last) \
+                and not x.is_contiguous():
+            return _ChannelsLastGrad.apply(x)
+        return x
+
+
 def upsample_x2(how: str, cin: int, cout: int, bias: bool, kernel: int) -> nn.Module:
     """A x2 upsampling layer by name.
 
@@ -179,7 +205,7 @@ def upsample_x2(how: str, cin: int, cout: int, bias: bool, kernel: int) -> nn.Mo
         return SubPixelUpsample(cin, cout, bias)
     if how == "conv_bilinear":
         return nn.Sequential(ReflectionPad2d(1), nn.Conv2d(cin, cout, 3, bias=bias),
-                             nn.Upsample(scale_factor=2, mode="bilinear"))
+                             nn.Upsample(scale_factor=2, mode="bilinear"), GradInLayout())
     # Upsample + ReflectionPad2d + Conv2d as separate modules: the state-dict keys of the
     # ResNet "resize" exports made before the other choices existed.
     mode = "bilinear" if how == "bilinear" else "nearest"
