@@ -2,7 +2,7 @@
 
     python bench/gpu.py [--size 128] [--steps 20] [--apply-size 256] [--apply-images 32]
                         [--train fp32,bf16,fp16,bf16+compile] [--apply fp32,bf16,bf16+compile]
-                        [--set KEY=VALUE ...] [--json]
+                        [--set KEY=VALUE ...] [--cli-profile PATH] [--json]
 
 On the machine's accelerator (CUDA when torch sees one, else the CPU), each case in a fresh
 subprocess, one at a time, so its peak memory is its own:
@@ -18,6 +18,8 @@ subprocess, one at a time, so its peak memory is its own:
 - the self-check: `translate train` run as a user runs it on the same config as the first
   training case, its own per-step rate (log.jsonl) beside the bench's, PASS where they agree
   within bench/_self_check.py's tolerance (15%), as bench/speed.py's (`self_check_pass`).
+`--cli-profile PATH`: the self-check's run again under cProfile, its stats in PATH and its top
+functions printed (where `translate train` spends what the bench's step does not).
 `--set` overrides every training case's recipe (tiny nets for a smoke run:
 `--set model.ngf=8 --set model.n_blocks=1 --set model.ndf=8`). `--json` ends with one JSON line.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pstats
 import statistics
 import subprocess
 import sys
@@ -115,19 +118,30 @@ def apply_case(spec: dict[str, Any]) -> dict[str, Any]:
             "peak_mb": _peak_mb(device), "device": str(device), "precision": gen.precision}
 
 
-def self_check(spec: dict[str, Any], work: Path) -> float | None:
-    """translate train's own median s/it on the first training case's config."""
+def self_check(spec: dict[str, Any], work: Path, profile: Path | None = None) -> float | None:
+    """translate train's own median s/it on the first training case's config. With `profile`,
+    the same run again under cProfile (its stats written there, its top functions printed):
+    where translate train spends what the bench's in-process step does not."""
     from _self_check import WARMUP_STEPS, cli_seconds_per_step
 
-    run_dir = work / "selfcheck"
-    sets = [*spec["sets"], f'run_dir="{run_dir}"', "train.sample_every=100000",
-            "train.save_every=100000"]
-    cmd = [sys.executable, str(ROOT / "cli.py"), "train",
-           str(ROOT / "recipes" / "cyclegan_horse2zebra.toml"),
-           *[a for o in sets for a in ("--set", o)], "--steps",
-           str(spec["steps"] + WARMUP_STEPS), "--log-every", "1", "--no-progress"]
-    subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600, check=False)
-    return cli_seconds_per_step(run_dir / "log.jsonl")
+    def cli(run_dir: Path, prefix: list[str]) -> Path:
+        sets = [*spec["sets"], f'run_dir="{run_dir}"', "train.sample_every=100000",
+                "train.save_every=100000"]
+        cmd = [sys.executable, *prefix, str(ROOT / "cli.py"), "train",
+               str(ROOT / "recipes" / "cyclegan_horse2zebra.toml"),
+               *[a for o in sets for a in ("--set", o)], "--steps",
+               str(spec["steps"] + WARMUP_STEPS), "--log-every", "1", "--no-progress"]
+        subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600, check=False)
+        return run_dir / "log.jsonl"
+
+    cli_s = cli_seconds_per_step(cli(work / "selfcheck", []))
+    if profile is not None:
+        cli(work / "selfcheck_profiled", ["-m", "cProfile", "-o", str(profile)])
+        if profile.is_file():
+            stats = pstats.Stats(str(profile))
+            print(f"\ntranslate train under cProfile ({profile}), by cumulative time:")
+            stats.sort_stats("cumulative").print_stats(25)
+    return cli_s
 
 
 def run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks", type=int, default=9, help="the apply generator's blocks")
     ap.add_argument("--set", action="append", default=[], dest="sets")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--cli-profile", type=Path, default=None,
+                    help="also run the self-check's translate train under cProfile, stats here")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -196,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                     "compile": compiled, "size": args.apply_size, "images": args.apply_images}
             rows[f"apply/{case}"] = run_worker("apply", spec)
             print(f"apply/{case}: {rows[f'apply/{case}']}", flush=True)
-        cli_s = self_check(first, work) if first else None
+        cli_s = self_check(first, work, args.cli_profile) if first else None
     verdict = check_verdict(rows.get(checked or "", {}), cli_s)
     print_table(rows, where, args, checked, cli_s, verdict)
     if args.json:

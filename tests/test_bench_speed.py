@@ -149,7 +149,8 @@ def test_gpu_bench_runs_each_case_in_its_own_process_on_the_cpu_without_cuda(tmp
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu.py"), "--size", "32", "--steps", "2",
          "--apply-size", "32", "--apply-images", "2", "--ngf", "8", "--blocks", "1",
-         "--train", "fp16,fp32", "--apply", "fp32", "--json", *tiny],
+         "--train", "fp16,fp32", "--apply", "fp32", "--json", "--cli-profile",
+         str(tmp_path / "cli.prof"), *tiny],
         capture_output=True, text=True, timeout=600, check=True,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -164,3 +165,6 @@ def test_gpu_bench_runs_each_case_in_its_own_process_on_the_cpu_without_cuda(tmp
     assert result["self_check_pass"] is (abs(ratio - 1) <= 0.15)
     assert "| train/fp32 |" in proc.stdout and "self-check: bench" in proc.stdout
     assert ("PASS" if result["self_check_pass"] else "FAIL") in proc.stdout
+    # --cli-profile: the same translate train run again under cProfile, its stats kept
+    assert (tmp_path / "cli.prof").stat().st_size > 0
+    assert "translate train under cProfile" in proc.stdout and "function calls" in proc.stdout
