@@ -280,8 +280,13 @@ def _await_the_main_rank() -> None:
     stops every rank once one has failed, and a silent rank that failed first could have the
     main rank stopped before its line was printed (seen: no line at all, under load). Once the
     main rank has failed the launcher ends this one; the wait is capped for launchers that do
-    not."""
-    time.sleep(SILENT_RANK_WAIT_S)
+    not. A rank that is alone (no WORLD_SIZE above 1) has nobody to wait for."""
+    if _world_size() > 1:
+        time.sleep(SILENT_RANK_WAIT_S)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def leave(code: int) -> NoReturn:
@@ -291,7 +296,7 @@ def leave(code: int) -> NoReturn:
     after the final barrier, and doing that during finalization aborts the process (SIGABRT,
     "terminate called without an active exception", after a finished run; a core dump shows
     ProcessGroupGloo::runLoop destroying an AsyncBarrierWork; pytorch/pytorch PR 179291)."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if _world_size() > 1:
         atexit._run_exitfuncs()  # what finalization would run first, while all is alive
         sys.stdout.flush()
         sys.stderr.flush()
