@@ -155,7 +155,7 @@ def run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
@@ -170,54 +170,75 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cli-profile", type=Path, default=None,
                     help="also run the self-check's translate train under cProfile, stats here")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.worker:
         kind, spec = args.worker
         print(json.dumps((train_case if kind == "train" else apply_case)(json.loads(spec))))
         return 0
 
     import torch
-    from _common import export_resnet9, write_pngs, write_unpaired
 
     cuda = torch.cuda.is_available()
     where = torch.cuda.get_device_name(0) if cuda else "CPU (no CUDA device)"
     print(f"device: {where}, torch {torch.__version__}", flush=True)
-    rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = write_unpaired(work / "unpaired", args.size)
-        first, checked = None, None  # the self-check's config and the row it is checked against
-        for case in [c for c in args.train.split(",") if c]:
-            precision, compiled = TRAIN[case]
-            if precision == "fp16" and not cuda:
-                rows[f"train/{case}"] = {"error": "fp16 training needs a CUDA device"}
-                continue
-            sets = [f'data.root="{data}"', 'data.preprocess="crop"',
-                    f"data.load_size={args.size}", f"data.crop_size={args.size}",
-                    "train.batch_size=1", "data.num_workers=0", "train.eval_every=0",
-                    f'train.mixed_precision="{precision}"', f"train.compile={str(compiled).lower()}",
-                    f'run_dir="{work / "runs" / case}"', *args.sets]
-            spec = {"sets": sets, "steps": args.steps}
-            if first is None:
-                first, checked = spec, f"train/{case}"
-            rows[f"train/{case}"] = run_worker("train", spec)
-            print(f"train/{case}: {rows[f'train/{case}']}", flush=True)
-        model = work / "G.safetensors"
-        export_resnet9(model, args.ngf, args.blocks)
-        write_pngs(work / "photos", args.apply_size, args.apply_images, seed=5)
-        for case in [c for c in args.apply.split(",") if c]:
-            precision, compiled = APPLY[case]
-            spec = {"model": str(model), "input": str(work / "photos"),
-                    "output": str(work / "out" / case), "precision": precision,
-                    "compile": compiled, "size": args.apply_size, "images": args.apply_images}
-            rows[f"apply/{case}"] = run_worker("apply", spec)
-            print(f"apply/{case}: {rows[f'apply/{case}']}", flush=True)
-        cli_s = self_check(first, work, args.cli_profile) if first else None
-    verdict = check_verdict(rows.get(checked or "", {}), cli_s)
-    print_table(rows, where, args, checked, cli_s, verdict)
+        rows, checked = train_rows(args, work, cuda)
+        rows.update(apply_rows(args, work))
+        key, spec = checked or (None, None)
+        cli_s = self_check(spec, work, args.cli_profile) if spec else None
+    verdict = check_verdict(rows.get(key or "", {}), cli_s)
+    print_table(rows, where, args, key, cli_s, verdict)
     if args.json:
         print(json.dumps({"device": where, "cli_s": cli_s, "self_check_pass": verdict, **rows}))
     return 0
+
+
+def train_rows(args: argparse.Namespace, work: Path, cuda: bool
+               ) -> tuple[dict[str, dict[str, Any]], tuple[str, dict[str, Any]] | None]:
+    """The training cases' rows, and (row, spec) of the first one that ran: the self-check's."""
+    from _common import write_unpaired
+
+    data = write_unpaired(work / "unpaired", args.size)
+    rows: dict[str, dict[str, Any]] = {}
+    checked = None
+    for case in [c for c in args.train.split(",") if c]:
+        precision, compiled = TRAIN[case]
+        if precision == "fp16" and not cuda:
+            rows[f"train/{case}"] = {"error": "fp16 training needs a CUDA device"}
+            continue
+        sets = [f'data.root="{data}"', 'data.preprocess="crop"',
+                f"data.load_size={args.size}", f"data.crop_size={args.size}",
+                "train.batch_size=1", "data.num_workers=0", "train.eval_every=0",
+                f'train.mixed_precision="{precision}"', f"train.compile={str(compiled).lower()}",
+                f'run_dir="{work / "runs" / case}"', *args.sets]
+        spec = {"sets": sets, "steps": args.steps}
+        checked = checked or (f"train/{case}", spec)
+        rows[f"train/{case}"] = run_worker("train", spec)
+        print(f"train/{case}: {rows[f'train/{case}']}", flush=True)
+    return rows, checked
+
+
+def apply_rows(args: argparse.Namespace, work: Path) -> dict[str, dict[str, Any]]:
+    """The apply cases' rows, on an exported ResNet and PNGs written for them."""
+    from _common import export_resnet9, write_pngs
+
+    model = work / "G.safetensors"
+    export_resnet9(model, args.ngf, args.blocks)
+    write_pngs(work / "photos", args.apply_size, args.apply_images, seed=5)
+    rows: dict[str, dict[str, Any]] = {}
+    for case in [c for c in args.apply.split(",") if c]:
+        precision, compiled = APPLY[case]
+        spec = {"model": str(model), "input": str(work / "photos"),
+                "output": str(work / "out" / case), "precision": precision,
+                "compile": compiled, "size": args.apply_size, "images": args.apply_images}
+        rows[f"apply/{case}"] = run_worker("apply", spec)
+        print(f"apply/{case}: {rows[f'apply/{case}']}", flush=True)
+    return rows
 
 
 def check_verdict(bench: dict[str, Any], cli_s: float | None) -> bool | None:
