@@ -17,7 +17,8 @@ row of its own, shown with what it resolved to on this machine. Measured:
 - `apply` end to end (translate_folder on PNGs: decode, generator, encode) at 256 and 1024 px:
   torch eager and compiled (translate/infer/compiled.py) per precision, and onnxruntime;
 - a self-check: `translate train` run as a subprocess on the 128 px batch-1 config in fp32 and
-  auto; its own it/s must agree with the bench's figures within 15%.
+  auto; its own it/s must agree within 15% with the bench's steps of the same case, timed just
+  before and just after it (bench/_self_check.py; the table's figure is shown beside).
 
 Times are medians of at least 5 timed steps after warm-up (also with --quick), speed-ups
 medians of the per-pair ratios; "CPU s" is the child's CPU time per step (with 1 thread, what
@@ -362,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                 c.result = again.result
         fill_derived(cases, apply_flops, max(
             (c.result.get("gflops", 0.0) for c in cases if c.kind == "gemm"), default=0))
-        checked = {} if args.no_self_check else self_check(p.work, p.threads, cases)
+        checked = ({} if args.no_self_check else
+                   self_check(p.work, p.threads, cases, script, args.timeout))
     info["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
     print_table(cases, info)
     s = summary(cases, info, checked)

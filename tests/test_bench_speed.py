@@ -90,6 +90,27 @@ def test_self_check_reads_translate_trains_rate(tiny_unpaired, tmp_path):
     assert _self_check.cli_seconds_per_step(tmp_path / "missing.jsonl") is None
 
 
+@pytest.mark.slow
+def test_self_check_times_the_bench_around_the_cli_run(tiny_unpaired, tmp_path):
+    """The check's bench figure comes from the case's own child, stepped just before and just
+    after translate train runs the same config, not from the table (measured minutes earlier,
+    perhaps in another window of a drifting machine): a table figure of 123 s is not used."""
+    import statistics
+
+    plan = speed.Plan(tmp_path, quick=True, native=False, repeats=5, threads=1)
+    case = speed._train_case(plan, "train128b1/fp32", "tiny", "cyclegan_demo.toml", "fp32",
+                             TINY_CYCLEGAN + [f'data.root="{tiny_unpaired}"'])
+    case.result = {"median_s": 123.0}
+    row = _self_check.self_check(tmp_path, 1, [case], ROOT / "bench" / "speed.py", 600,
+                                 steps=3)["fp32"]
+    assert "error" not in row, row
+    assert len(row["bench_times"]) == 2 * _self_check.BRACKET_STEPS
+    assert row["bench_s"] == statistics.median(row["bench_times"]) < 10
+    assert row["table_s"] == 123.0 and row["cli_precision"] == "no"
+    assert row["ratio"] == row["cli_s"] / row["bench_s"]
+    assert row["ok"] is (abs(row["ratio"] - 1) <= _self_check.SELF_CHECK_TOLERANCE)
+
+
 def test_profile_step_groups_a_real_step_by_op():
     import subprocess
 

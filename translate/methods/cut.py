@@ -141,9 +141,13 @@ def patch_nce(q: Tensor, k: Tensor, t: float) -> Tensor:
 
 def patch_positions(keys: Tensor, positions: int, n: int, seed: int, stream: int) -> Tensor:
     """(len(keys), n) distinct positions in [0, positions) per image: a pure function of
-    (seed, stream, key), so it does not depend on the process count or the resume point."""
-    u = noise.uniform(keys, (positions,), seed, stream)
-    return torch.argsort(u, dim=1, stable=True)[:, :n]
+    (seed, stream, key), so it does not depend on the process count or the resume point.
+    The positions of the n smallest draws, ties to the lower position (a stable argsort's
+    first n), found by topk on unique integer keys: a full sort of every position cost a CUT
+    demo step ~3 ms (topk: ~0.2)."""
+    u = noise.uniform(keys, (positions,), seed, stream)  # multiples of 2**-24: exact below
+    order = (u * float(1 << 24)).long() * positions + torch.arange(positions, device=u.device)
+    return torch.topk(order, n, dim=1, largest=False, sorted=True).indices
 
 
 def mirrored(x: Tensor, flipped: Tensor) -> Tensor:
