@@ -51,3 +51,15 @@ def test_the_target_is_psnr_and_time_and_the_demo_memory_is_shown_only(tmp_path)
     assert "target (0.5 dB, 60% of the time) met; peak RSS 83%" in lines[0]
     assert "63% of its time" in lines[1] and "not met" in lines[1]  # too long
     assert "-0.60 dB" in lines[2] and "not met" in lines[2]  # too far
+
+
+def test_a_run_budgeted_at_a_fraction_of_the_time_does_not_overrun_it(tmp_path):
+    """CUT at 0.1206 s/step beside CycleGAN's 0.2: 60% of 1,500 CycleGAN steps is 1,492.5 CUT
+    steps; rounding up to 1,493 would take 60.02% of the time and fail the 60% target."""
+    base = {**_logged(tmp_path, "baseline", 1500, 0.2), "psnr": 30.0, "peak_rss_mb": 480}
+    cut = {**_logged(tmp_path, "cut", 1500, 0.1206), "psnr": 30.0, "peak_rss_mb": 400}
+    jobs = demo_ablation.budget_jobs([base, cut], [0.6, 1.0], tmp_path)
+    assert jobs == [("cut", 1492, 0), ("cut", 2487, 0)]
+    budgeted = {**cut, "steps": 1492}
+    line = demo_ablation.targets([budgeted], [base, cut], tmp_path)[0]
+    assert "in 60% of its time" in line and "met;" in line
