@@ -28,6 +28,21 @@ WARMUP_STEPS = 2  # steps of translate train left out of its median, as the benc
 BRACKET_STEPS = 3  # bench steps timed just before and again just after the CLI run
 
 
+def agrees(cli_s: float, bench_s: float) -> bool:
+    """translate train's s/it within SELF_CHECK_TOLERANCE of the bench's."""
+    return abs(cli_s / bench_s - 1) <= SELF_CHECK_TOLERANCE
+
+
+def train_command(recipe: Path, sets: list[str], steps: int, prefix: tuple[str, ...] = ()
+                  ) -> list[str]:
+    """`translate train RECIPE --set ...` for WARMUP_STEPS + `steps` steps, one log record a
+    step (what cli_seconds_per_step reads); `prefix` goes between python and cli.py (e.g.
+    -m cProfile -o PATH)."""
+    return [sys.executable, *prefix, str(ROOT / "cli.py"), "train", str(recipe),
+            *[a for o in sets for a in ("--set", o)], "--steps", str(steps + WARMUP_STEPS),
+            "--log-every", "1", "--no-progress"]
+
+
 def cli_seconds_per_step(log: Path, skip: int = WARMUP_STEPS) -> float | None:
     """Median seconds per step in a run's log.jsonl after its first `skip` steps. With
     log_every 1 each record's `it_s` is one step's rate: a median of steps, like the bench's,
@@ -80,8 +95,7 @@ def _bracketed(c: Case, work: Path, threads: int, script: Path, timeout: float, 
         last = (proc.stderr.strip().splitlines() or ["no log.jsonl"])[-1][:200]
         row["error"] = f"translate train failed: {last}"
     else:
-        ratio = cli_s / row["bench_s"]
-        row.update(ratio=ratio, ok=abs(ratio - 1) <= SELF_CHECK_TOLERANCE)
+        row.update(ratio=cli_s / row["bench_s"], ok=agrees(cli_s, row["bench_s"]))
     if m := re.search(r"precision (\w+)", proc.stdout + proc.stderr):
         row["cli_precision"] = m.group(1)
     return row
@@ -95,10 +109,7 @@ def _cli_run(c: Case, work: Path, threads: int, steps: int
     sets = [o for o in c.spec["overrides"] if not o.startswith("run_dir=")]
     sets += [f'run_dir="{run_dir}"', "train.sample_every=100000",
              "train.save_every=100000", "train.eval_every=0"]
-    recipe = ROOT / "recipes" / c.spec["recipe"]
-    cmd = [sys.executable, str(ROOT / "cli.py"), "train", str(recipe),
-           *[a for o in sets for a in ("--set", o)], "--steps", str(steps + WARMUP_STEPS),
-           "--log-every", "1", "--no-progress"]
+    cmd = train_command(ROOT / "recipes" / c.spec["recipe"], sets, steps)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=3600, check=False)

@@ -141,10 +141,11 @@ def score_run(run_dir: Path, data_root: Path) -> dict[str, Any]:
     from translate.demo import score, side_by_side
     from translate.export import export_run, load_generator
     from translate.infer import translate_folder
+    from translate.recipe import load_json
 
     # What `translate demo` ships: with train.ema the averaged generators (scoring the raw G
     # instead put session 13's CUT run 0.5 dB below its own eval/psnr and its demo).
-    ema = json.loads((run_dir / "config.json").read_text())["train"].get("ema", 0.0) > 0
+    ema = load_json(run_dir / "config.json").train.ema > 0
     export_run(run_dir, ema=ema)
     test_a, test_b = data_root / "testA", data_root / "testB"
     gen_ab = load_generator(run_dir / "export" / "G_ab.safetensors", precision="fp32")

@@ -122,21 +122,19 @@ def self_check(spec: dict[str, Any], work: Path, profile: Path | None = None) ->
     """translate train's own median s/it on the first training case's config. With `profile`,
     the same run again under cProfile (its stats written there, its top functions printed):
     where translate train spends what the bench's in-process step does not."""
-    from _self_check import WARMUP_STEPS, cli_seconds_per_step
+    from _self_check import cli_seconds_per_step, train_command
 
-    def cli(run_dir: Path, prefix: list[str]) -> Path:
+    def cli(run_dir: Path, prefix: tuple[str, ...] = ()) -> Path:
         sets = [*spec["sets"], f'run_dir="{run_dir}"', "train.sample_every=100000",
                 "train.save_every=100000"]
-        cmd = [sys.executable, *prefix, str(ROOT / "cli.py"), "train",
-               str(ROOT / "recipes" / "cyclegan_horse2zebra.toml"),
-               *[a for o in sets for a in ("--set", o)], "--steps",
-               str(spec["steps"] + WARMUP_STEPS), "--log-every", "1", "--no-progress"]
+        cmd = train_command(ROOT / "recipes" / "cyclegan_horse2zebra.toml", sets,
+                            spec["steps"], prefix)
         subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600, check=False)
         return run_dir / "log.jsonl"
 
-    cli_s = cli_seconds_per_step(cli(work / "selfcheck", []))
+    cli_s = cli_seconds_per_step(cli(work / "selfcheck"))
     if profile is not None:
-        cli(work / "selfcheck_profiled", ["-m", "cProfile", "-o", str(profile)])
+        cli(work / "selfcheck_profiled", ("-m", "cProfile", "-o", str(profile)))
         if profile.is_file():
             stats = pstats.Stats(str(profile))
             print(f"\ntranslate train under cProfile ({profile}), by cumulative time:")
@@ -244,11 +242,11 @@ def apply_rows(args: argparse.Namespace, work: Path) -> dict[str, dict[str, Any]
 def check_verdict(bench: dict[str, Any], cli_s: float | None) -> bool | None:
     """Whether translate train's s/it agrees with the bench row's within the bench's tolerance
     (bench/_self_check.py); None where either figure is missing."""
-    from _self_check import SELF_CHECK_TOLERANCE
+    from _self_check import agrees
 
     if "median_s" not in bench or not cli_s:
         return None
-    return abs(cli_s / bench["median_s"] - 1) <= SELF_CHECK_TOLERANCE
+    return agrees(cli_s, bench["median_s"])
 
 
 def print_table(rows: dict[str, dict[str, Any]], where: str, args: argparse.Namespace,
