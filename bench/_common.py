@@ -191,12 +191,17 @@ def machine(threads: int) -> dict[str, object]:
                 flags = set(value.split())
     except OSError:
         pass
+    from translate.infer import nnpack
     from translate.precision import NATIVE_BF16_FLAGS
+
+    cpu = torch.device("cpu")
 
     return {"cpu": model, "flags": [f for f in FLAGS_THAT_MATTER if f in flags],
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "native_bf16_flags": any(f in flags for f in NATIVE_BF16_FLAGS),
             "native_bf16": native_bf16(),  # what "auto" acts on (TRANSLATE_NATIVE_BF16 may force it)
+            # NNPACK runs here, and fp32 apply uses it by default (translate/infer/nnpack.py)
+            "nnpack": nnpack.available(), "nnpack_default": nnpack.pays(cpu, "fp32"),
             # Set all three (=0, avx2, AVX2) to measure an AMX machine as an AVX2-only one.
             **{k: os.environ.get(k, "(unset)") for k in (
                 "TRANSLATE_NATIVE_BF16", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")},

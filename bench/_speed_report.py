@@ -124,10 +124,13 @@ def summary(cases: list[Case], info: dict[str, Any], checked: dict[str, Any]) ->
     out.update(apply256_fp32_img_s=rate("apply256/torch fp32"),
                apply256_auto_img_s=rate("apply256/torch auto"),
                apply256_auto_precision=by_key.get("apply256/torch auto", {}).get("resolved"),
-               # compiled in the precision auto picks here
-               apply256_compiled_img_s=rate(f"apply256/torch {'bf16' if native else 'fp32'} "
-                                            "compiled"),
+               # compiled as auto runs here (bf16; else fp32, on NNPACK where that is the default)
+               apply256_compiled_img_s=rate(
+                   "apply256/torch bf16 compiled" if native else "apply256/torch fp32 nnpack "
+                   "compiled" if info.get("nnpack_default") else "apply256/torch fp32 compiled"),
                apply256_fp32_compiled_img_s=rate("apply256/torch fp32 compiled"),
+               apply256_nnpack_img_s=rate("apply256/torch fp32 nnpack"),
+               apply256_nnpack_compiled_img_s=rate("apply256/torch fp32 nnpack compiled"),
                apply256_onnx_img_s=rate("apply256/onnx"),
                apply256_best_img_s=1 / top["median_s"] if top else None,
                apply256_best_variant=variant)
@@ -171,3 +174,7 @@ def print_targets(s: dict[str, Any]) -> None:
     if fp32 and compiled:
         print(f"apply 256 fp32 (as on a CPU without native bf16): compiled {compiled:.2f} vs "
               f"eager {fp32:.2f} img/s = {compiled / fp32:.2f}x")
+    nn_eager, nn_compiled = s["apply256_nnpack_img_s"], s["apply256_nnpack_compiled_img_s"]
+    if fp32 and nn_eager and nn_compiled:
+        print(f"apply 256 fp32 on NNPACK: eager {nn_eager:.2f} img/s = {nn_eager / fp32:.2f}x, "
+              f"compiled {nn_compiled:.2f} img/s = {nn_compiled / fp32:.2f}x oneDNN's eager")

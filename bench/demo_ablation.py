@@ -71,6 +71,8 @@ VARIANTS: dict[str, Variant] = {
     "subset10_da_color": Variant(
         (f"data.max_items={SUBSET}", 'model.diff_augment="color,translation,cutout"'),
         "full", f"{SUBSET} images per domain + DiffAugment color,translation,cutout"),
+    "no_full_res": Variant(("model.unet_full_res=false",), "full",
+                           "G without its full-resolution level (the transform at 32 px, resized)"),
     "short_fp32": Variant((), "short", "short schedule, fp32"),
     "short_bf16": Variant(('train.mixed_precision="bf16"',), "short",
                           "short schedule, bf16 autocast (emulated on this CPU)"),

@@ -15,7 +15,8 @@ row of its own, shown with what it resolved to on this machine. Measured:
   alternation with the CycleGAN fp32 step of that size;
 - a DCGAN and a WGAN-GP iteration (5 critic steps) at 64 px, batch 64;
 - `apply` end to end (translate_folder on PNGs: decode, generator, encode) at 256 and 1024 px:
-  torch eager and compiled (translate/infer/compiled.py) per precision, and onnxruntime;
+  torch eager and compiled (translate/infer/compiled.py) per precision, fp32 with oneDNN's and
+  with NNPACK's convolutions (translate/infer/nnpack.py; 256 px), and onnxruntime;
 - a self-check: `translate train` run as a subprocess on the 128 px batch-1 config in fp32 and
   auto; its own it/s must agree within 15% with the bench's steps of the same case, timed just
   before and just after it (bench/_self_check.py; the table's figure is shown beside).
@@ -68,8 +69,10 @@ VARIANTS: dict[str, list[str]] = {  # training variants: config overrides, preci
     "bf16+compile": ['train.mixed_precision="bf16"', "train.compile=true"],
 }
 BACKENDS: dict[str, dict[str, Any]] = {  # apply variants: load_generator arguments
-    "torch fp32": {"precision": "fp32"},
-    "torch fp32 compiled": {"precision": "fp32", "compile": True},
+    "torch fp32": {"precision": "fp32", "nnpack": False},  # oneDNN's convolutions
+    "torch fp32 compiled": {"precision": "fp32", "compile": True, "nnpack": False},
+    "torch fp32 nnpack": {"precision": "fp32", "nnpack": True},  # translate/infer/nnpack.py
+    "torch fp32 nnpack compiled": {"precision": "fp32", "compile": True, "nnpack": True},
     "torch auto": {"precision": "auto"},  # the row shows what it resolved to
     "torch bf16": {"precision": "bf16"},
     "torch bf16 compiled": {"precision": "bf16", "compile": True},
@@ -134,6 +137,7 @@ def child_apply(spec: dict[str, Any]) -> Unit:
     from _common import apply_folder, peak_rss_mb
 
     from translate.export import load_generator
+    from translate.infer.nnpack import NnpackConv2d
 
     args = BACKENDS[spec["backend"]]
     onnx = args.get("backend") == "onnx"
@@ -146,7 +150,9 @@ def child_apply(spec: dict[str, Any]) -> Unit:
     for _ in range(spec["warmup"]):
         run()
     warm = time.perf_counter() - began  # compiled: the compile, once per size
-    return run, lambda: {"rss_mb": peak_rss_mb(), "resolved": gen.precision, "warmup_s": warm}
+    on_nnpack = any(isinstance(m, NnpackConv2d) for m in (gen.net.modules() if gen.net else ()))
+    resolved = f"{gen.precision}{' nnpack' if on_nnpack else ''}"
+    return run, lambda: {"rss_mb": peak_rss_mb(), "resolved": resolved, "warmup_s": warm}
 
 
 CHILDREN: dict[str, Callable[[dict[str, Any]], Unit]] = {
@@ -170,6 +176,7 @@ class Plan:
     work: Path      # temporary folder: data, exports, runs
     quick: bool
     native: bool    # the CPU computes bf16 natively: bf16 variants are measured
+    nnpack: bool    # torch has NNPACK and it runs here: the fp32 nnpack apply rows are measured
     repeats: int    # timed steps per case (at least _paired.MIN_STEPS)
     threads: int    # torch threads per child
 
@@ -264,6 +271,8 @@ def apply_cases(p: Plan) -> list[Case]:
         for backend in BACKENDS:
             if "bf16" in backend and not p.native or p.quick and backend == "torch bf16":
                 continue  # quick: `torch auto` is the bf16 eager row where bf16 is native
+            if "nnpack" in backend and (not p.nnpack or size > 256):
+                continue  # at 1024 px `torch auto` is the NNPACK row where NNPACK is the default
             if size > 256 and backend in ("torch bf16", "torch fp32 compiled") and p.native:
                 continue  # the rows that matter at 1024 px: fp32, auto, compiled in auto's, onnx
             spec = {"backend": backend, "model": str(p.work / "G.safetensors"),
@@ -350,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(args.threads)
     script = Path(__file__).resolve()
     with tempfile.TemporaryDirectory(prefix="translate-bench-") as tmp:
-        p = Plan(Path(tmp), args.quick, bool(info["native_bf16"]), repeats, args.threads)
+        p = Plan(Path(tmp), args.quick, bool(info["native_bf16"]), bool(info["nnpack"]),
+                 repeats, args.threads)
         cases = plan(p, args.only)
         apply_flops = prepare(p.work, cases)
         for group in groups(cases):

@@ -32,14 +32,20 @@ def test_every_training_variant_names_its_precision(variant, tmp_path):
 
 @pytest.mark.parametrize("quick", [True, False])
 @pytest.mark.parametrize("native", [True, False])
-def test_plans_time_enough_steps_and_keep_auto_rows(quick, native):
-    plan = speed.Plan(Path("/nonexistent"), quick, native, speed.MIN_STEPS, 2)
+@pytest.mark.parametrize("nnpack", [True, False])
+def test_plans_time_enough_steps_and_keep_auto_rows(quick, native, nnpack):
+    plan = speed.Plan(Path("/nonexistent"), quick, native, nnpack, speed.MIN_STEPS, 2)
     cases = speed.plan(plan, "")
     keys = [c.key for c in cases]
     assert "train128b1/fp32" in keys and "train128b1/auto" in keys and "apply256/torch auto" in keys
     assert ("train128b1/bf16+compile" in keys) == native
     assert ("apply256/torch bf16 compiled" in keys) == native
     assert "apply256/torch fp32 compiled" in keys and "apply256/onnx" in keys
+    # fp32 rows name their convolutions: oneDNN's, and NNPACK's where it runs (256 px only)
+    assert speed.BACKENDS["torch fp32"]["nnpack"] is False
+    assert ("apply256/torch fp32 nnpack" in keys) == ("apply256/torch fp32 nnpack compiled"
+                                                        in keys) == nnpack
+    assert not any("nnpack" in k for k in keys if k.startswith("apply1024"))
     assert all(c.spec["repeats"] >= _paired.MIN_STEPS for c in cases if c.kind != "gemm")
     if not native:  # emulated bf16 is not measured
         assert not any("bf16" in c.variant for c in cases if c.kind != "gemm")
@@ -48,7 +54,7 @@ def test_plans_time_enough_steps_and_keep_auto_rows(quick, native):
 def test_the_training_target_reads_cyclegan_rows_only(capsys):
     # CUT and FastCUT are timed in CycleGAN's 128 px group (beside its fp32 step); a faster
     # FastCUT step must not stand in for CycleGAN's best in the 0.45 s/it target.
-    cases = speed.plan(speed.Plan(Path("/nonexistent"), True, False, speed.MIN_STEPS, 2),
+    cases = speed.plan(speed.Plan(Path("/nonexistent"), True, False, False, speed.MIN_STEPS, 2),
                        "train128b1")
     speedups = {"train128b1/fp32": 1.0, "train128b1/auto": 1.1, "train128b1/fp32+compile": 1.3,
                 "train128b1/cut": 1.6, "train128b1/fastcut": 2.9}
@@ -97,7 +103,7 @@ def test_self_check_times_the_bench_around_the_cli_run(tiny_unpaired, tmp_path):
     perhaps in another window of a drifting machine): a table figure of 123 s is not used."""
     import statistics
 
-    plan = speed.Plan(tmp_path, quick=True, native=False, repeats=5, threads=1)
+    plan = speed.Plan(tmp_path, quick=True, native=False, nnpack=False, repeats=5, threads=1)
     case = speed._train_case(plan, "train128b1/fp32", "tiny", "cyclegan_demo.toml", "fp32",
                              TINY_CYCLEGAN + [f'data.root="{tiny_unpaired}"'])
     case.result = {"median_s": 123.0}

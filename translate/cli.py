@@ -115,7 +115,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from translate.infer import load_generator, translate_folder
 
     gen = load_generator(args.model, backend=args.backend, precision=args.precision,
-                         compile=_compile_choice(args))
+                         compile=_compile_choice(args),
+                         nnpack={"auto": None, "on": True, "off": False}[args.nnpack])
     # gen.forward, not gen: image files compute in the precision load_generator resolved (gen
     # itself would take translate_folder's float tensors for float input and run them in fp32).
     report = translate_folder(

@@ -99,6 +99,9 @@ def _add_inference(sub, commands: Commands) -> None:
                    help="torch backend: torch.compile the generator with frozen weights (~2x "
                    "faster after a warm-up of 10-40 s per image size; auto: on for the sizes "
                    "whose images add up to 16 megapixels or more, e.g. 250 images of 256x256)")
+    p.add_argument("--nnpack", choices=("auto", "on", "off"), default="auto",
+                   help="torch backend, fp32 on a CPU: run the large convolutions on NNPACK "
+                   "(Winograd/FFT; ~2x faster on 2 cores; auto: on CPUs without AVX-512)")
     p.add_argument("--workers", type=int, default=2, help="decode/encode threads")
     p.add_argument("--max-pixels", type=int, default=128_000_000, help="refuse larger images")
     p.add_argument("--no-progress", action="store_true",

@@ -58,6 +58,7 @@ from PIL import Image
 from torch import nn
 
 from translate.infer.lanes import LanePool
+from translate.infer.nnpack import set_in_graphs
 from translate.infer.tiling import ModelInfo, Tile, norm_layers, per_image_norm, tile_side
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -114,7 +115,8 @@ class CompiledForward:
         h, w = x.shape[2:]
         if not self._runs_compiled(h, w):
             return self.eager(x)
-        xs = [xi.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
+        layout = getattr(self.eager, "memory_format", torch.channels_last)
+        xs = [xi.to(self.device, self.dtype).contiguous(memory_format=layout)
               for xi in x.split(1)]
         calls = [functools.partial(self._one, xi, h, w) for xi in xs]
         try:
@@ -156,6 +158,10 @@ def compile_forward(eager, info: ModelInfo,
     same outputs)."""
     dtype = torch.bfloat16 if eager.precision == "bf16" else torch.float32
     net = with_sum_norms(copy.deepcopy(eager.net)).to(dtype)
+    # NNPACK layers (fp32 on some CPUs) go into the graphs where these run on one thread: in
+    # lanes of one thread each, as on 2 cores (translate/infer/nnpack.py).
+    lanes = getattr(eager, "lanes", None)
+    set_in_graphs(net, (lanes.threads_each if lanes else torch.get_num_threads()) == 1)
     return CompiledForward(eager, net, info, dtype, eager.device, sizes)
 
 

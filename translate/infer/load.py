@@ -20,6 +20,9 @@ from translate.errors import ModelError, UserError
 from translate.images import match_channels
 from translate.infer.compiled import compile_forward
 from translate.infer.lanes import LanePool, cpu_lanes
+from translate.infer.nnpack import available as nnpack_available
+from translate.infer.nnpack import pays as nnpack_pays
+from translate.infer.nnpack import use_nnpack
 from translate.infer.onnx import load_onnx, model_info
 from translate.infer.tiling import ModelInfo, translate_tensor
 from translate.nets import NETS, build_net
@@ -141,10 +144,12 @@ class TorchForward:
     precision: str
     device: torch.device
     lanes: LanePool | None = field(default=None, compare=False)
+    # NCHW for nets on NNPACK (translate/infer/nnpack.py), which takes no other layout
+    memory_format: torch.memory_format = torch.channels_last
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        x = x.to(self.device).contiguous(memory_format=self.memory_format)
         if self.precision == "bf16":
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 return self.net(x).float()
@@ -173,27 +178,46 @@ def _pick_backend(path: Path, backend: str, precision: str) -> str:
 
 def load_generator(path: str | Path, backend: str = "auto", precision: str = "auto",
                    device: str | None = None,
-                   compile: bool | Collection[tuple[int, int]] = False) -> Generator:
+                   compile: bool | Collection[tuple[int, int]] = False,
+                   nnpack: bool | None = None) -> Generator:
     """Load an exported generator (.safetensors or .onnx) for inference. backend "auto" follows
     the file suffix; an explicit backend that does not match the file is a UserError.
     `compile` (torch backend): run through torch.compile with frozen weights, one warm-up per
     input size (translate/infer/compiled.py); True compiles the first sizes met, a collection of
-    (h, w) sizes (padded to the size multiple) only those."""
+    (h, w) sizes (padded to the size multiple) only those. `nnpack` (torch backend, fp32 on a
+    CPU): run the large convolutions on NNPACK (translate/infer/nnpack.py); None: where that was
+    measured to pay (CPUs without AVX-512)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: model file not found; export one with `translate export RUN`")
     if _pick_backend(path, backend, precision) == "onnx":
-        if compile is not False:
-            raise UserError(f"{path}: --compile is for the torch backend (onnxruntime runs the "
-                            "ONNX graph as it is) — drop --compile or pass the .safetensors export")
+        if compile is not False or nnpack:
+            flag = "--compile" if compile is not False else "--nnpack"
+            raise UserError(f"{path}: {flag} is for the torch backend (onnxruntime runs the "
+                            f"ONNX graph as it is) — drop {flag} or pass the .safetensors export")
         return Generator(*load_onnx(path))
     net, meta = load_torch_generator(path)
     if meta.get("latent") == "true":
         raise UserError(f"{path}: a latent generator (no input image); use `translate sample`")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     resolved = inference_precision(precision, dev)
-    net = net.to(dev).to(memory_format=torch.channels_last)
-    forward = TorchForward(net, resolved, dev, cpu_lanes(dev))
+    swapped = use_nnpack(net) if _nnpack_choice(path, nnpack, dev, resolved) else 0
+    layout = torch.contiguous_format if swapped else torch.channels_last
+    net = net.to(dev).to(memory_format=layout)
+    forward = TorchForward(net, resolved, dev, cpu_lanes(dev), layout)
     if compile is not False:
         forward = compile_forward(forward, model_info(meta), None if compile is True else compile)
     return Generator(model_info(meta), meta, forward, "torch", resolved, precision)
+
+
+def _nnpack_choice(path: Path, asked: bool | None, device: torch.device, precision: str) -> bool:
+    """Whether the net's large convolutions run on NNPACK: `asked`, or by default where it pays."""
+    if asked is None:
+        return nnpack_pays(device, precision)
+    if asked and not (device.type == "cpu" and precision == "fp32"):
+        raise UserError(f"{path}: --nnpack on: it runs fp32 on a CPU, not {precision} on "
+                        f"{device.type} — drop --nnpack on, or add --precision fp32")
+    if asked and not nnpack_available():
+        raise UserError(f"{path}: --nnpack on: this torch has no NNPACK, or it does not run on "
+                        "this CPU — drop --nnpack on")
+    return asked

@@ -1,0 +1,169 @@
+"""NNPACK convolutions for fp32 inference (translate/infer/nnpack.py, `translate apply --nnpack`):
+which layers move to it, when a call runs on it, results within a grey level of oneDNN's,
+compiled graphs that hold it, the default rule, and the one-line refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, cli_error, run_cli
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+import translate
+from translate.infer import nnpack, translate_folder
+
+pytestmark = pytest.mark.skipif(not nnpack.available(), reason="this torch has no NNPACK")
+OP = "translate::nnpack_conv2d"
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory):
+    """An exported ResNet generator with 64-channel residual blocks (ngf 16): the blocks are
+    NNPACK's, the rest oneDNN's. Trained weights are not needed: outputs are compared."""
+    from translate import recipe
+    from translate.export import metadata
+    from translate.nets import build_net, init_weights
+
+    torch.manual_seed(0)
+    G = build_net("resnet", ngf=16, n_blocks=2).eval()
+    init_weights(G, 0.02)
+    cfg = recipe.load(ROOT / "recipes" / "cyclegan_horse2zebra.toml",
+                      ["model.ngf=16", "model.n_blocks=2"])
+    path = tmp_path_factory.mktemp("nnpack") / "G.safetensors"
+    save_file({k: v.contiguous() for k, v in G.state_dict().items()}, str(path),
+              metadata(G, cfg, "G_ab", {"from": "A", "to": "B"}, 0, False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:128, 0:128] / 128
+    for i in range(3):
+        img = np.stack([np.sin(5 * xx + i), np.cos(4 * yy), np.sin(3 * xx * yy)], -1) * 100 + 128
+        img = (img + rng.normal(0, 20, img.shape)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i}.png")
+    return folder
+
+
+def _ops(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+def test_only_convolutions_it_speeds_up_move():
+    def conv(cin, cout, k, **kw):
+        return nn.Conv2d(cin, cout, k, **kw)
+
+    assert nnpack.eligible(conv(64, 64, 3)) and nnpack.eligible(conv(256, 256, 3, padding=1))
+    assert nnpack.eligible(conv(64, 3, 7))  # FFT: ~2x even with 3 output channels
+    for no in (conv(64, 3, 3), conv(32, 32, 3), conv(3, 64, 7), conv(64, 64, 3, stride=2),
+               conv(64, 64, 3, groups=2), conv(64, 64, 3, dilation=2), conv(64, 64, 1),
+               conv(64, 64, 3, padding=1, padding_mode="reflect"), conv(64, 64, 3, padding="same"),
+               nn.ConvTranspose2d(64, 64, 3)):
+        assert not nnpack.eligible(no), no
+    net = nn.Sequential(conv(3, 64, 7), nn.Sequential(conv(64, 64, 3), nn.ReLU()), conv(64, 3, 7))
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    assert nnpack.use_nnpack(net) == 2
+    assert [type(m).__name__ for m in net.modules() if isinstance(m, nn.Conv2d)] == \
+        ["Conv2d", "NnpackConv2d", "NnpackConv2d"]
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())  # same weights
+
+
+@torch.no_grad()
+def test_a_call_runs_on_nnpack_only_where_it_pays():
+    holder = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1))
+    nnpack.use_nnpack(holder)
+    fast = holder[0]
+    x = torch.randn(1, 64, 32, 32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # a lane's thread: NNPACK (its pool runs on the caller)
+        assert OP in _ops(lambda: fast(x))
+        y = fast(x)
+        torch.set_num_threads(2)  # more threads: oneDNN uses them all, NNPACK would not
+        assert OP not in _ops(lambda: fast(x))
+        torch.set_num_threads(1)
+        assert OP not in _ops(lambda: fast(torch.randn(1, 64, 16, 16)))  # too few pixels
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert OP not in _ops(lambda: fast(x))
+    finally:
+        torch.set_num_threads(before)
+    ref = nn.functional.conv2d(x, fast.weight, fast.bias, padding=1)
+    assert not torch.equal(y, ref)  # another algorithm ran...
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-4)  # ...to the same result
+
+
+def test_gradients_fall_back_to_onednn():
+    fast = nnpack._swapped(nn.Conv2d(64, 64, 3))
+    x = torch.randn(1, 64, 40, 40, requires_grad=True)
+    fast(x).square().mean().backward()
+    assert x.grad is not None and fast.weight.grad is not None
+
+
+def test_folder_output_within_a_grey_level_of_onednn(resnet, photos, tmp_path):
+    # fp32 named (auto would be bf16 on an AMX CPU); the suite runs torch with one thread.
+    on = translate.load_generator(resnet, precision="fp32", device="cpu", nnpack=True)
+    off = translate.load_generator(resnet, precision="fp32", device="cpu", nnpack=False)
+    assert sum(isinstance(m, nnpack.NnpackConv2d) for m in on.net.modules()) == 4
+    assert not any(isinstance(m, nnpack.NnpackConv2d) for m in off.net.modules())
+    x = torch.rand(1, 3, 128, 128) * 2 - 1
+    assert OP in _ops(lambda: on.forward(x)) and OP not in _ops(lambda: off.forward(x))
+    for gen, name in ((on, "on"), (off, "off")):
+        assert translate_folder(gen.forward, gen.info, photos, tmp_path / name,
+                                progress=False).translated == 3
+    diffs = [np.abs(np.asarray(Image.open(tmp_path / "on" / f"{i}.png"), dtype=int)
+                    - np.asarray(Image.open(tmp_path / "off" / f"{i}.png"), dtype=int))
+             for i in range(3)]
+    assert np.mean(diffs) <= 0.05 and max(d.max() for d in diffs) <= 1
+
+
+def test_the_default_is_fp32_on_cpus_without_avx512(resnet):
+    cpu = torch.device("cpu")
+    wide = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert nnpack.pays(cpu, "fp32") is not wide
+    assert not nnpack.pays(cpu, "bf16") and not nnpack.pays(torch.device("cuda"), "fp32")
+    gen = translate.load_generator(resnet, precision="fp32", device="cpu")
+    assert any(isinstance(m, nnpack.NnpackConv2d) for m in gen.net.modules()) is not wide
+    bf16 = translate.load_generator(resnet, precision="bf16", device="cpu")
+    assert not any(isinstance(m, nnpack.NnpackConv2d) for m in bf16.net.modules())
+
+
+@pytest.mark.slow
+def test_a_compiled_graph_holds_nnpack(resnet, photos, tmp_path):
+    eager = translate.load_generator(resnet, precision="fp32", device="cpu", nnpack=False)
+    fast = translate.load_generator(resnet, precision="fp32", device="cpu", nnpack=True,
+                                    compile=True)
+    x = torch.rand(1, 3, 128, 128) * 2 - 1
+    y = fast.forward(x)  # compiles
+    assert OP in _ops(lambda: fast.forward(x))
+    assert (y - eager.forward(x)).abs().mean() <= 1 / 255
+
+
+def test_cli_refuses_nnpack_where_it_cannot_run(resnet, photos, tmp_path, capsys):
+    line = cli_error(capsys, ["apply", str(resnet), str(photos), str(tmp_path / "o"), "--nnpack",
+                              "on", "--precision", "bf16"])
+    assert line == (f"error: {resnet}: --nnpack on: it runs fp32 on a CPU, not bf16 on cpu — "
+                    "drop --nnpack on, or add --precision fp32")
+    onnx = tmp_path / "G.onnx"
+    onnx.write_bytes(b"not read")
+    line = cli_error(capsys, ["apply", str(onnx), str(photos), str(tmp_path / "o"), "--nnpack",
+                              "on"])
+    assert "--nnpack is for the torch backend" in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_cli_apply_nnpack_on_matches_off(resnet, photos, tmp_path):
+    for flag in ("on", "off"):
+        out = run_cli("apply", str(resnet), str(photos), str(tmp_path / flag), "--nnpack", flag,
+                      "--precision", "fp32", "--compile", "off", "--no-progress")
+        assert out.returncode == 0, out.stderr
+    for i in range(3):
+        a, b = (np.asarray(Image.open(tmp_path / f / f"{i}.png"), dtype=int) for f in ("on", "off"))
+        assert np.abs(a - b).max() <= 1

@@ -1,0 +1,152 @@
+"""NNPACK's convolutions (Winograd for 3x3 kernels, FFT for larger ones) for fp32 inference on
+a CPU, where they beat oneDNN's direct convolutions.
+
+torch ships NNPACK but routes a convolution to it only for batches of 16 or more, and only
+after oneDNN has declined it: at batch 1 it is never used. Measured on a 2-core AMD EPYC with
+AVX2 only (fp32, one thread, as each of `translate apply`'s two lanes runs; ms per call, the
+better of oneDNN's NCHW and channels_last against NNPACK):
+
+| convolution | oneDNN | NNPACK |
+|---|---:|---:|
+| 3x3, 256 -> 256 channels, 64x64 px (the ResNet-9's blocks at 256 px) | 49.6 | 19.5 |
+| 3x3, 256 -> 256, 32x32 | 13.0 | 8.0 |
+| 3x3, 64 -> 64, 32x32 / 24x24 / 16x16 | 0.84 / 0.50 / 0.25 | 0.77 / 0.50 / 0.40 |
+| 7x7, 64 -> 3, 256x256 px (the ResNet-9's last layer) | 42.8 | 21.3 |
+| 3x3, 64 -> 3, 64x64 | 0.55 | 1.09 |
+| 7x7, 3 -> 64, 256x256 | 14.2 | 13.3 |
+
+So a convolution runs on NNPACK where it has at least MIN_CHANNELS input channels, and also at
+least MIN_CHANNELS output channels or a kernel of 7 or more, with an output of at least
+MIN_PIXELS pixels, stride 1, zero padding. The ResNet-9 at 256 px, end to end through
+translate_folder: 1.45 -> 3.2 img/s. Outputs move by ~0.0005 of a grey level on average
+(another order of float sums), at most 1 level.
+
+NNPACK runs on its own thread pool, made once per process by its first call with torch's
+thread count at that moment. `sequential_pool` makes that call with one thread, so NNPACK then
+runs each convolution on the thread that calls it: two lanes run side by side (a shared pool
+would take their calls in turn). A caller with more threads than one therefore leaves cores
+idle in NNPACK, and oneDNN, which uses them all, is faster there for all but the largest
+convolutions (the same EPYC, 2 threads: 3x3 256 -> 256 at 64x64 px 25.0 ms against 19.2, at
+32x32 6.6 against 7.8; 3x3 128 -> 128 at 64x64 6.5 against 7.5). So eager calls use NNPACK only
+on a one-thread caller; a compiled graph decides once, when it is made (`in_graphs`).
+
+The default (`pays`): fp32 on a CPU without AVX-512, where oneDNN has only AVX2 kernels and
+this was measured. CPUs with AVX-512 compute in bf16 by default; in fp32 there NNPACK (whose
+kernels are AVX2) against oneDNN's AVX-512 kernels has not been measured, so it is used only
+when asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import torch
+from torch import nn
+
+MIN_CHANNELS = 64  # input channels (and output channels, for kernels under 7x7)
+MIN_PIXELS = 32 * 32  # output pixels of one image
+BIG_KERNEL = 7  # kernels this wide run on NNPACK (FFT) whatever their output channels
+
+_pool_lock = threading.Lock()
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this torch has NNPACK and it runs on this CPU (the first call initialises it)."""
+    return bool(torch._nnpack_available())
+
+
+def pays(device: torch.device, precision: str) -> bool:
+    """The default: NNPACK for fp32 on a CPU whose widest kernels are AVX2 (see above)."""
+    return (device.type == "cpu" and precision == "fp32" and available()
+            and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
+
+
+@functools.cache
+def sequential_pool() -> None:
+    """Make NNPACK's process-wide thread pool with one thread, so it runs each convolution on
+    its caller's thread (lanes side by side). Its first convolution makes the pool; once made,
+    it stays."""
+    with _pool_lock:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            torch._nnpack_spatial_convolution(torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 3, 3),
+                                              None, [0, 0])
+        finally:
+            torch.set_num_threads(threads)
+
+
+@functools.cache
+def register_op() -> None:
+    """torch.ops.translate.nnpack_conv2d, an op torch.compile can put in a graph (torch's own
+    NNPACK op has no shape function for its tracer). Registered by use_nnpack, not at import."""
+
+    @torch.library.custom_op("translate::nnpack_conv2d", mutates_args=())
+    def nnpack_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      padding: list[int]) -> torch.Tensor:
+        return torch._nnpack_spatial_convolution(x.contiguous(), weight, bias, padding)
+
+    @nnpack_conv2d.register_fake
+    def _(x, weight, bias, padding):
+        n, _, h, w = x.shape
+        kh, kw = weight.shape[2:]
+        return x.new_empty(n, weight.shape[0], h + 2 * padding[0] - kh + 1,
+                           w + 2 * padding[1] - kw + 1)
+
+
+class NnpackConv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, same state dict) that runs on NNPACK where that pays: fp32
+    on a CPU, no gradient, no autocast, an output of MIN_PIXELS or more, and a caller with one
+    thread (eager) or `in_graphs` (while torch.compile traces it)."""
+
+    in_graphs: bool = False  # compiled graphs use NNPACK (they run in one-thread lanes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        one_thread = (self.in_graphs if torch.compiler.is_compiling()
+                      else torch.get_num_threads() == 1)
+        out_pixels = ((x.shape[-2] + 2 * self.padding[0] - self.kernel_size[0] + 1)
+                      * (x.shape[-1] + 2 * self.padding[1] - self.kernel_size[1] + 1))
+        if (one_thread and out_pixels >= MIN_PIXELS and x.dtype == torch.float32
+                and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return torch.ops.translate.nnpack_conv2d(x, self.weight, self.bias,
+                                                     list(self.padding))
+        return super().forward(x)
+
+
+def eligible(m: nn.Module) -> bool:
+    """A plain convolution NNPACK runs and that it speeds up (see the module's table)."""
+    return (type(m) is nn.Conv2d and m.stride == (1, 1) and m.dilation == (1, 1)
+            and m.groups == 1 and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
+            and 3 <= min(m.kernel_size) and max(m.kernel_size) <= 16
+            and m.in_channels >= MIN_CHANNELS
+            and (m.out_channels >= MIN_CHANNELS or min(m.kernel_size) >= BIG_KERNEL))
+
+
+def use_nnpack(net: nn.Module) -> int:
+    """Swap, in place, each of `net`'s eligible nn.Conv2d for an NnpackConv2d holding the same
+    parameters; returns how many. Makes NNPACK's pool sequential first."""
+    sequential_pool()
+    register_op()
+    found = [(parent, name, child) for parent in net.modules()
+             for name, child in parent.named_children() if eligible(child)]
+    for parent, name, child in found:
+        setattr(parent, name, _swapped(child))
+    return len(found)
+
+
+def _swapped(conv: nn.Conv2d) -> NnpackConv2d:
+    new = NnpackConv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                       padding=conv.padding, bias=conv.bias is not None, device="meta")
+    new.weight, new.bias = conv.weight, conv.bias
+    new.train(conv.training)
+    return new
+
+
+def set_in_graphs(net: nn.Module, on: bool) -> None:
+    """Whether graphs compiled from `net` run its NnpackConv2d layers on NNPACK."""
+    for m in net.modules():
+        if isinstance(m, NnpackConv2d):
+            m.in_graphs = on
