@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cli_error, run_cli
+from conftest import ROOT, cli_error, random_image_folder, run_cli
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
@@ -40,14 +40,7 @@ def resnet(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:128, 0:128] / 128
-    for i in range(3):
-        img = np.stack([np.sin(5 * xx + i), np.cos(4 * yy), np.sin(3 * xx * yy)], -1) * 100 + 128
-        img = (img + rng.normal(0, 20, img.shape)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"{i}.png")
-    return folder
+    return random_image_folder(tmp_path_factory.mktemp("nnpack_in") / "photos", n=3, size=128)
 
 
 def _ops(fn) -> set[str]:
