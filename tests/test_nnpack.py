@@ -4,6 +4,8 @@ compiled graphs that hold it, the default rule, and the one-line refusals."""
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import translate
-from translate.infer import nnpack, translate_folder
+from translate.errors import UserError
+from translate.infer import compiled, nnpack, translate_folder
 
 pytestmark = pytest.mark.skipif(not nnpack.available(), reason="this torch has no NNPACK")
 OP = "translate::nnpack_conv2d"
@@ -160,3 +163,28 @@ def test_cli_apply_nnpack_on_matches_off(resnet, photos, tmp_path):
     for i in range(3):
         a, b = (np.asarray(Image.open(tmp_path / f / f"{i}.png"), dtype=int) for f in ("on", "off"))
         assert np.abs(a - b).max() <= 1
+
+
+def _auto_args(model, src, tmp_path, nnpack_flag: str) -> argparse.Namespace:
+    return argparse.Namespace(compile="auto", model=str(model), backend="auto", input=str(src),
+                              output=str(tmp_path / "out"), format=None, overwrite=False,
+                              resize=None, tile="auto", precision="fp32", nnpack=nnpack_flag)
+
+
+def test_compile_auto_asks_more_pixels_of_nnpack(resnet, generator, photos, tmp_path,
+                                                 monkeypatch):
+    """Eager on NNPACK leaves a compile less to gain: --compile auto needs more pixels."""
+    from translate.cli import _compile_choice
+
+    monkeypatch.setattr(compiled, "AUTO_MIN_PIXELS", 3 * 128 * 128)  # the 3 photos: enough
+    monkeypatch.setattr(compiled, "AUTO_MIN_PIXELS_NNPACK", 3 * 128 * 128 + 1)  # not enough
+    assert _compile_choice(_auto_args(resnet, photos, tmp_path, "off")) == [(128, 128)]
+    assert _compile_choice(_auto_args(resnet, photos, tmp_path, "on")) is False
+    default = _compile_choice(_auto_args(resnet, photos, tmp_path, "auto"))
+    assert default == (False if nnpack.pays(torch.device("cpu"), "fp32") else [(128, 128)])
+    # the tiny test generator has no convolution NNPACK takes: the oneDNN rule
+    assert _compile_choice(_auto_args(generator, photos, tmp_path, "on")) == [(128, 128)]
+    bf16 = _auto_args(resnet, photos, tmp_path, "on")
+    bf16.precision = "bf16"
+    with pytest.raises(UserError, match="--nnpack on: it runs fp32 on a CPU"):
+        _compile_choice(bf16)

@@ -111,12 +111,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+_NNPACK = {"auto": None, "on": True, "off": False}  # apply --nnpack -> load_generator(nnpack=)
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     from translate.infer import load_generator, translate_folder
 
     gen = load_generator(args.model, backend=args.backend, precision=args.precision,
                          compile=_compile_choice(args),
-                         nnpack={"auto": None, "on": True, "off": False}[args.nnpack])
+                         nnpack=_NNPACK[args.nnpack])
     # gen.forward, not gen: image files compute in the precision load_generator resolved (gen
     # itself would take translate_folder's float tensors for float input and run them in fp32).
     report = translate_folder(
@@ -147,6 +150,7 @@ def _compile_choice(args: argparse.Namespace):
         return args.compile == "on"
     from translate.infer import model_info, read_metadata
     from translate.infer.compiled import image_sizes, sizes_worth_compiling
+    from translate.infer.load import runs_nnpack
     from translate.infer.plan import check_format, plan
 
     model = Path(args.model)
@@ -158,7 +162,8 @@ def _compile_choice(args: argparse.Namespace):
     jobs = plan(args.input, args.output, check_format(args.format), False)
     todo = [job.src for job in jobs if args.overwrite or not _exists(job.dst)]
     sizes = image_sizes(todo, args.resize)
-    return sizes_worth_compiling(sizes, model_info(meta), args.tile) or False
+    nnpack = runs_nnpack(model, args.precision, nnpack=_NNPACK[args.nnpack])
+    return sizes_worth_compiling(sizes, model_info(meta), args.tile, nnpack=nnpack) or False
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -98,7 +98,8 @@ def _add_inference(sub, commands: Commands) -> None:
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch backend: torch.compile the generator with frozen weights (~2x "
                    "faster after a warm-up of 10-40 s per image size; auto: on for the sizes "
-                   "whose images add up to 16 megapixels or more, e.g. 250 images of 256x256)")
+                   "whose images add up to 16 megapixels or more, e.g. 250 images of 256x256; "
+                   "28 with --nnpack)")
     p.add_argument("--nnpack", choices=("auto", "on", "off"), default="auto",
                    help="torch backend, fp32 on a CPU: run the large convolutions on NNPACK "
                    "(Winograd/FFT; ~2x faster on 2 cores; auto: on CPUs without AVX-512)")

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import threading
 import warnings
 from collections.abc import Callable, Collection
@@ -62,12 +63,17 @@ from translate.infer.nnpack import set_in_graphs
 from translate.infer.tiling import ModelInfo, Tile, norm_layers, per_image_norm, tile_side
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-MAX_SIZES = 8  # compiled shapes per generator; torch.compile's own recompile limit is 8
+MAX_SIZES = 8  # compiled shapes per generator (room is made for them in the recompile limit)
 # `translate apply --compile auto` compiles an image size when its images hold at least this
 # many pixels. Measured on a 2-core Xeon with AMX, ResNet-9 at 256x256 px: a compile takes 10-40
 # s and saves ~1 s per megapixel in bf16 (~2 s in fp32), so 16 megapixels (250 images of
 # 256x256 px, 16 of 1024x1024) repay the slowest warm-up.
 AUTO_MIN_PIXELS = 16_000_000
+# The same where eager runs its large convolutions on NNPACK (translate/infer/nnpack.py), which
+# leaves a compile less to gain. Measured on a 2-core AMD EPYC (AVX2), the same net: 2.81 img/s
+# eager, 3.32 compiled, 23 s of compile, so a compile saves 0.84 s per megapixel and repays
+# itself from ~27 megapixels (420 images of 256x256 px).
+AUTO_MIN_PIXELS_NNPACK = 28_000_000
 
 
 class CompiledForward:
@@ -89,6 +95,7 @@ class CompiledForward:
         import torch._inductor.config as inductor_config
 
         self._inductor_config = inductor_config
+        _room_for_more_graphs()
         self._graph = torch.compile(net, dynamic=False)
         self._compiling = threading.Lock()
         # Images run side by side, each on its share of the cores (translate/infer/lanes.py);
@@ -147,6 +154,17 @@ class CompiledForward:
                 options.update({"cpp_wrapper": True, "cpp.threads": torch.get_num_threads()})
             with self._compiling, self._inductor_config.patch(options):
                 return self._graph(x)
+
+
+_forwards_made = itertools.count(1)
+
+
+def _room_for_more_graphs() -> None:
+    """All generators of a class run one forward function, so all their graphs count against
+    that function's torch.compile recompile limit (8 by default): past it, a new size or a
+    second generator in the process would run eager without a word. Room for MAX_SIZES each."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, MAX_SIZES * next(_forwards_made))
 
 
 def compile_forward(eager, info: ModelInfo,
@@ -222,12 +240,13 @@ def image_sizes(paths: list[Path], resize: int | None) -> list[tuple[int, int]]:
 
 
 def sizes_worth_compiling(sizes: list[tuple[int, int]], info: ModelInfo,
-                          tile: Tile = "auto",
-                          min_pixels: int | None = None) -> list[tuple[int, int]]:
+                          tile: Tile = "auto", min_pixels: int | None = None,
+                          nnpack: bool = False) -> list[tuple[int, int]]:
     """The padded sizes (at most MAX_SIZES, largest first) whose images, run whole, hold at
-    least `min_pixels` (AUTO_MIN_PIXELS) pixels: where a compile repays its warm-up
-    (`--compile auto`)."""
-    min_pixels = AUTO_MIN_PIXELS if min_pixels is None else min_pixels
+    least `min_pixels` pixels (by default AUTO_MIN_PIXELS, or AUTO_MIN_PIXELS_NNPACK where eager
+    runs on NNPACK): where a compile repays its warm-up (`--compile auto`)."""
+    if min_pixels is None:
+        min_pixels = AUTO_MIN_PIXELS_NNPACK if nnpack else AUTO_MIN_PIXELS
     pixels: dict[tuple[int, int], int] = {}
     for h, w in sizes:
         if tile_side(tile, info, h, w) is not None:

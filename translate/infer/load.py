@@ -21,6 +21,7 @@ from translate.images import match_channels
 from translate.infer.compiled import compile_forward
 from translate.infer.lanes import LanePool, cpu_lanes
 from translate.infer.nnpack import available as nnpack_available
+from translate.infer.nnpack import eligible as nnpack_eligible
 from translate.infer.nnpack import pays as nnpack_pays
 from translate.infer.nnpack import use_nnpack
 from translate.infer.onnx import load_onnx, model_info
@@ -199,7 +200,7 @@ def load_generator(path: str | Path, backend: str = "auto", precision: str = "au
     net, meta = load_torch_generator(path)
     if meta.get("latent") == "true":
         raise UserError(f"{path}: a latent generator (no input image); use `translate sample`")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _device(device)
     resolved = inference_precision(precision, dev)
     swapped = use_nnpack(net) if _nnpack_choice(path, nnpack, dev, resolved) else 0
     layout = torch.contiguous_format if swapped else torch.channels_last
@@ -208,6 +209,23 @@ def load_generator(path: str | Path, backend: str = "auto", precision: str = "au
     if compile is not False:
         forward = compile_forward(forward, model_info(meta), None if compile is True else compile)
     return Generator(model_info(meta), meta, forward, "torch", resolved, precision)
+
+
+def _device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def runs_nnpack(path: str | Path, precision: str = "auto", device: str | None = None,
+                nnpack: bool | None = None) -> bool:
+    """Whether load_generator(path, precision=, device=, nnpack=) puts some of the net's
+    convolutions on NNPACK (`--compile auto` weighs a compile against that eager speed). The
+    same one-line errors as load_generator for an `nnpack` that cannot run."""
+    path, dev = Path(path), _device(device)
+    if not _nnpack_choice(path, nnpack, dev, inference_precision(precision, dev)):
+        return False
+    with torch.device("meta"):  # the architecture only: no weights read, no memory
+        net = build_from_metadata(path, read_metadata(path))
+    return any(nnpack_eligible(m) for m in net.modules())
 
 
 def _nnpack_choice(path: Path, asked: bool | None, device: torch.device, precision: str) -> bool:
