@@ -16,6 +16,7 @@ from translate.errors import ModelError, UserError
 from translate.images import load_image_rgba, to_tensor, to_uint8
 from translate.infer import ApplyWarning, ModelInfo, translate_folder, translate_tensor
 from translate.infer.lanes import LanePool
+from translate.infer.load import TorchForward
 from translate.infer.tiling import _mirror_pad
 
 RGB = ModelInfo(in_channels=3, out_channels=3, size_multiple=4)
@@ -506,3 +507,65 @@ def test_lanes_run_a_tiled_image_alone_on_all_threads(tmp_path):
     for i in range(6):
         a, b = (np.asarray(Image.open(tmp_path / d / f"{i}.png"), np.int16) for d in ("one", "two"))
         assert np.abs(a - b).max() <= 1, i
+
+
+def test_the_tiles_of_an_image_alone_spread_over_the_lanes(tmp_path):
+    # The torch backend's forward takes a batch of tiles one tile per call, side by side on the
+    # alone turn's thread and a helper, one torch thread each (with the norm layers patched for
+    # the image); the whole-image pass before them keeps all threads.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 3, 3, padding=1)).eval()
+    calls: list[tuple[int, int, int, bool]] = []
+    net.register_forward_hook(lambda m, args, out: calls.append(
+        (args[0].shape[0], args[0].shape[2], torch.get_num_threads(), threading.get_ident(),
+         "forward" in net[1].__dict__)))
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_noise(96, 96)).save(src / "big.png")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fwd = TorchForward(net, "fp32", torch.device("cpu"), LanePool(2),
+                           torch.contiguous_format)
+        report = translate_folder(fwd, RGB, src, tmp_path / "two", tile=32, overlap=8,
+                                  progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert report.translated == 1
+    overview = [c for c in calls if c[1] != 32]
+    tiles = [c for c in calls if c[1] == 32]
+    assert [(c[0], c[2], c[4]) for c in overview] == [(1, 2, False)]  # whole image, all threads
+    assert len(tiles) == 16 and {(c[0], c[2], c[4]) for c in tiles} == {(1, 1, True)}
+    assert len({c[3] for c in tiles}) == 2  # two threads took tiles
+    translate_folder(net, RGB, src, tmp_path / "one", tile=32, overlap=8, progress=False)
+    a, b = (np.asarray(Image.open(tmp_path / d / "big.png"), np.int16) for d in ("one", "two"))
+    assert np.abs(a - b).max() <= 1
+
+
+def test_lanes_spread_no_more_calls_after_an_error():
+    pool = LanePool(2)
+    ran: list[int] = []
+
+    def call(i: int) -> int:
+        if i == 1:
+            raise ValueError("tile 1")
+        time.sleep(0.01)
+        ran.append(i)
+        return i
+
+    with pool.alone():
+        assert pool.run([lambda i=i: i for i in range(5)]) == list(range(5))
+        with pytest.raises(ValueError, match="tile 1"):
+            pool.run([lambda i=i: call(i) for i in range(40)])
+    assert len(ran) < 39  # the rest were dropped once the error was seen
+    assert not pool.spreads()
+
+
+def test_the_rate_line_says_seconds_per_image_below_one_image_per_second():
+    from translate.infer.folder import ApplyReport, _rate
+
+    assert _rate(ApplyReport(300, 0, [], 100.0)) == "3.0 img/s"
+    assert _rate(ApplyReport(2, 0, [], 57.0)) == "28.5 s per image"
+    assert _rate(ApplyReport(0, 3, [], 0.1)) == "0.0 img/s"

@@ -141,10 +141,15 @@ def translate_folder(
                          time.perf_counter() - start)
     if progress:
         console.print(f"translated {report.translated}, skipped {report.skipped}, failed "
-                      f"{len(report.failed)} in {report.seconds:.1f} s "
-                      f"({report.images_per_s:.1f} img/s)", markup=False, highlight=False,
-                      soft_wrap=True)
+                      f"{len(report.failed)} in {report.seconds:.1f} s ({_rate(report)})",
+                      markup=False, highlight=False, soft_wrap=True)
     return report
+
+
+def _rate(report: ApplyReport) -> str:
+    """img/s, or seconds per image where that is below 1 (large images: not "0.0 img/s")."""
+    rate = report.images_per_s
+    return f"{rate:.1f} img/s" if rate >= 1 or rate == 0 else f"{1 / rate:.1f} s per image"
 
 
 def _exists(path: Path) -> bool:

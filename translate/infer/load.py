@@ -4,6 +4,7 @@ and no pickle: the net is rebuilt from the architecture its metadata names."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -148,8 +149,15 @@ class TorchForward:
     # NCHW for nets on NNPACK (translate/infer/nnpack.py), which takes no other layout
     memory_format: torch.memory_format = torch.channels_last
 
-    @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lanes is not None and len(x) > 1 and self.lanes.spreads():
+            # the tiles of an image run alone: one per call, side by side (infer/lanes.py)
+            return torch.cat(self.lanes.run([functools.partial(self._run, xi)
+                                             for xi in x.split(1)]))
+        return self._run(x)
+
+    @torch.inference_mode()
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device).contiguous(memory_format=self.memory_format)
         if self.precision == "bf16":
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
