@@ -74,6 +74,8 @@ def measure(work: Path, model: Path, args: argparse.Namespace) -> dict[str, obje
            "--precision", args.precision, "--batch-size", str(args.batch_size)]
     if args.overlap is not None:
         cmd += ["--overlap", str(args.overlap)]
+    if args.backend == "torch":
+        cmd += ["--nnpack", args.nnpack]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", PROBE, *cmd], capture_output=True, text=True,
@@ -83,7 +85,8 @@ def measure(work: Path, model: Path, args: argparse.Namespace) -> dict[str, obje
     if code != 0:
         print(proc.stderr, file=sys.stderr)
     return {"size": args.size, "model": f"resnet ngf {args.ngf}, {args.blocks} blocks",
-            "backend": args.backend, "precision": args.precision, "tile": args.tile,
+            "backend": args.backend, "precision": args.precision, "nnpack": args.nnpack,
+            "tile": args.tile,
             "overlap": args.overlap, "batch_size": args.batch_size, "threads": args.threads,
             "exit_code": code, "seconds": round(seconds, 1), "peak_rss_mb": round(peak_kb / 1024),
             "under_4gb": code == 0 and peak_kb / 1024 < LIMIT_MB}
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4, help="apply --batch-size (tiles)")
     ap.add_argument("--backend", choices=("torch", "onnx"), default="torch")
     ap.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32")
+    ap.add_argument("--nnpack", choices=("auto", "on", "off"), default="auto",
+                    help="apply --nnpack (torch backend)")
     ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the apply run")
     ap.add_argument("--json", action="store_true", help="end with one JSON line of results")
     args = ap.parse_args(argv)
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         model = write_inputs(work, args)
         result = measure(work, model, args)
     print(f"apply {result['size']}x{result['size']}, {result['model']}, {args.backend} "
-          f"{args.precision}, --tile {args.tile}: peak RSS {result['peak_rss_mb']} MB in "
+          f"{args.precision}, --nnpack {args.nnpack}, --tile {args.tile}: peak RSS {result['peak_rss_mb']} MB in "
           f"{result['seconds']} s (exit {result['exit_code']}); "
           f"{'under' if result['under_4gb'] else 'NOT under'} {LIMIT_MB} MB")
     if args.json:
