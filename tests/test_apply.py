@@ -544,8 +544,19 @@ def test_the_tiles_of_an_image_alone_spread_over_the_lanes(tmp_path):
     assert np.abs(a - b).max() <= 1
 
 
-def test_lanes_spread_no_more_calls_after_an_error():
-    pool = LanePool(2)
+def test_an_alone_turn_spreads_calls_with_a_lanes_threads_and_stops_at_an_error():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pool = LanePool(2)
+        with pool.alone():
+            assert torch.get_num_threads() == 2  # whole-image passes: all threads
+            assert pool.run([torch.get_num_threads]) == [1]  # one call too: a lane's share
+            both = threading.Barrier(2, timeout=30)  # one call at a time would time out
+            assert sorted(pool.run([both.wait, both.wait])) == [0, 1]
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     ran: list[int] = []
 
     def call(i: int) -> int:

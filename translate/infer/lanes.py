@@ -89,8 +89,9 @@ class LanePool:
 
     def run(self, calls: list[Callable[[], T]]) -> list[T]:
         """The calls' results in order, run side by side: in the lanes; inline when already
-        in a lane; spread over the helpers in an `alone` turn."""
-        if self.spreads() and len(calls) > 1:
+        in a lane; spread over the helpers in an `alone` turn (even one call: it runs with a
+        lane's share of threads, as a compiled graph made there expects)."""
+        if self.spreads():
             return self._spread(calls)
         if in_lane():
             return [call() for call in calls]
