@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 from pathlib import Path
 
@@ -187,6 +188,25 @@ def test_apply_cli_on_a_folder(exported, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_batch_in_python_runs_one_image_per_call_in_the_lanes(exported):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = translate.load_generator(exported / "G_ab.safetensors", precision="fp32")
+        calls: list[tuple[int, int, int]] = []
+        gen.net.register_forward_hook(lambda m, args, out: calls.append(
+            (len(args[0]), torch.get_num_threads(), threading.get_ident())))
+        batch = np.random.default_rng(0).integers(0, 256, (4, 40, 48, 3), np.uint8)
+        out = gen(batch)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert [c[:2] for c in calls] == [(1, 1)] * 4  # one image, one thread per call
+    assert threading.get_ident() not in {c[2] for c in calls}  # in the lanes' threads
+    for img, y in zip(batch, out):
+        assert np.abs(gen(img).astype(int) - y).max() <= 1
+
+
 def test_apply_cli_with_two_threads_runs_whole_images_in_lanes(exported, tmp_path):
     # With 2 torch threads on a CPU, `translate apply` takes whole images in two lanes of one
     # thread each (translate/infer/lanes.py): the outputs are a one-thread run's, exactly.
