@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -115,6 +116,11 @@ def test_without_the_demo_marker_there_is_no_truth(capsys, cyclegan_run, tiny_un
     assert r["truth"] is False
     assert not any(k.endswith(("psnr", "ssim")) and "cycle" not in k for k in r)
     assert "cycle_psnr" in r and "ba_cycle_l1" in r
+    # One direction without truth scores nothing: said before any image is translated.
+    model = cyclegan_run / "export" / "G_ab.safetensors"
+    with mock.patch("translate.eval.evaluate.apply_all", side_effect=AssertionError("ran")):
+        err = cli_error(capsys, ["eval", str(model), "--data", str(tmp_path)])
+    assert err.startswith(f"error: {model}: nothing to score") and "--fid-features" in err
 
 
 def test_eval_fid_features_small(capsys, cyclegan_run):

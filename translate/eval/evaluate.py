@@ -220,6 +220,8 @@ def eval_translation(tr: Translators, split: str = "test", fid_features: str | N
             x.shape[-2:] != y.shape[-2:] for x, y in zip(loaded["a"][1], loaded["b"][1]))):
         raise UserError(f"{tr.root}: demo data whose testA and testB files differ in names or "
                         "sizes; rebuild it (translate demo, or delete the folder)")
+    if not (paired or fid_features or any(d[::-1] in tr.fns for d in directions)):
+        _nothing_to_score(tr)  # said before translating anything
     if fid_features and min(len(xs) for _, xs in loaded.values()) < 2:
         raise UserError(f"{tr.root}: FID/KID need at least 2 images in each of "
                         f"{split}A and {split}B; add images or drop --fid-features")
@@ -250,9 +252,13 @@ def eval_translation(tr: Translators, split: str = "test", fid_features: str | N
             result.update(features=label, **fid_kid(image_features(fake, extractor, size=size),
                                                     feats[direction[1]], prefix))
     if not any(k.endswith(("psnr", "fid")) for k in result):
-        raise UserError(f"{tr.source}: nothing to score without ground truth or a second "
-                        "generator; add --fid-features small (or PATH to Inception weights)")
+        _nothing_to_score(tr)
     return result
+
+
+def _nothing_to_score(tr: Translators) -> None:
+    raise UserError(f"{tr.source}: nothing to score without ground truth or a second "
+                    "generator; add --fid-features small (or PATH to Inception weights)")
 
 
 def pair_folders(input_dir: Path, truth_dir: Path) -> list[tuple[Path, Path]]:
