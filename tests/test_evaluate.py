@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import shutil
+import threading
 from pathlib import Path
 from unittest import mock
 
@@ -84,6 +85,28 @@ def test_eval_run_scores_against_the_demo_truth(capsys, cyclegan_run, tiny_unpai
     assert r["cycle_l1"] == pytest.approx(float((rec_a - a).abs().mean()), abs=1e-4)
     assert {"cycle_psnr", "ba_cycle_psnr", "ba_cycle_l1", "ba_ssim"} <= set(r)
     assert "fid" not in r  # only with --fid-features
+
+
+def test_a_run_is_scored_one_image_per_call_in_the_lanes(cyclegan_run):
+    # As an export loads on a CPU (translate.load_generator): fp32, batches in the two lanes.
+    from translate.eval.evaluate import _net_translator
+
+    _, nets, _ = run_generators(cyclegan_run)
+    calls: list[tuple[int, int, int]] = []
+    nets["G_ab"].register_forward_hook(lambda m, args, out: calls.append(
+        (len(args[0]), torch.get_num_threads(), threading.get_ident())))
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        want = nets["G_ab"](x).clamp(-1, 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = _net_translator(nets["G_ab"])(x)
+    finally:
+        torch.set_num_threads(before)
+    assert [c[:2] for c in calls[1:]] == [(1, 1)] * 4  # calls[0]: `want`, here
+    assert threading.get_ident() not in {c[2] for c in calls[1:]}
+    assert (got - want).abs().max() < 1e-5  # fp32
 
 
 def test_eval_table_is_the_default_output(capsys, cyclegan_run):

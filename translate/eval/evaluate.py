@@ -39,6 +39,7 @@ from translate.eval.protocol import checkpoint_of, describe, fid_warning
 from translate.export import run_generators
 from translate.images import list_images, load_image, to_tensor
 from translate.infer import ModelInfo, load_generator, translate_tensor
+from translate.infer.load import cpu_forward
 
 Translator = Callable[[Tensor], Tensor]  # NCHW in [-1, 1] -> same N, H, W, clamped to [-1, 1]
 SMALL_FEATURES = "small random conv net (relative measure only: not comparable to published FID)"
@@ -138,7 +139,8 @@ def feature_extractor(spec: str) -> tuple[Callable, str]:
 
 def _net_translator(net: nn.Module) -> Translator:
     info = ModelInfo(net.in_channels, net.out_channels, net.size_multiple, net.min_size)
-    return lambda x: translate_tensor(net, info, x).clamp(-1, 1)
+    forward = cpu_forward(net)  # fp32, as an export scores (below)
+    return lambda x: translate_tensor(forward, info, x).clamp(-1, 1)
 
 
 def _export_translator(path: Path) -> tuple[str, Translator, dict[str, str]]:

@@ -214,13 +214,26 @@ def load_generator(path: str | Path, backend: str = "auto", precision: str = "au
         raise UserError(f"{path}: a latent generator (no input image); use `translate sample`")
     dev = _device(device)
     resolved = inference_precision(precision, dev)
-    swapped = use_nnpack(net) if _nnpack_choice(path, nnpack, dev, resolved) else 0
-    layout = torch.contiguous_format if swapped else torch.channels_last
-    net = net.to(dev).to(memory_format=layout)
-    forward = TorchForward(net, resolved, dev, cpu_lanes(dev), layout)
+    forward = _torch_forward(net, dev, resolved, _nnpack_choice(path, nnpack, dev, resolved))
     if compile is not False:
         forward = compile_forward(forward, model_info(meta), None if compile is True else compile)
     return Generator(model_info(meta), meta, forward, "torch", resolved, precision)
+
+
+def _torch_forward(net: nn.Module, device: torch.device, precision: str,
+                   nnpack: bool) -> TorchForward:
+    swapped = use_nnpack(net) if nnpack else 0
+    layout = torch.contiguous_format if swapped else torch.channels_last
+    net = net.to(device).to(memory_format=layout)
+    return TorchForward(net, precision, device, cpu_lanes(device), layout)
+
+
+def cpu_forward(net: nn.Module) -> TorchForward:
+    """A generator in memory run as load_generator runs an export on a CPU in fp32: NNPACK
+    where that pays, batches in the lanes (`translate eval` of a run). Changes `net` in place
+    (its layout, NNPACK's layers: same parameters)."""
+    cpu = torch.device("cpu")
+    return _torch_forward(net, cpu, "fp32", nnpack_pays(cpu, "fp32"))
 
 
 def _device(device: str | None) -> torch.device:
