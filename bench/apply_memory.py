@@ -86,8 +86,7 @@ def measure(work: Path, model: Path, args: argparse.Namespace) -> dict[str, obje
         print(proc.stderr, file=sys.stderr)
     return {"size": args.size, "model": f"resnet ngf {args.ngf}, {args.blocks} blocks",
             "backend": args.backend, "precision": args.precision, "nnpack": args.nnpack,
-            "tile": args.tile,
-            "overlap": args.overlap, "batch_size": args.batch_size, "threads": args.threads,
+            "tile": args.tile, "overlap": args.overlap, "batch_size": args.batch_size, "threads": args.threads,
             "exit_code": code, "seconds": round(seconds, 1), "peak_rss_mb": round(peak_kb / 1024),
             "under_4gb": code == 0 and peak_kb / 1024 < LIMIT_MB}
 
@@ -112,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         model = write_inputs(work, args)
         result = measure(work, model, args)
     print(f"apply {result['size']}x{result['size']}, {result['model']}, {args.backend} "
-          f"{args.precision}, --nnpack {args.nnpack}, --tile {args.tile}: peak RSS {result['peak_rss_mb']} MB in "
-          f"{result['seconds']} s (exit {result['exit_code']}); "
+          f"{args.precision}, --nnpack {args.nnpack}, --tile {args.tile}: peak RSS "
+          f"{result['peak_rss_mb']} MB in {result['seconds']} s (exit {result['exit_code']}); "
           f"{'under' if result['under_4gb'] else 'NOT under'} {LIMIT_MB} MB")
     if args.json:
         print(json.dumps(result))

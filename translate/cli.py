@@ -162,7 +162,7 @@ def _compile_choice(args: argparse.Namespace):
     jobs = plan(args.input, args.output, check_format(args.format), False)
     todo = [job.src for job in jobs if args.overwrite or not _exists(job.dst)]
     sizes = image_sizes(todo, args.resize)
-    nnpack = runs_nnpack(model, args.precision, nnpack=_NNPACK[args.nnpack])
+    nnpack = runs_nnpack(model, args.precision, nnpack=_NNPACK[args.nnpack], meta=meta)
     return sizes_worth_compiling(sizes, model_info(meta), args.tile, nnpack=nnpack) or False
 
 

@@ -61,8 +61,7 @@ class LanePool:
         self._turns = threading.Condition()
         self._running = 0  # lanes in a `beside` turn
         self._alone_waiting = 0
-        self._alone = False
-        self._alone_thread: int | None = None
+        self._alone_thread: int | None = None  # the thread of the `alone` turn, if one runs
         self._pool = ThreadPoolExecutor(count, thread_name_prefix="translate-lane")
         # threads that take tiles beside an `alone` turn's own thread
         self._helpers = ThreadPoolExecutor(max(1, count - 1), thread_name_prefix="translate-tiles")
@@ -132,7 +131,7 @@ class LanePool:
     def beside(self) -> Iterator[None]:
         """A turn beside the other lanes (waits while one runs alone, or waits to)."""
         with self._turns:
-            self._turns.wait_for(lambda: not self._alone and not self._alone_waiting)
+            self._turns.wait_for(lambda: self._alone_thread is None and not self._alone_waiting)
             self._running += 1
         try:
             yield
@@ -146,9 +145,8 @@ class LanePool:
         """A turn with no other lane running, on all of the threads (from a lane)."""
         with self._turns:
             self._alone_waiting += 1
-            self._turns.wait_for(lambda: not self._alone and not self._running)
+            self._turns.wait_for(lambda: self._alone_thread is None and not self._running)
             self._alone_waiting -= 1
-            self._alone = True
             self._alone_thread = threading.get_ident()
         torch.set_num_threads(self.threads)
         try:
@@ -157,7 +155,6 @@ class LanePool:
             # This lane's count back; the default for new threads is put back by `restore`.
             torch.set_num_threads(self.threads_each)
             with self._turns:
-                self._alone = False
                 self._alone_thread = None
                 self._turns.notify_all()
 

@@ -241,15 +241,16 @@ def _device(device: str | None) -> torch.device:
 
 
 def runs_nnpack(path: str | Path, precision: str = "auto", device: str | None = None,
-                nnpack: bool | None = None) -> bool:
+                nnpack: bool | None = None, meta: dict[str, str] | None = None) -> bool:
     """Whether load_generator(path, precision=, device=, nnpack=) puts some of the net's
     convolutions on NNPACK (`--compile auto` weighs a compile against that eager speed). The
-    same one-line errors as load_generator for an `nnpack` that cannot run."""
+    same one-line errors as load_generator for an `nnpack` that cannot run. `meta`: the file's
+    metadata where the caller has read it already."""
     path, dev = Path(path), _device(device)
     if not _nnpack_choice(path, nnpack, dev, inference_precision(precision, dev)):
         return False
     with torch.device("meta"):  # the architecture only: no weights read, no memory
-        net = build_from_metadata(path, read_metadata(path))
+        net = build_from_metadata(path, meta if meta is not None else read_metadata(path))
     return any(nnpack_eligible(m) for m in net.modules())
 
 
