@@ -101,10 +101,20 @@ def test_the_compiled_graph_holds_frozen_weights(generator):
     img = _picture(40, 48)
     before = fast(img)
     assert fast.forward.seen == {(40, 48)}
-    with torch.no_grad():
-        for p in fast.forward.compiled_net.parameters():
-            p.zero_()
+    _zero_conv_weights(fast.forward.compiled_net)
     np.testing.assert_array_equal(fast(img), before)
+
+
+def _zero_conv_weights(net: torch.nn.Module) -> None:
+    """Zero the convolutions' weights, which a frozen graph holds prepacked, in copies of its
+    own. Not the biases: a constant that needs no re-layout may stay the parameter's own tensor
+    (a frozen graph need not copy it), and on a Zen 4 EPYC (AVX-512 BF16) inductor keeps the
+    biases of the 16-channel convolutions before instance norms so: zeroing those moved one
+    pixel by 1/255 (a bias before an instance norm cancels, but for its rounding)."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.zero_()
 
 
 @pytest.mark.slow
@@ -121,9 +131,7 @@ def test_each_generator_gets_its_own_room_in_the_recompile_limit(generator, monk
         second = translate.load_generator(generator, precision="fp32", device="cpu",
                                           compile=True)
         before = second(img)
-        with torch.no_grad():
-            for p in second.forward.compiled_net.parameters():
-                p.zero_()
+        _zero_conv_weights(second.forward.compiled_net)
         np.testing.assert_array_equal(second(img), before)
 
 
