@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from translate import config
 from translate import recipe as recipe_mod
+from translate.errors import ConfigError
 from translate.runner import train
 
 RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.toml"))
@@ -201,9 +202,25 @@ def test_dry_run_prints_resolved_config():
     assert cfg["model"]["n_blocks"] == 9
 
 
+def test_set_steps_counts_where_the_run_counts_steps():
+    # The paper recipes count epochs, which override steps: --set train.steps alone is refused
+    # (above); with the epochs set to 0 (as --steps does), or for a run counted in steps, as a
+    # resumed run's config.json may be, it counts.
+    proc = run_cli("train", "recipes/cyclegan_horse2zebra.toml", "--dry-run", "--set",
+                   "train.steps=5", "--set", "train.epochs=0", "--set", "train.epochs_decay=0")
+    assert json.loads(proc.stdout)["train"]["steps"] == 5
+    resumed = recipe_mod.load(ROOT / "recipes" / "cyclegan_horse2zebra.toml",
+                              ["train.epochs=0", "train.epochs_decay=0", "train.steps=9"])
+    recipe_mod.refuse_ignored_steps(resumed, ["train.steps=9"])
+    with pytest.raises(ConfigError, match="train.steps: ignored"):
+        recipe_mod.refuse_ignored_steps(recipe_mod.load(
+            ROOT / "recipes" / "cyclegan_horse2zebra.toml"), ["train.steps=9"])
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--set", "train.stepz=3"], "train.stepz: unknown key"),
     (["--set", 'train.steps="ten"'], "train.steps: expected an integer"),
+    (["--set", "train.steps=500"], "train.steps: ignored, as this run counts its length in epochs"),
     (["--batch-size", "0"], "train.batch_size: must be > 0"),
     (["--set", "data.crop_size=300"], "data.crop_size"),
     (["--mixed-precision", "fp16"], "fp16 is not available on CPU"),
