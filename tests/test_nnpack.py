@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import translate
+from translate import precision
 from translate.errors import UserError
 from translate.infer import compiled, nnpack, translate_folder
 
@@ -119,13 +120,21 @@ def test_folder_output_within_a_grey_level_of_onednn(resnet, photos, tmp_path):
     assert np.mean(diffs) <= 0.05 and max(d.max() for d in diffs) <= 1
 
 
-def test_the_default_is_fp32_on_cpus_without_avx512(resnet):
+def test_the_default_is_fp32_on_cpus_without_amx(resnet, monkeypatch):
     cpu = torch.device("cpu")
-    wide = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    assert nnpack.pays(cpu, "fp32") is not wide
+    amx = (torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+           and precision.cpu_has_amx())
+    assert nnpack.pays(cpu, "fp32") is not amx
     assert not nnpack.pays(cpu, "bf16") and not nnpack.pays(torch.device("cuda"), "fp32")
     gen = translate.load_generator(resnet, precision="fp32", device="cpu")
-    assert any(isinstance(m, nnpack.NnpackConv2d) for m in gen.net.modules()) is not wide
+    assert any(isinstance(m, nnpack.NnpackConv2d) for m in gen.net.modules()) is not amx
+    # Each kind of CPU, whichever this is: AVX2 only, AVX-512 without AMX (Zen 4), with AMX.
+    for capability, has_amx, expected in (("AVX2", False, True), ("AVX512", False, True),
+                                          ("AVX512", True, False), ("AVX2", True, True)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        monkeypatch.setattr(precision, "cpu_has_amx", lambda a=has_amx: a)
+        assert nnpack.pays(cpu, "fp32") is expected, (capability, has_amx)
+    monkeypatch.undo()
     bf16 = translate.load_generator(resnet, precision="bf16", device="cpu")
     assert not any(isinstance(m, nnpack.NnpackConv2d) for m in bf16.net.modules())
 

@@ -32,6 +32,13 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
     assert not precision.cpu_has_bf16(tmp_path / "missing")  # not Linux: assume none
 
 
+def test_amx_is_read_from_the_cpu_flags(tmp_path):
+    assert precision.cpu_has_amx(_cpuinfo(tmp_path, SAPPHIRE))
+    assert not precision.cpu_has_amx(_cpuinfo(tmp_path, AVX2_ONLY))
+    assert not precision.cpu_has_amx(_cpuinfo(tmp_path, "flags : avx512f avx512_bf16\n"))
+    assert not precision.cpu_has_amx(tmp_path / "missing")
+
+
 def test_the_switch_makes_auto_resolve_as_the_other_kind_of_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(precision, "CPUINFO", _cpuinfo(tmp_path, AVX2_ONLY))
     monkeypatch.delenv(precision.SWITCH, raising=False)

@@ -102,7 +102,7 @@ def _add_inference(sub, commands: Commands) -> None:
                    "28 with --nnpack)")
     p.add_argument("--nnpack", choices=("auto", "on", "off"), default="auto",
                    help="torch backend, fp32 on a CPU: run the large convolutions on NNPACK "
-                   "(Winograd/FFT; ~2x faster on 2 cores; auto: on CPUs without AVX-512)")
+                   "(Winograd/FFT; ~2x faster on 2 cores; auto: on CPUs without AMX)")
     p.add_argument("--workers", type=int, default=2, help="decode/encode threads")
     p.add_argument("--max-pixels", type=int, default=128_000_000, help="refuse larger images")
     p.add_argument("--no-progress", action="store_true",

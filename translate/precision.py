@@ -20,6 +20,7 @@ CPUINFO = Path("/proc/cpuinfo")
 # AVX512_BF16 (Cooper Lake, Zen 4+) and AMX-BF16 (Sapphire Rapids+) do bf16 dot products in
 # hardware; oneDNN uses them for convolutions and matmuls under autocast.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+AMX_FLAGS = ("amx_bf16", "amx_tile")  # Intel's matrix units (Sapphire Rapids+)
 SWITCH = "TRANSLATE_NATIVE_BF16"
 
 
@@ -39,11 +40,21 @@ def cpu_has_bf16(cpuinfo: Path | None = None) -> bool:
     explicit `cpuinfo` file is read as it is, switch or not."""
     if cpuinfo is None and (forced := forced_cpu_bf16()) is not None:
         return forced
+    return any(f in cpu_flags(cpuinfo) for f in NATIVE_BF16_FLAGS)
+
+
+def cpu_has_amx(cpuinfo: Path | None = None) -> bool:
+    """Does this CPU have AMX, on which oneDNN's fp32 and bf16 convolutions are fastest?"""
+    return any(f in cpu_flags(cpuinfo) for f in AMX_FLAGS)
+
+
+def cpu_flags(cpuinfo: Path | None = None) -> set[str]:
+    """The words of /proc/cpuinfo (or of `cpuinfo`), its flags among them; empty where there
+    is none to read."""
     try:
-        flags = set((cpuinfo or CPUINFO).read_text().split())
+        return set((cpuinfo or CPUINFO).read_text().split())
     except OSError:
-        return False
-    return any(f in flags for f in NATIVE_BF16_FLAGS)
+        return set()
 
 
 def native_bf16(device: torch.device, cpuinfo: Path | None = None) -> bool:

@@ -199,7 +199,7 @@ def load_generator(path: str | Path, backend: str = "auto", precision: str = "au
     input size (translate/infer/compiled.py); True compiles the first sizes met, a collection of
     (h, w) sizes (padded to the size multiple) only those. `nnpack` (torch backend, fp32 on a
     CPU): run the large convolutions on NNPACK (translate/infer/nnpack.py); None: where that was
-    measured to pay (CPUs without AVX-512)."""
+    measured to pay (CPUs without AMX)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: model file not found; export one with `translate export RUN`")

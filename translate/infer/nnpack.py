@@ -31,10 +31,14 @@ convolutions (the same EPYC, 2 threads: 3x3 256 -> 256 at 64x64 px 25.0 ms again
 32x32 6.6 against 7.8; 3x3 128 -> 128 at 64x64 6.5 against 7.5). So eager calls use NNPACK only
 on a one-thread caller; a compiled graph decides once, when it is made (`in_graphs`).
 
-The default (`pays`): fp32 on a CPU without AVX-512, where oneDNN has only AVX2 kernels and
-this was measured. CPUs with AVX-512 compute in bf16 by default; in fp32 there NNPACK (whose
-kernels are AVX2) against oneDNN's AVX-512 kernels has not been measured, so it is used only
-when asked for.
+The default (`pays`): fp32 on a CPU without AMX. Measured on two AMD EPYCs, 2 cores: one
+with AVX2 only (above), and a Zen 4 with AVX-512 BF16, where oneDNN has AVX-512 kernels and
+NNPACK still wins (one thread, ms: 3x3 256 -> 256 at 64x64 px 44.9 against 24.7, at 32x32 11.3
+against 5.8; 7x7 64 -> 3 at 256x256 58.9 against 15.7; 3x3 64 -> 64 at 16x16 0.20 against
+0.33, under MIN_PIXELS; the ResNet-9 at 256 px through translate_folder: 1.56 -> 2.98 img/s
+eager). On a CPU with AMX (Intel Xeon, Sapphire Rapids+), where oneDNN's fp32 convolutions
+run twice as fast as on the Zen 4 and `auto` computes in bf16 anyway, it was not measured and
+is used only when asked for.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ import threading
 
 import torch
 from torch import nn
+
+from translate import precision as cpu_precision
 
 MIN_CHANNELS = 64  # input channels (and output channels, for kernels under 7x7)
 MIN_PIXELS = 32 * 32  # output pixels of one image
@@ -59,9 +65,11 @@ def available() -> bool:
 
 
 def pays(device: torch.device, precision: str) -> bool:
-    """The default: NNPACK for fp32 on a CPU whose widest kernels are AVX2 (see above)."""
+    """The default: NNPACK for fp32 on a CPU, but where oneDNN runs AVX-512 kernels on a CPU
+    with AMX (see above; with torch limited to AVX2, on any CPU)."""
+    wide = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     return (device.type == "cpu" and precision == "fp32" and available()
-            and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
+            and not (wide and cpu_precision.cpu_has_amx()))
 
 
 @functools.cache
