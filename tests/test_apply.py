@@ -1,6 +1,7 @@
 """translate.infer on real folders: odd sizes, odd files, padding, tiling, batching, resuming."""
 
 import os
+import re
 import threading
 import time
 import warnings
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 from torch import nn
 
@@ -354,6 +356,22 @@ def test_interrupted_run_resumes(tmp_path):
     report = translate_folder(lambda x: -x, RGB, src, out, progress=False)
     assert (report.translated, report.skipped) == (3, 2)
 
+
+
+def test_no_progress_ends_with_the_summary_on_stdout(generator, tmp_path):
+    # Without the live display a script still gets the run's figures (as `train --no-progress`
+    # ends with its "done" line), on stdout; stderr holds only the failures.
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_noise(8, 8)).save(src / "a.png")
+    (src / "b.png").write_bytes(b"")
+    proc = run_cli("apply", str(generator), str(src), str(tmp_path / "out"), "--no-progress",
+                   check=False)
+    assert proc.returncode == 1
+    assert re.fullmatch(r"translated 1, skipped 0, failed 1 in [0-9.]+ s \([0-9.]+ (img/s|s "
+                        r"per image)\)\n", proc.stdout), proc.stdout
+    line = f"failed: {src / 'b.png'}: empty file (0 bytes) — re-export or delete it"
+    assert proc.stderr.splitlines() == [line], proc.stderr
 
 def test_progress_output_under_capture(tmp_path, capsys):
     src = tmp_path / "in"

@@ -117,6 +117,7 @@ _NNPACK = {"auto": None, "on": True, "off": False}  # apply --nnpack -> load_gen
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from translate.infer import load_generator, translate_folder
+    from translate.infer.folder import summary
 
     gen = load_generator(args.model, backend=args.backend, precision=args.precision,
                          compile=_compile_choice(args),
@@ -133,6 +134,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         for path, reason in report.failed:
             named = reason.startswith(str(path))  # reasons usually begin with the file already
             print(f"failed: {reason}" if named else f"failed: {path}: {reason}", file=sys.stderr)
+        print(summary(report))  # as `train --no-progress` ends with its "done" line
     return 1 if report.failed else 0
 
 

@@ -140,10 +140,14 @@ def translate_folder(
                          [tally.failed[k] for k in sorted(tally.failed)],
                          time.perf_counter() - start)
     if progress:
-        console.print(f"translated {report.translated}, skipped {report.skipped}, failed "
-                      f"{len(report.failed)} in {report.seconds:.1f} s ({_rate(report)})",
-                      markup=False, highlight=False, soft_wrap=True)
+        console.print(summary(report), markup=False, highlight=False, soft_wrap=True)
     return report
+
+
+def summary(report: ApplyReport) -> str:
+    """The run in one line: what was translated, skipped and failed, in how long."""
+    return (f"translated {report.translated}, skipped {report.skipped}, failed "
+            f"{len(report.failed)} in {report.seconds:.1f} s ({_rate(report)})")
 
 
 def _rate(report: ApplyReport) -> str:
