@@ -4,6 +4,7 @@ memory bound, backend/model matching, --resize, and the apply/export CLI flags."
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from translate.infer.tiling import (
     _run_padded,
     _starts,
     norm_layers,
+    tile_length,
     translate_tensor,
 )
 from translate.nets import build_net, init_weights
@@ -121,14 +123,31 @@ def test_output_through_a_symlink_into_the_input_is_refused(tmp_path):
     assert report.translated == 1 and (src / "a.png").is_file()
 
 
+
+@pytest.mark.parametrize("total,tile,overlap", [(300, 128, 32), (2000, 512, 64), (1504, 512, 64),
+                                                (4096, 512, 64), (513, 512, 64), (1000, 512, 0),
+                                                (700, 64, 32)])
+def test_tiles_are_as_short_as_cover_the_image(total, tile, overlap):
+    # As many tiles as tiles of the full side need, each shorter where that covers the image:
+    # the tiles overlap by at least `overlap`, end at the image's edge, and hold fewer pixels.
+    length = tile_length(total, tile, overlap, 4)
+    starts = _starts(total, length, overlap)
+    assert length <= tile and length % 4 == 0 and starts[-1] + length == total
+    assert len(starts) == len(_starts(total, tile, overlap))
+    assert all(b - a <= length - overlap for a, b in itertools.pairwise(starts))
+    assert tile_length(2000, 512, 64, 4) * tile_length(1504, 512, 64, 4) == 452 * 424
+    assert tile_length(400, 512, 64, 4) == 400  # one tile: the image itself
+
+
 # ------------------------------------------------------------- tiling with norm statistics
 
 
 def _edge_distance(n: int, tile: int, overlap: int) -> np.ndarray:
     """Per pixel along one axis: the distance to the nearest tile edge inside the image."""
     dist = np.full(n, 10 ** 6)
-    for s in _starts(n, tile, overlap):
-        for edge in (s, s + tile):
+    length = tile_length(n, tile, overlap, RESNET.size_multiple)
+    for s in _starts(n, length, overlap):
+        for edge in (s, s + length):
             if 0 < edge < n:
                 dist = np.minimum(dist, np.abs(np.arange(n) - edge))
     return dist
@@ -196,8 +215,9 @@ def test_tiles_equal_the_frozen_statistics_whole_image_away_from_tile_edges(resn
 def _overlaps(n: int, tile: int, overlap: int) -> np.ndarray:
     """Per step between pixels i and i+1 along one axis: does it touch a tile overlap?"""
     cover = np.zeros(n, int)
-    for s in _starts(n, tile, overlap):
-        cover[s:s + tile] += 1
+    length = tile_length(n, tile, overlap, RESNET.size_multiple)
+    for s in _starts(n, length, overlap):
+        cover[s:s + length] += 1
     shared = cover > 1
     return shared[1:] | shared[:-1]
 
@@ -333,8 +353,9 @@ def test_auto_tiling_picks_tiles_for_large_images_only(tmp_path):
     Image.fromarray(np.zeros((1024, 1024, 3), np.uint8)).save(src / "square.png")
     Image.fromarray(np.zeros((1100, 1000, 3), np.uint8)).save(src / "larger.png")
     translate_folder(record, RESNET, src, tmp_path / "auto", progress=False)
-    assert (1, 3, 1024, 1024) in shapes and (4, 3, 512, 512) in shapes
-    assert all(s[2:] in ((1024, 1024), (512, 512)) for s in shapes)  # 1100 x 1000: tiled
+    # 1100 x 1000: tiled, 3 x 3 tiles of at most 512 px, as short as cover it (tile_length)
+    assert (1, 3, 1024, 1024) in shapes and (4, 3, 412, 376) in shapes
+    assert all(s[2:] in ((1024, 1024), (412, 376)) for s in shapes)
     shapes.clear()
     translate_folder(record, RESNET, src, tmp_path / "never", tile=0, progress=False)
     assert sorted(s[2:] for s in shapes) == [(1024, 1024), (1100, 1000)]

@@ -83,8 +83,8 @@ def _add_inference(sub, commands: Commands) -> None:
                    "a large image) per generator call; memory grows with it (on a CPU with 2+ "
                    "threads, torch runs take whole images in two lanes instead)")
     p.add_argument("--tile", type=tile_size, default="auto",
-                   help="translate large images in NxN tiles (default auto: 512 for images "
-                   "above 1024x1024 px, bounding memory; 0: never tile)")
+                   help="translate large images in tiles of at most NxN px (default auto: 512 "
+                   "for images above 1024x1024 px, bounding memory; 0: never tile)")
     p.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels (U-Nets "
                    "reach further: 96-128)")
     p.add_argument("--resize", type=int, help="resize so the longer side is N pixels")
