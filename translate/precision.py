@@ -44,7 +44,7 @@ def cpu_has_bf16(cpuinfo: Path | None = None) -> bool:
 
 
 def cpu_has_amx(cpuinfo: Path | None = None) -> bool:
-    """Does this CPU have AMX, on which oneDNN's fp32 and bf16 convolutions are fastest?"""
+    """Does this CPU have AMX (its flags; TRANSLATE_NATIVE_BF16 does not change this)?"""
     return any(f in cpu_flags(cpuinfo) for f in AMX_FLAGS)
 
 

@@ -65,8 +65,8 @@ def available() -> bool:
 
 
 def pays(device: torch.device, precision: str) -> bool:
-    """The default: NNPACK for fp32 on a CPU, but where oneDNN runs AVX-512 kernels on a CPU
-    with AMX (see above; with torch limited to AVX2, on any CPU)."""
+    """The default: NNPACK for fp32 on a CPU, except where oneDNN runs AVX-512 kernels on a
+    CPU with AMX (see above). With torch limited to AVX2 (ATEN_CPU_CAPABILITY=avx2), on any."""
     wide = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     return (device.type == "cpu" and precision == "fp32" and available()
             and not (wide and cpu_precision.cpu_has_amx()))
