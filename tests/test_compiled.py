@@ -346,5 +346,6 @@ def test_float_input_to_a_compiled_bf16_generator_runs_eager_fp32(generator, mon
     assert fast.precision == "bf16"
     x = torch.from_numpy(_picture(40, 48)).permute(2, 0, 1)[None].float() / 127.5 - 1
     fp32 = translate.load_generator(generator, precision="fp32", device="cpu")
-    torch.testing.assert_close(fast(x), fp32(x), rtol=0, atol=0)
+    # fp32 but for the order of float sums (the bf16 net's layout may differ); bf16: ~1e-2
+    torch.testing.assert_close(fast(x), fp32(x), rtol=0, atol=1e-5)
     assert fast.forward.seen == set()
