@@ -593,7 +593,7 @@ def test_an_alone_turn_spreads_calls_with_a_lanes_threads_and_stops_at_an_error(
 
 
 def test_the_rate_line_says_seconds_per_image_below_one_image_per_second():
-    from translate.infer.folder import ApplyReport, _rate
+    from translate.infer.progress import ApplyReport, _rate
 
     assert _rate(ApplyReport(300, 0, [], 100.0)) == "3.0 img/s"
     assert _rate(ApplyReport(2, 0, [], 57.0)) == "28.5 s per image"

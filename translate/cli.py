@@ -117,7 +117,7 @@ _NNPACK = {"auto": None, "on": True, "off": False}  # apply --nnpack -> load_gen
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from translate.infer import load_generator, translate_folder
-    from translate.infer.folder import summary
+    from translate.infer.progress import summary
 
     gen = load_generator(args.model, backend=args.backend, precision=args.precision,
                          compile=_compile_choice(args),

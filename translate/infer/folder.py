@@ -48,7 +48,7 @@ from translate.images import (
 )
 from translate.infer.lanes import LanePool
 from translate.infer.plan import Job, check_format, plan
-from translate.infer.progress import Tally, progress_bar
+from translate.infer.progress import ApplyReport, Tally, progress_bar, summary
 
 # The model run lives in translate/infer/tiling.py; re-exported here, where users look for it.
 from translate.infer.tiling import (
@@ -67,20 +67,6 @@ __all__ = ["ApplyReport", "ApplyWarning", "Generator", "ModelInfo", "translate_f
 
 class ApplyWarning(UserWarning):
     """Something the user may not expect, e.g. transparency the output format cannot store."""
-
-
-@dataclass
-class ApplyReport:
-    """What a run did. `failed` holds (input file, one-line reason), in input order."""
-
-    translated: int
-    skipped: int  # outputs that already existed
-    failed: list[tuple[Path, str]]
-    seconds: float  # wall time of the whole run
-
-    @property
-    def images_per_s(self) -> float:
-        return self.translated / self.seconds if self.seconds > 0 else 0.0
 
 
 # ---------------------------------------------------------------------------- the folder run
@@ -142,18 +128,6 @@ def translate_folder(
     if progress:
         console.print(summary(report), markup=False, highlight=False, soft_wrap=True)
     return report
-
-
-def summary(report: ApplyReport) -> str:
-    """The run in one line: what was translated, skipped and failed, in how long."""
-    return (f"translated {report.translated}, skipped {report.skipped}, failed "
-            f"{len(report.failed)} in {report.seconds:.1f} s ({_rate(report)})")
-
-
-def _rate(report: ApplyReport) -> str:
-    """img/s, or seconds per image where that is below 1 (large images: not "0.0 img/s")."""
-    rate = report.images_per_s
-    return f"{rate:.1f} img/s" if rate >= 1 or rate == 0 else f"{1 / rate:.1f} s per image"
 
 
 def _exists(path: Path) -> bool:

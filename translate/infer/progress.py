@@ -1,4 +1,5 @@
-"""translate_folder's progress: the bar (with its img/s column) and the tally of outcomes."""
+"""translate_folder's progress: the bar (with its img/s column), the tally of outcomes, and the
+run's report with its one-line summary."""
 
 from __future__ import annotations
 
@@ -52,3 +53,29 @@ class _RateColumn(ProgressColumn):
 def progress_bar(console: Console, enabled: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     _RateColumn(), TimeRemainingColumn(), console=console, disable=not enabled)
+
+
+@dataclass
+class ApplyReport:
+    """What a run did. `failed` holds (input file, one-line reason), in input order."""
+
+    translated: int
+    skipped: int  # outputs that already existed
+    failed: list[tuple[Path, str]]
+    seconds: float  # wall time of the whole run
+
+    @property
+    def images_per_s(self) -> float:
+        return self.translated / self.seconds if self.seconds > 0 else 0.0
+
+
+def summary(report: ApplyReport) -> str:
+    """The run in one line: what was translated, skipped and failed, in how long."""
+    return (f"translated {report.translated}, skipped {report.skipped}, failed "
+            f"{len(report.failed)} in {report.seconds:.1f} s ({_rate(report)})")
+
+
+def _rate(report: ApplyReport) -> str:
+    """img/s, or seconds per image where that is below 1 (large images: not "0.0 img/s")."""
+    rate = report.images_per_s
+    return f"{rate:.1f} img/s" if rate >= 1 or rate == 0 else f"{1 / rate:.1f} s per image"
