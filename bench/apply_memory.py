@@ -86,7 +86,8 @@ def measure(work: Path, model: Path, args: argparse.Namespace) -> dict[str, obje
         print(proc.stderr, file=sys.stderr)
     return {"size": args.size, "model": f"resnet ngf {args.ngf}, {args.blocks} blocks",
             "backend": args.backend, "precision": args.precision, "nnpack": args.nnpack,
-            "tile": args.tile, "overlap": args.overlap, "batch_size": args.batch_size, "threads": args.threads,
+            "tile": args.tile, "overlap": args.overlap, "batch_size": args.batch_size,
+            "threads": args.threads,
             "exit_code": code, "seconds": round(seconds, 1), "peak_rss_mb": round(peak_kb / 1024),
             "under_4gb": code == 0 and peak_kb / 1024 < LIMIT_MB}
 

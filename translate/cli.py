@@ -67,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = recipe.resume_config(cfg, args.resume, overrides)
     elif args.steps is not None:  # a short run keeps a few log points and sample grids
         cfg, note = config.fit_intervals(cfg, _keys_given(args))
-    recipe.refuse_ignored_steps(cfg, overrides)
+    recipe.refuse_ignored_steps(cfg, "steps" in _keys_given(args))
     if args.dry_run:
         machine_precision(cfg)  # refuses what this machine cannot run (fp16 on CPU), as a run does
         print(json.dumps(config.to_dict(cfg), indent=2))

@@ -102,12 +102,12 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConf
 
 
 
-def refuse_ignored_steps(cfg: RunConfig, overrides: list[str]) -> None:
-    """ConfigError where `overrides` set train.steps on a run counted in epochs (epochs > 0
-    override steps), which would ignore it without a word. For the run as it will train: a
-    resume's config.json, not the recipe."""
+def refuse_ignored_steps(cfg: RunConfig, steps_given: bool) -> None:
+    """ConfigError where the command line sets train.steps (`steps_given`) on a run counted in
+    epochs (epochs > 0 override steps), which would ignore it without a word. For the run as it
+    will train: a resume's config.json, not the recipe."""
     t = cfg.train
-    if t.epochs > 0 and "train.steps" in {item.partition("=")[0].strip() for item in overrides}:
+    if t.epochs > 0 and steps_given:
         raise ConfigError(f"train.steps: ignored, as this run counts its length in epochs "
                           f"(train.epochs = {t.epochs}, train.epochs_decay = {t.epochs_decay}); "
                           "use --steps N, which sets both to 0, or also --set train.epochs=0 "
