@@ -74,13 +74,16 @@ def write_unpaired(root: Path, size: int, count: int = 8) -> Path:
 
 
 def train_steps(recipe: str, overrides: list[str]):
-    """(session, batches, step) of recipes/RECIPE with `overrides`, set up in-process the way
+    """(session, batches, step) of RECIPE (a file, or a name in recipes/) with `overrides`, set up in-process the way
     `translate train` sets it up (translate.runner.setup); step() is one real train_step."""
     from translate import recipe as config
     from translate import runner
     from translate.core import checkpoint, loop
 
-    cfg = config.load(Path(__file__).resolve().parent.parent / "recipes" / recipe, overrides)
+    # A name in recipes/ or a path (as `translate train` takes it: recipes/NAME.toml works too).
+    path = Path(recipe) if Path(recipe).is_file() else Path(__file__).resolve().parent.parent \
+        / "recipes" / recipe
+    cfg = config.load(path, overrides)
     s = runner.setup(cfg)
     state = checkpoint.TrainState(fingerprint="bench")
     batches = loop.Batches(cfg, s.dataset, s.accelerator, 0)

@@ -126,11 +126,12 @@ def test_profile_step_groups_a_real_step_by_op():
     assert profile_step.group_of("aten::reflection_pad2d_backward") == "padding / resize"
     assert profile_step.group_of("aten::_to_copy") == "dtype conversion / copy"
     assert profile_step.group_of("aten::_fused_adam_") == "optimizer"
+    # The recipe as `translate train` takes it, a path (a bare name looks in recipes/).
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "profile_step.py"), "--recipe",
-         "cyclegan_demo.toml", "--size", "16", "--batch", "2", "--precision", "no",
+         "recipes/cyclegan_demo.toml", "--size", "16", "--batch", "2", "--precision", "no",
          "--steps", "2", "--threads", "1", "--top", "5", "--floor"],
-        capture_output=True, text=True, timeout=300, check=True)
+        capture_output=True, text=True, timeout=300, check=True, cwd=ROOT)
     out = proc.stdout
     assert "cyclegan_demo.toml 16px batch 2, precision no:" in out and "s/step" in out
     groups = {line.split("|")[1].strip(): float(line.split("|")[3].strip().rstrip("%"))
