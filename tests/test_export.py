@@ -60,9 +60,10 @@ def test_safetensors_round_trip_equals_trained_net(trained_run, exported):
     torch.testing.assert_close(gen(x), want, rtol=0, atol=1e-6)
 
 
-def test_ema_export_differs_and_loads(trained_run, tmp_path):
+def test_ema_export_differs_and_loads(trained_run, exported, tmp_path):
+    # `exported`: the plain export, made here if this is the first test of the module to run
     export_run(trained_run, ema=True, out=tmp_path)
-    plain = translate.load_generator(trained_run / "export" / "G_ab.safetensors")
+    plain = translate.load_generator(exported / "G_ab.safetensors")
     ema = translate.load_generator(tmp_path / "G_ab.safetensors")
     assert ema.metadata["ema"] == "true"
     x = torch.rand(1, 3, 16, 16) * 2 - 1
