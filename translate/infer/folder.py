@@ -196,8 +196,9 @@ def _run_in_lanes(todo: list[Job], s: _Settings, lanes: LanePool, tally: Tally) 
     (translate/infer/lanes.py); outcomes are recorded here, in input order."""
     running: deque[tuple[Job, Future[tuple[str | None, bool]]]] = deque()
     try:
-        for job in todo:
-            running.append((job, lanes.submit(_whole_image, job, s, lanes, tally)))
+        for i, job in enumerate(todo):
+            last = i == len(todo) - 1
+            running.append((job, lanes.submit(_whole_image, job, s, lanes, tally, last)))
             while len(running) > 2 * lanes.count or running and running[0][1].done():
                 _record(*running.popleft(), tally)
         while running:
@@ -210,10 +211,11 @@ def _run_in_lanes(todo: list[Job], s: _Settings, lanes: LanePool, tally: Tally) 
         lanes.restore()
 
 
-def _whole_image(job: Job, s: _Settings, lanes: LanePool, tally: Tally
+def _whole_image(job: Job, s: _Settings, lanes: LanePool, tally: Tally, last: bool
                  ) -> tuple[str | None, bool]:
     """(why it failed or None, whether transparency was dropped), in a lane; an image run in
-    tiles runs alone (translate/infer/lanes.py)."""
+    tiles runs alone, and so does the run's last image when the other lanes have nothing left
+    to do (translate/infer/lanes.py)."""
     try:
         item = _load(job, s)
     except (ImageError, MemoryError) as e:
@@ -221,7 +223,8 @@ def _whole_image(job: Job, s: _Settings, lanes: LanePool, tally: Tally
     dropped = _drops_alpha(item)
     tiled = tile_side(s.tile, s.info, *item.x.shape[2:]) is not None
     try:
-        with lanes.alone() if tiled else lanes.beside(), _warm_up_shown(s, [item], tally):
+        turn = lanes.alone() if tiled else lanes.last() if last else lanes.beside()
+        with turn, _warm_up_shown(s, [item], tally):
             pixels = _translate_batch(s, [item])[0]
     except (RuntimeError, MemoryError) as e:
         return _generator_failed(job, e), False
