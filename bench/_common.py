@@ -74,8 +74,9 @@ def write_unpaired(root: Path, size: int, count: int = 8) -> Path:
 
 
 def train_steps(recipe: str, overrides: list[str]):
-    """(session, batches, step) of RECIPE (a file, or a name in recipes/) with `overrides`, set up in-process the way
-    `translate train` sets it up (translate.runner.setup); step() is one real train_step."""
+    """(session, batches, step) of RECIPE (a file, or a name in recipes/) with `overrides`,
+    set up in-process the way `translate train` sets it up (translate.runner.setup); step() is
+    one real train_step."""
     from translate import recipe as config
     from translate import runner
     from translate.core import checkpoint, loop

@@ -44,9 +44,9 @@ class Tally:
 
 
 def _mean_rate(task: Task) -> float | None:
-    """Images per second since the bar started: the summary's figure. Not rich's own speed,
-    which spans only the advances it sampled: images finishing together (a batch, ONNX) made it
-    read ~80,000 img/s in a run of 5 at 4.9."""
+    """Images done (translated or failed) per second since the bar started: the summary's
+    figure when none failed. Not rich's own speed, which spans only the advances it sampled:
+    images finishing together (a batch, ONNX) made it read ~80,000 img/s in a run of 5 at 4.9."""
     elapsed = task.elapsed
     return task.completed / elapsed if task.completed and elapsed else None
 
