@@ -482,42 +482,37 @@ def test_lanes_keep_finished_work_when_interrupted(tmp_path):
 
 
 
-class _Threads:
-    """A batch function in lanes that records each image's width and its torch threads; the
-    image 16 px wide takes 0.5 s."""
-
-    def __init__(self) -> None:
-        self.lanes, self.calls = LanePool(2), []
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[3] == 16:
-            time.sleep(0.5)
-        self.calls.append((x.shape[3], torch.get_num_threads()))
-        return -x
-
-
 def test_a_run_of_one_image_gets_all_threads_and_a_last_image_beside_a_busy_lane_does_not(
         tmp_path):
     # One image alone would leave the other lane idle: it runs on both threads (one 1024 px
     # ResNet-9 image, fp32: 35.9 s on one thread, 20.3 on two). The last of several runs on
     # all threads only when no other image is still in flight.
-    src = tmp_path / "in"
-    src.mkdir()
-    for i, width in enumerate([16, 8, 12]):  # 0 is slow; 1 and then 2 pass it in the other lane
-        Image.fromarray(_noise(8, width, seed=i)).save(src / f"{i}.png")
+    def folder(name: str, widths: list[int]) -> Path:
+        (tmp_path / name).mkdir()
+        for i, width in enumerate(widths):
+            Image.fromarray(_noise(8, width, seed=i)).save(tmp_path / name / f"{i}.png")
+        return tmp_path / name
+
+    def recorded(calls: list[tuple[int, int]]):
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[3] == 16:
+                time.sleep(0.5)  # the slow image
+            calls.append((x.shape[3], torch.get_num_threads()))
+            return -x
+        return fn
+
+    lone, three = folder("one", [16]), folder("three", [16, 8, 12])  # 8, then 12 pass 16
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        lone = _Threads()
-        (tmp_path / "one").mkdir()
-        (src / "0.png").rename(tmp_path / "one" / "0.png")
-        translate_folder(lone, RGB, tmp_path / "one", tmp_path / "out1", progress=False)
-        (tmp_path / "one" / "0.png").rename(src / "0.png")
-        assert lone.calls == [(16, 2)]
-        three = _Threads()
-        report = translate_folder(three, RGB, src, tmp_path / "out3", progress=False)
+        calls: list[tuple[int, int]] = []
+        translate_folder(_InLanes(recorded(calls)), RGB, lone, tmp_path / "out1", progress=False)
+        assert calls == [(16, 2)]
+        calls.clear()
+        report = translate_folder(_InLanes(recorded(calls)), RGB, three, tmp_path / "out3",
+                                  progress=False)
         assert report.translated == 3 and torch.get_num_threads() == 2
-        assert sorted(three.calls) == [(8, 1), (12, 1), (16, 1)]  # 2 (last) beside 0 (busy)
+        assert sorted(calls) == [(8, 1), (12, 1), (16, 1)]  # 2 (last) beside 0 (busy)
     finally:
         torch.set_num_threads(before)
 
