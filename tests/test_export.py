@@ -63,8 +63,8 @@ def test_safetensors_round_trip_equals_trained_net(trained_run, exported):
 def test_ema_export_differs_and_loads(trained_run, exported, tmp_path):
     # `exported`: the plain export, made here if this is the first test of the module to run
     export_run(trained_run, ema=True, out=tmp_path)
-    plain = translate.load_generator(exported / "G_ab.safetensors")
-    ema = translate.load_generator(tmp_path / "G_ab.safetensors")
+    plain = translate.load_generator(exported / "G_ab.safetensors", precision="fp32")
+    ema = translate.load_generator(tmp_path / "G_ab.safetensors", precision="fp32")
     assert ema.metadata["ema"] == "true"
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     assert not torch.allclose(plain(x), ema(x))
@@ -111,7 +111,6 @@ def test_bf16_inference_stays_within_one_level_of_fp32(exported):
     assert 0 < np.abs(a - b).mean() <= 1.0, np.abs(a - b).mean()  # levels of 255; 0: no bf16
 
 
-
 @pytest.mark.parametrize("amx", [False, True])
 def test_bf16_runs_nchw_on_cpus_without_amx(exported, monkeypatch, amx):
     # Where bf16 is AVX-512 BF16 alone (a Zen 4), oneDNN's bf16 convolutions were faster from
@@ -126,6 +125,7 @@ def test_bf16_runs_nchw_on_cpus_without_amx(exported, monkeypatch, amx):
     assert fp32.forward.memory_format == torch.channels_last
     img = (np.random.default_rng(3).random((40, 48, 3)) * 255).astype(np.uint8)
     assert np.abs(bf16(img).astype(float) - fp32(img).astype(float)).mean() <= 1.0
+
 
 def test_auto_inference_precision_follows_the_cpu_kind(cpu_kind, exported, tmp_path):
     """`auto` (apply's default) is bf16 on a CPU with native bf16 and fp32 elsewhere, through the
