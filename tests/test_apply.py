@@ -432,20 +432,27 @@ def test_jpg_output_of_transparent_images_warns_once(tmp_path, in_lanes):
 
 class _InLanes:
     """A batch function whose `lanes` make translate_folder run whole images side by side (as
-    a compiled generator's do on a CPU); it records the threads it ran in."""
+    a compiled generator's do on a CPU); it records the threads it ran in. With `meet`, a call
+    waits (10 s at most, once) until a call runs on a second thread: images this small could
+    otherwise all be done by one lane before the other takes one."""
 
-    def __init__(self, fn) -> None:
+    def __init__(self, fn, meet: bool = False) -> None:
         self.fn, self.lanes, self.threads = fn, LanePool(2), set()
+        self.met = threading.Event()
+        if not meet:
+            self.met.set()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.threads.add(threading.get_ident())
+        if len(self.threads) > 1 or not self.met.wait(10):
+            self.met.set()
         return self.fn(x)
 
 
 def test_lanes_translate_every_kind_of_file_as_one_at_a_time(tmp_path, mixed):
     net = _net()
     one = translate_folder(net, RGB, mixed, tmp_path / "one", batch_size=1, progress=False)
-    lanes = _InLanes(net)
+    lanes = _InLanes(net, meet=True)
     two = translate_folder(lanes, RGB, mixed, tmp_path / "two", progress=False)
     assert len(lanes.threads) == 2 and threading.get_ident() not in lanes.threads
     assert (two.translated, two.skipped) == (one.translated, one.skipped) == (8, 0)
@@ -571,9 +578,19 @@ def test_the_tiles_of_an_image_alone_spread_over_the_lanes(tmp_path):
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.ReLU(),
                         nn.Conv2d(8, 3, 3, padding=1)).eval()
     calls: list[tuple[int, int, int, bool]] = []
-    net.register_forward_hook(lambda m, args, out: calls.append(
-        (args[0].shape[0], args[0].shape[2], torch.get_num_threads(), threading.get_ident(),
-         "forward" in net[1].__dict__)))
+    # A tile's call waits (10 s at most, once) until a tile runs on a second thread: tiles this
+    # small could otherwise all be done by the first thread before the helper starts.
+    met = threading.Event()
+
+    def record(m, args, out):
+        calls.append((args[0].shape[0], args[0].shape[2], torch.get_num_threads(),
+                      threading.get_ident(), "forward" in net[1].__dict__))
+        if len({c[3] for c in calls if c[1] == 32}) > 1:
+            met.set()
+        if args[0].shape[2] == 32 and not met.wait(10):
+            met.set()  # waited once in vain: the assertions below say so
+
+    net.register_forward_hook(record)
     src = tmp_path / "in"
     src.mkdir()
     Image.fromarray(_noise(96, 96)).save(src / "big.png")
