@@ -5,6 +5,7 @@ compiled graphs that hold it, the default rule, and the one-line refusals."""
 from __future__ import annotations
 
 import argparse
+import threading
 
 import numpy as np
 import pytest
@@ -94,6 +95,38 @@ def test_a_call_runs_on_nnpack_only_where_it_pays():
     ref = nn.functional.conv2d(x, fast.weight, fast.bias, padding=1)
     assert not torch.equal(y, ref)  # another algorithm ran...
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-4)  # ...to the same result
+
+
+@torch.no_grad()
+def test_a_caller_with_more_threads_cuts_large_convolutions_into_strips(monkeypatch):
+    # A lone image has all threads: a large 3x3 convolution runs in strips, one per thread, on
+    # NNPACK; a 7x7 one on NNPACK on the caller's thread; a small one on oneDNN. Same results.
+    threads: list[int] = []
+    conv = nnpack._conv
+    monkeypatch.setattr(nnpack, "_conv", lambda *a: threads.append(threading.get_ident())
+                        or conv(*a))
+    big = nnpack._swapped(nn.Conv2d(256, 256, 3, padding=1))
+    fft = nnpack._swapped(nn.Conv2d(64, 3, 7, padding=3))
+    small = nnpack._swapped(nn.Conv2d(64, 64, 3, padding=1))
+    nnpack.sequential_pool()
+    nnpack.register_op()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for net, x, strips in ((big, torch.randn(2, 256, 67, 72), 2),  # odd rows, a batch
+                               (fft, torch.randn(1, 64, 64, 64), 0),
+                               (small, torch.randn(1, 64, 64, 64), 0)):
+            threads.clear()
+            ops = _ops(lambda net=net, x=x: net(x))
+            assert (OP in ops) == (net is not small)
+            assert len(threads) == strips and len(set(threads)) == strips
+            ref = nn.functional.conv2d(x, net.weight, net.bias, padding=net.padding)
+            torch.testing.assert_close(net(x), ref, rtol=0, atol=1e-4)
+        torch.set_num_threads(1)
+        threads.clear()
+        assert OP in _ops(lambda: big(torch.randn(1, 256, 67, 40))) and threads == []  # whole
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_gradients_fall_back_to_onednn():

@@ -175,7 +175,8 @@ class LanePool:
         """The turn of a run's last job: `alone`, on all of the threads, when no other job is
         in flight (their lanes would idle: a run of one image), else `beside`. The ResNet-9,
         fp32, one 1024x1024 px image, the 2-core AVX2 EPYC: on one thread 35.9 s, on two 20.3
-        (on NNPACK 19.9 and 18.0: its large convolutions keep one thread)."""
+        (on NNPACK 19.9 and 18.0 then; 12.6-13.7 s since its large convolutions run in a
+        strip per thread: translate/infer/nnpack.py)."""
         with self._turns:
             idle = self._in_flight <= 1 and self._alone_thread is None and not self._running \
                 and not self._alone_waiting

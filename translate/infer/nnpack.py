@@ -25,11 +25,26 @@ most 1 level.
 NNPACK runs on its own thread pool, made once per process by its first call with torch's
 thread count at that moment. `sequential_pool` makes that call with one thread, so NNPACK then
 runs each convolution on the thread that calls it: two lanes run side by side (a shared pool
-would take their calls in turn). A caller with more threads than one therefore leaves cores
-idle in NNPACK, and oneDNN, which uses them all, is faster there for all but the largest
-convolutions (the same EPYC, 2 threads: 3x3 256 -> 256 at 64x64 px 25.0 ms against 19.2, at
-32x32 6.6 against 7.8; 3x3 128 -> 128 at 64x64 6.5 against 7.5). So eager calls use NNPACK only
-on a one-thread caller; a compiled graph decides once, when it is made (`in_graphs`).
+would take their calls in turn). A caller with more threads than one (a lone image, the
+whole-image statistics pass of a tiled one: translate/infer/lanes.py) would leave cores idle
+in NNPACK, so there a convolution either runs on oneDNN, on all threads, or is cut into
+horizontal strips, one per thread, each on NNPACK (`_strips`). ms per call on the same EPYC,
+a 2-thread caller (oneDNN on both threads / NNPACK on one / NNPACK in 2 strips; the machine's
+speed drifted by ~30% between runs):
+
+| convolution | oneDNN | NNPACK | strips |
+|---|---:|---:|---:|
+| 3x3, 256 -> 256, 32x32 px | 11.3 | 15.8 | 22.2 |
+| 3x3, 256 -> 256, 64x64 / 96x96 | 31.2 / 60.1 | 31.3 / 40.7 | 23.6 / 33.0 |
+| 3x3, 256 -> 256, 256x256 (a 1024 px image's blocks) | 578.6 | 411.7 | 303.0 |
+| 3x3, 128 -> 64, 64x64 / 128x128 | 3.7 / 14.1 | 4.2 / 15.3 | 5.1 / 14.3 |
+| 3x3, 64 -> 64, 128x128 | 7.4 | 8.9 | 9.5 |
+| 7x7, 64 -> 3, 128x128 / 512x512 | 11.3 / 200.5 | 5.4 / 81.3 | 6.1 / 87.6 |
+
+So a caller with more threads runs a 7x7 (FFT) convolution on NNPACK on its own thread, cuts a
+3x3 one into strips of at least STRIP_ROWS output rows where it has STRIP_WORK multiply-adds
+per kernel tap or more, and leaves the rest to oneDNN. A compiled graph decides once, when it
+is made (`in_graphs`).
 
 The default (`pays`): fp32 on a CPU without AMX. Measured on two AMD EPYCs, 2 cores: one
 with AVX2 only (above), and a Zen 4 with AVX-512 BF16, where oneDNN has AVX-512 kernels and
@@ -44,9 +59,12 @@ is used only when asked for.
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from translate import precision as cpu_precision
@@ -54,8 +72,13 @@ from translate import precision as cpu_precision
 MIN_CHANNELS = 64  # input channels (and output channels, for kernels under 7x7)
 MIN_PIXELS = 32 * 32  # output pixels of one image
 BIG_KERNEL = 7  # kernels this wide run on NNPACK (FFT) whatever their output channels
+STRIP_ROWS = 32  # output rows of a strip, at least (a caller with several threads)
+STRIP_WORK = 1 << 28  # output pixels x in x out channels: a 3x3 convolution worth cutting
 
 _pool_lock = threading.Lock()
+# threads that take strips beside the caller's own (made as needed, up to the caller's count)
+_strip_threads = ThreadPoolExecutor(max_workers=256, thread_name_prefix="translate-strips",
+                                    initializer=torch.set_num_threads, initargs=(1,))
 
 
 @functools.cache
@@ -108,21 +131,63 @@ def register_op() -> None:
 class NnpackConv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, same state dict) that runs on NNPACK where that pays: fp32
     on a CPU, no gradient, no autocast, an output of MIN_PIXELS or more, and a caller with one
-    thread (eager) or `in_graphs` (while torch.compile traces it)."""
+    thread (eager) or `in_graphs` (while torch.compile traces it); with more threads, in
+    strips or on the caller's thread where that beats oneDNN (see the module's docstring)."""
 
     in_graphs: bool = False  # compiled graphs use NNPACK (they run in one-thread lanes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        one_thread = (self.in_graphs if torch.compiler.is_compiling()
-                      else torch.get_num_threads() == 1)
-        out_pixels = ((x.shape[-2] + 2 * self.padding[0] - self.kernel_size[0] + 1)
-                      * (x.shape[-1] + 2 * self.padding[1] - self.kernel_size[1] + 1))
-        if (one_thread and out_pixels >= MIN_PIXELS and x.dtype == torch.float32
-                and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+        rows = x.shape[-2] + 2 * self.padding[0] - self.kernel_size[0] + 1
+        pixels = rows * (x.shape[-1] + 2 * self.padding[1] - self.kernel_size[1] + 1)
+        if (pixels < MIN_PIXELS or x.dtype != torch.float32 or x.device.type != "cpu"
+                or torch.is_autocast_enabled("cpu")
+                or torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return super().forward(x)
+        threads = self._threads(rows, pixels)
+        if threads == 0:
+            return super().forward(x)
+        if threads == 1:
             return torch.ops.translate.nnpack_conv2d(x, self.weight, self.bias,
                                                      list(self.padding))
-        return super().forward(x)
+        return _strips(x, self.weight, self.bias, self.padding, threads)
+
+    def _threads(self, rows: int, pixels: int) -> int:
+        """How many threads run this call on NNPACK, one strip each; 0: oneDNN runs it."""
+        if torch.compiler.is_compiling():
+            return 1 if self.in_graphs else 0
+        threads = torch.get_num_threads()
+        if threads == 1 or min(self.kernel_size) >= BIG_KERNEL:
+            return 1  # FFT: on this thread (strips gained nothing)
+        if pixels * self.in_channels * self.out_channels < STRIP_WORK:
+            return 0  # oneDNN, on all threads
+        return min(threads, rows // STRIP_ROWS)
+
+
+def _strips(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            padding: tuple[int, int], count: int) -> torch.Tensor:
+    """The convolution in `count` horizontal strips of its output, side by side: the first on
+    this thread, the others on helper threads, each on NNPACK (its pool runs on the caller).
+    The strips' inputs are cut here, on all of this thread's threads."""
+    (ph, pw), k, height = padding, weight.shape[2], x.shape[2]
+    rows = height + 2 * ph - k + 1
+    cuts = [rows * i // count for i in range(count + 1)]
+    parts = []
+    for top, end in itertools.pairwise(cuts):
+        # Output rows top:end read padded input rows top:end + k - 1; the zero rows of the
+        # padding that fall in them are added here.
+        first, last = top - ph, end + k - 1 - ph
+        part = x[:, :, max(first, 0):min(last, height)]
+        parts.append(F.pad(part, [pw, pw, max(-first, 0), max(last - height, 0)]).contiguous())
+    helpers = [_strip_threads.submit(_conv, part, weight, bias) for part in parts[1:]]
+    try:
+        first = _conv(parts[0], weight, bias)
+    finally:
+        wait(helpers)  # no strip left running, also after an error here
+    return torch.cat([first, *(h.result() for h in helpers)], 2)
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.translate.nnpack_conv2d(x, weight, bias, [0, 0])
 
 
 def eligible(m: nn.Module) -> bool:
