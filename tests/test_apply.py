@@ -577,7 +577,7 @@ def test_the_tiles_of_an_image_alone_spread_over_the_lanes(tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.ReLU(),
                         nn.Conv2d(8, 3, 3, padding=1)).eval()
-    calls: list[tuple[int, int, int, bool]] = []
+    calls: list[tuple[int, int, int, int, bool]] = []  # batch, rows, threads, thread, patched
     # A tile's call waits (10 s at most, once) until a tile runs on a second thread: tiles this
     # small could otherwise all be done by the first thread before the helper starts.
     met = threading.Event()

@@ -157,7 +157,7 @@ class NnpackConv2d(nn.Conv2d):
             return 1 if self.in_graphs else 0
         threads = torch.get_num_threads()
         if threads == 1 or min(self.kernel_size) >= BIG_KERNEL:
-            return 1  # FFT: on this thread (strips gained nothing)
+            return 1  # a lane's thread; or FFT, where strips gained nothing
         if pixels * self.in_channels * self.out_channels < STRIP_WORK:
             return 0  # oneDNN, on all threads
         return min(threads, rows // STRIP_ROWS)
@@ -173,11 +173,11 @@ def _strips(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     cuts = [rows * i // count for i in range(count + 1)]
     parts = []
     for top, end in itertools.pairwise(cuts):
-        # Output rows top:end read padded input rows top:end + k - 1; the zero rows of the
-        # padding that fall in them are added here.
-        first, last = top - ph, end + k - 1 - ph
-        part = x[:, :, max(first, 0):min(last, height)]
-        parts.append(F.pad(part, [pw, pw, max(-first, 0), max(last - height, 0)]).contiguous())
+        # Output rows top:end read padded input rows top:end + k - 1, rows lo:hi of x; the
+        # zero rows of the padding that fall in them are added here.
+        lo, hi = top - ph, end + k - 1 - ph
+        part = x[:, :, max(lo, 0):min(hi, height)]
+        parts.append(F.pad(part, [pw, pw, max(-lo, 0), max(hi - height, 0)]).contiguous())
     helpers = [_strip_threads.submit(_conv, part, weight, bias) for part in parts[1:]]
     try:
         first = _conv(parts[0], weight, bias)
