@@ -139,17 +139,16 @@ class NnpackConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[-2] + 2 * self.padding[0] - self.kernel_size[0] + 1
         pixels = rows * (x.shape[-1] + 2 * self.padding[1] - self.kernel_size[1] + 1)
-        if (pixels < MIN_PIXELS or x.dtype != torch.float32 or x.device.type != "cpu"
-                or torch.is_autocast_enabled("cpu")
-                or torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-            return super().forward(x)
-        threads = self._threads(rows, pixels)
+        plain = (pixels < MIN_PIXELS or x.dtype != torch.float32 or x.device.type != "cpu"
+                 or torch.is_autocast_enabled("cpu")
+                 or torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        threads = 0 if plain else self._threads(rows, pixels)
         if threads == 0:
             return super().forward(x)
         if threads == 1:
             return torch.ops.translate.nnpack_conv2d(x, self.weight, self.bias,
                                                      list(self.padding))
-        return _strips(x, self.weight, self.bias, self.padding, threads)
+        return _strips(x, self.weight, self.bias, self.padding, rows, threads)
 
     def _threads(self, rows: int, pixels: int) -> int:
         """How many threads run this call on NNPACK, one strip each; 0: oneDNN runs it."""
@@ -164,12 +163,11 @@ class NnpackConv2d(nn.Conv2d):
 
 
 def _strips(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            padding: tuple[int, int], count: int) -> torch.Tensor:
-    """The convolution in `count` horizontal strips of its output, side by side: the first on
-    this thread, the others on helper threads, each on NNPACK (its pool runs on the caller).
-    The strips' inputs are cut here, on all of this thread's threads."""
+            padding: tuple[int, int], rows: int, count: int) -> torch.Tensor:
+    """The convolution (`rows` output rows) in `count` horizontal strips of its output, side by
+    side: the first on this thread, the others on helper threads, each on NNPACK (its pool
+    runs on the caller). The strips' inputs are cut here, on all of this thread's threads."""
     (ph, pw), k, height = padding, weight.shape[2], x.shape[2]
-    rows = height + 2 * ph - k + 1
     cuts = [rows * i // count for i in range(count + 1)]
     parts = []
     for top, end in itertools.pairwise(cuts):
