@@ -56,7 +56,7 @@ def write_inputs(work: Path, args: argparse.Namespace) -> Path:
         from translate.onnx_export import export_onnx
 
         model = work / "G.onnx"
-        print(export_onnx(net, meta, model))
+        print("\n".join(export_onnx(net, meta, model)))
     # Smooth colour fields plus noise: decodes and encodes at about a photo's cost.
     n = args.size
     rng = np.random.default_rng(0)

@@ -367,9 +367,13 @@ def test_export_check_line_and_rejection(exported, tmp_path, monkeypatch):
     from translate.infer.load import load_torch_generator
 
     net, meta = load_torch_generator(exported / "G_ab.safetensors")
-    line = onnx_export.export_onnx(net, meta, tmp_path / "G.onnx")
-    assert "max |onnx - torch| = " in line and float(line.split("= ")[1].split()[0]) < 1e-4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["G.onnx"]  # no external data file
+    lines = onnx_export.export_onnx(net, meta, tmp_path / "G.onnx")
+    assert len(lines) == 2  # the net and its tiling companion (the net has instance norms)
+    for line in lines:
+        assert "max |onnx - torch| = " in line
+        assert float(line.split("max |onnx - torch| = ")[1].split()[0].rstrip(")")) < 1e-4
+    # no external data file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["G.onnx", "G.tiles.onnx"]
     real = onnx_export._session
 
     class Off:  # a session whose every output is 1e-3 away from PyTorch's
@@ -382,7 +386,7 @@ def test_export_check_line_and_rejection(exported, tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="differs from PyTorch by 1.0") as e:
         onnx_export.export_onnx(net, meta, tmp_path / "bad.onnx")
     assert "\n" not in str(e.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["G.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["G.onnx", "G.tiles.onnx"]
 
 
 @pytest.mark.slow
@@ -391,9 +395,10 @@ def test_export_and_apply_flags_through_the_cli(trained_run, tmp_path):
 
     proc = run_cli("export", str(trained_run), "--step", "2", "--ema", "--out",
                    str(tmp_path / "e"), "--onnx")
-    assert proc.stdout.count("max |onnx - torch| = ") == 2
+    assert proc.stdout.count("max |onnx - torch| = ") == 4  # each net and its companion
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [
-        "G_ab.onnx", "G_ab.safetensors", "G_ba.onnx", "G_ba.safetensors"]
+        "G_ab.onnx", "G_ab.safetensors", "G_ab.tiles.onnx", "G_ba.onnx", "G_ba.safetensors",
+        "G_ba.tiles.onnx"]
     meta = read_metadata(tmp_path / "e" / "G_ab.safetensors")
     assert (meta["step"], meta["ema"], meta["value_range"]) == ("2", "true", "[-1, 1]")
     assert meta["translate_version"] == translate.__version__

@@ -25,7 +25,7 @@ from translate.export import metadata
 from translate.infer import translate_folder
 from translate.infer.tiling import (
     ModelInfo,
-    _frozen,
+    ModuleNormStats,
     _overview,
     _run_padded,
     _starts,
@@ -155,10 +155,10 @@ def _edge_distance(n: int, tile: int, overlap: int) -> np.ndarray:
 
 def _frozen_whole(net: nn.Module, x: torch.Tensor, max_pixels: int) -> torch.Tensor:
     """The untiled output with the statistics tiling freezes (from the same overview)."""
-    norms = norm_layers(net)
+    source = ModuleNormStats(norm_layers(net))
     with torch.inference_mode():
-        stats, _ = _overview(net, RESNET, x, norms, max_pixels)
-        with _frozen(norms, stats):
+        stats, _ = _overview(net, RESNET, x, source, max_pixels)
+        with source.frozen(stats):
             return _run_padded(net, RESNET, [x])[0]
 
 
@@ -284,6 +284,74 @@ def test_group_norm_and_the_torch_backend_are_tiled_with_frozen_statistics(tmp_p
         opaque = translate_tensor(lambda t: gen.forward(t), gen.info, y, tile=64, overlap=32,
                                   batch_size=1)
     assert (tiled - module).abs().max() < 1e-5 < (opaque - module).abs().max()
+
+
+def _group_norm_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
+                         nn.Conv2d(8, 3, 3, padding=1)).eval()
+
+
+@pytest.mark.parametrize("kind", [pytest.param("resnet", marks=pytest.mark.slow), "group_norm"])
+def test_the_onnx_backend_tiles_with_whole_image_statistics(tmp_path, kind):
+    """`export --onnx` writes G.tiles.onnx beside G.onnx for a net with per-image norm layers;
+    with it, onnxruntime tiles a large image as the torch backend does (frozen whole-image
+    statistics); without it, a one-line warning and each tile's own statistics, as before."""
+    pytest.importorskip("onnxruntime")
+    from translate.infer.onnx import ModelWarning
+    from translate.onnx_export import export_onnx
+
+    net = _trained(_resnet(4, 2), steps=40) if kind == "resnet" else _group_norm_net()
+    meta = {**metadata(_resnet(4, 2), SimpleNamespace(method="cyclegan", name="test"), "G_ab",
+                       {"from": "A", "to": "B"}, 0, False), "kind": kind}
+    lines = export_onnx(net, meta, tmp_path / "G.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["G.onnx", "G.tiles.onnx"]
+    layers = 2 * 2 + 3 + 2 if kind == "resnet" else 1  # 2 blocks of 2, stem + 2 down, 2 up
+    assert f"{layers} norm layers" in lines[1]
+    gen = translate.load_generator(tmp_path / "G.onnx")
+    x = _tensor(_smooth(300, 260, seed=99))
+    with torch.inference_mode():
+        want = translate_tensor(net, RESNET, x, tile=128, overlap=32, batch_size=4)
+        got = translate_tensor(gen.forward, gen.info, x, tile=128, overlap=32, batch_size=4)
+        opaque = translate_tensor(lambda t: net(t), RESNET, x, tile=128, overlap=32,
+                                  batch_size=4)
+    print(f"\n{kind}: onnx vs torch tiled, max {(got - want).abs().max():.1e}; per-tile "
+          f"statistics vs frozen, max {(opaque - want).abs().max():.3f}")
+    assert (got - want).abs().max() < 1e-4
+    assert gen.norm_stats is gen.forward  # tiling finds it on the Generator as on its forward
+    companion = (tmp_path / "G.tiles.onnx").rename(tmp_path / "aside.onnx")
+    with pytest.warns(ModelWarning, match="G.tiles.onnx is missing"):
+        bare = translate.load_generator(tmp_path / "G.onnx")
+    with torch.inference_mode():
+        per_tile = translate_tensor(bare.forward, bare.info, x, tile=128, overlap=32,
+                                    batch_size=4)
+    assert (per_tile - opaque).abs().max() < 1e-4 < (opaque - want).abs().max()
+    with pytest.raises(UserError, match="the tiling companion of G.onnx"):
+        translate.load_generator(companion)
+
+
+@pytest.mark.slow
+def test_translate_apply_tiles_onnx_like_torch(tmp_path):
+    """Through the CLI: a trained ResNet's export, one 300x260 PNG in tiles of 128 px, on
+    onnxruntime and on torch in fp32: the same picture within a grey level."""
+    pytest.importorskip("onnxruntime")
+    from translate.onnx_export import export_onnx
+
+    net = _trained(_resnet(4, 2), steps=40)
+    model = _export(net, tmp_path / "G.safetensors")
+    export_onnx(net, translate.load_generator(model).metadata, tmp_path / "G.onnx")
+    (tmp_path / "in").mkdir()
+    Image.fromarray(_smooth(300, 260, seed=99)).save(tmp_path / "in" / "p.png")
+    outs = {}
+    for name, extra in (("onnx", ["--backend", "onnx"]), ("torch", ["--precision", "fp32"])):
+        model_file = tmp_path / ("G.onnx" if name == "onnx" else "G.safetensors")
+        run_cli("apply", str(model_file), str(tmp_path / "in"), str(tmp_path / name), "--tile",
+                "128", "--overlap", "32", "--no-progress", *extra)
+        outs[name] = np.asarray(Image.open(tmp_path / name / "p.png"), np.int16)
+    gap = np.abs(outs["onnx"] - outs["torch"])
+    print(f"\nonnx vs torch, tiled through the CLI: grey levels mean {gap.mean():.3f}, "
+          f"max {gap.max()}")
+    assert gap.max() <= 1
 
 
 @pytest.mark.parametrize("tile, overlap", [(128, 32), (192, 96)])

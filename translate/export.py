@@ -135,7 +135,7 @@ def export_run(run: str | Path, step: int | None = None, ema: bool = False,
         n = sum(p.numel() for p in net.parameters())
         lines.append(f"wrote {path} ({n / 1e6:.3f} M parameters, {which})")
         if onnx:
-            lines.append(export_onnx(net, meta, out_dir / f"{name}.onnx"))
+            lines.extend(export_onnx(net, meta, out_dir / f"{name}.onnx"))
     return lines
 
 

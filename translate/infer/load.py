@@ -94,6 +94,11 @@ class Generator:
         # Lets tiling find the norm layers whose statistics it freezes (translate/infer/tiling.py).
         return getattr(self.forward, "net", None)
 
+    @property
+    def norm_stats(self) -> Any:
+        # The ONNX backend's way to the same (translate/infer/onnx.py); None elsewhere.
+        return getattr(self.forward, "norm_stats", None)
+
     def float_forward(self) -> Any:
         """The batch function for float input: fp32 unless bf16 was asked for."""
         if self.precision == "bf16" and self.requested != "bf16":

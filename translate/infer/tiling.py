@@ -10,8 +10,10 @@ a sky and of a forest come out in different tones and the seams show. When the g
 `nn.Module`, or a callable with a `.net` module (the torch backend of `load_generator`), the
 net first runs once on a copy of the whole image scaled down to the pixels of one tile batch,
 recording every such norm layer's per-channel mean and variance; all tiles are then normalised
-with those frozen statistics, so they are normalised alike and blend without seams. Nets
-without such layers, and opaque callables (the ONNX backend), run tiles as they are.
+with those frozen statistics, so they are normalised alike and blend without seams. A callable
+with a `norm_stats` attribute (NormStats: the ONNX backend with its `.tiles.onnx` companion,
+translate/infer/onnx.py) measures and freezes the statistics its own way. Nets without such
+layers, and other opaque callables, run tiles as they are.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -132,13 +135,13 @@ def _run_tiled(fn: Generator, info: ModelInfo, x: torch.Tensor, tile: int, overl
     """
     h, w = x.shape[2:]
     x = _mirror_pad(x, info.padded(h), info.padded(w))
-    norms = norm_layers(fn)
-    stats: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if norms:
-        stats, whole = _overview(fn, info, x, norms, batch_size * tile * tile)
-        if whole is not None:  # it fitted in the memory of one batch of tiles: exact result
-            return whole[..., :h, :w]
-    with _frozen(norms, stats):
+    source = norm_stats(fn)
+    if source is None:
+        return _blend(fn, info, x, tile, overlap, batch_size)[..., :h, :w]
+    stats, whole = _overview(fn, info, x, source, batch_size * tile * tile)
+    if whole is not None:  # it fitted in the memory of one batch of tiles: exact result
+        return whole[..., :h, :w]
+    with source.frozen(stats):
         return _blend(fn, info, x, tile, overlap, batch_size)[..., :h, :w]
 
 
@@ -223,32 +226,67 @@ def norm_layers(fn: Generator) -> list[nn.Module]:
     return [m for m in net.modules() if per_image_norm(m)]
 
 
-def _overview(fn: Generator, info: ModelInfo, x: torch.Tensor, norms: list[nn.Module],
-              max_pixels: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
-                                        torch.Tensor | None]:
-    """Per-channel (mean, var) at each norm layer for the whole 1xCxHxW image, measured on a
-    copy scaled down to at most `max_pixels` (the memory of one batch of tiles); and the
-    output itself when no scaling was needed (then it is the exact untiled result)."""
+class NormStats(Protocol):
+    """Whole-image statistics of a generator's per-image norm layers, for tiling."""
+
+    def measure(self, run: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        """(the statistics the norm layers met during run(), run()'s result)."""
+
+    def frozen(self, stats: Any) -> AbstractContextManager[None]:
+        """Within the block the generator normalises every input with `stats`."""
+
+
+@dataclass
+class ModuleNormStats:
+    """NormStats of torch norm layers: forward hooks record, patched forwards freeze."""
+
+    norms: list[nn.Module]
+
+    def measure(self, run: Callable[[], torch.Tensor]
+                ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def record(module: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor
+                   ) -> None:
+            seen[module] = _moments(module, args[0])
+
+        hooks = [m.register_forward_hook(record) for m in self.norms]
+        try:
+            y = run()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if len(seen) < len(self.norms):
+            raise ModelError(f"{len(self.norms) - len(seen)} norm layers of the generator never "
+                             "ran; it cannot be tiled with whole-image statistics — use --tile 0")
+        return [seen[m] for m in self.norms], y
+
+    def frozen(self, stats: list[tuple[torch.Tensor, torch.Tensor]]
+               ) -> AbstractContextManager[None]:
+        return _frozen(self.norms, stats)
+
+
+def norm_stats(fn: Generator) -> NormStats | None:
+    """How tiling gets whole-image statistics for `fn`; None when it has nothing to freeze."""
+    own = getattr(fn, "norm_stats", None)
+    if own is not None:
+        return own
+    norms = norm_layers(fn)
+    return ModuleNormStats(norms) if norms else None
+
+
+def _overview(fn: Generator, info: ModelInfo, x: torch.Tensor, source: NormStats,
+              max_pixels: int) -> tuple[Any, torch.Tensor | None]:
+    """The statistics of the norm layers for the whole 1xCxHxW image, measured on a copy
+    scaled down to at most `max_pixels` (the memory of one batch of tiles); and the output
+    itself when no scaling was needed (then it is the exact untiled result)."""
     h, w = x.shape[2:]
     scale = math.sqrt(max_pixels / (h * w))
     if scale < 1.0:  # sides rounded to the size multiple: stretched a pixel, never padded
         size = (info.padded(round(h * scale)), info.padded(round(w * scale)))
         x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-    seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def record(module: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-        seen[module] = _moments(module, args[0])
-
-    hooks = [m.register_forward_hook(record) for m in norms]
-    try:
-        y = _run_padded(fn, info, [x])[0]
-    finally:
-        for hook in hooks:
-            hook.remove()
-    if len(seen) < len(norms):
-        raise ModelError(f"{len(norms) - len(seen)} norm layers of the generator never ran; "
-                         "it cannot be tiled with whole-image statistics — use --tile 0")
-    return [seen[m] for m in norms], y if scale >= 1.0 else None
+    stats, y = source.measure(lambda: _run_padded(fn, info, [x])[0])
+    return stats, y if scale >= 1.0 else None
 
 
 def _moments(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
