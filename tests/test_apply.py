@@ -430,22 +430,34 @@ def test_jpg_output_of_transparent_images_warns_once(tmp_path, in_lanes):
     assert np.asarray(Image.open(tmp_path / "png" / "a.png"))[:4, :, 3].max() == 0
 
 
-class _InLanes:
-    """A batch function whose `lanes` make translate_folder run whole images side by side (as
-    a compiled generator's do on a CPU); it records the threads it ran in. With `meet`, a call
-    waits (10 s at most, once) until a call runs on a second thread: images this small could
-    otherwise all be done by one lane before the other takes one."""
+class _Meeting:
+    """Records the threads that arrive; an arrival waits (10 s at most, once) until a second
+    thread has arrived: work this small could otherwise all be done by one thread before
+    another starts, and a test of side-by-side work would pass or fail by timing."""
 
-    def __init__(self, fn, meet: bool = False) -> None:
-        self.fn, self.lanes, self.threads = fn, LanePool(2), set()
+    def __init__(self, wait: bool = True) -> None:
+        self.threads: set[int] = set()
         self.met = threading.Event()
-        if not meet:
+        if not wait:
             self.met.set()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def arrive(self) -> None:
         self.threads.add(threading.get_ident())
         if len(self.threads) > 1 or not self.met.wait(10):
-            self.met.set()
+            self.met.set()  # met, or waited once in vain: the test's assertions say so
+
+
+class _InLanes:
+    """A batch function whose `lanes` make translate_folder run whole images side by side (as
+    a compiled generator's do on a CPU); it records the threads it ran in. With `meet`, calls
+    meet (_Meeting) before they run."""
+
+    def __init__(self, fn, meet: bool = False) -> None:
+        self.fn, self.lanes, self.meeting = fn, LanePool(2), _Meeting(wait=meet)
+        self.threads = self.meeting.threads
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.meeting.arrive()
         return self.fn(x)
 
 
@@ -582,17 +594,13 @@ def test_the_tiles_of_an_image_alone_spread_over_the_lanes(tmp_path):
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8), nn.ReLU(),
                         nn.Conv2d(8, 3, 3, padding=1)).eval()
     calls: list[tuple[int, int, int, int, bool]] = []  # batch, rows, threads, thread, patched
-    # A tile's call waits (10 s at most, once) until a tile runs on a second thread: tiles this
-    # small could otherwise all be done by the first thread before the helper starts.
-    met = threading.Event()
+    tiles_meet = _Meeting()  # tiles this small could all run on the first thread
 
     def record(m, args, out):
         calls.append((args[0].shape[0], args[0].shape[2], torch.get_num_threads(),
                       threading.get_ident(), "forward" in net[1].__dict__))
-        if len({c[3] for c in calls if c[1] == 32}) > 1:
-            met.set()
-        if args[0].shape[2] == 32 and not met.wait(10):
-            met.set()  # waited once in vain: the assertions below say so
+        if args[0].shape[2] == 32:
+            tiles_meet.arrive()
 
     net.register_forward_hook(record)
     src = tmp_path / "in"
