@@ -292,7 +292,20 @@ def _group_norm_net() -> nn.Module:
                          nn.Conv2d(8, 3, 3, padding=1)).eval()
 
 
-@pytest.mark.parametrize("kind", [pytest.param("resnet", marks=pytest.mark.slow), "group_norm"])
+def _norm_net(kind: str) -> tuple[nn.Module, nn.Module, int]:
+    """(net, the net whose metadata describes it, its per-image norm layers)."""
+    if kind == "resnet":  # stem, 2 down, 2 blocks of 2, 2 up
+        return _trained(_resnet(4, 2), steps=40), _resnet(4, 2), 3 + 2 * 2 + 2
+    if kind == "unet":  # every level but the outermost and innermost: 4 - 2, x2 for the way up
+        torch.manual_seed(0)
+        unet = build_net("unet", num_downs=4, ngf=8, norm="instance")
+        init_weights(unet, 0.02)
+        return unet.eval(), unet, len(norm_layers(unet))
+    return _group_norm_net(), _resnet(4, 2), 1
+
+
+@pytest.mark.parametrize("kind", [pytest.param("resnet", marks=pytest.mark.slow), "unet",
+                                  "group_norm"])
 def test_the_onnx_backend_tiles_with_whole_image_statistics(tmp_path, kind):
     """`export --onnx` writes G.tiles.onnx beside G.onnx for a net with per-image norm layers;
     with it, onnxruntime tiles a large image as the torch backend does (frozen whole-image
@@ -301,19 +314,18 @@ def test_the_onnx_backend_tiles_with_whole_image_statistics(tmp_path, kind):
     from translate.infer.onnx import ModelWarning
     from translate.onnx_export import export_onnx
 
-    net = _trained(_resnet(4, 2), steps=40) if kind == "resnet" else _group_norm_net()
-    meta = {**metadata(_resnet(4, 2), SimpleNamespace(method="cyclegan", name="test"), "G_ab",
-                       {"from": "A", "to": "B"}, 0, False), "kind": kind}
+    net, described, layers = _norm_net(kind)
+    meta = metadata(described, SimpleNamespace(method="cyclegan", name="test"), "G_ab",
+                    {"from": "A", "to": "B"}, 0, False)
     lines = export_onnx(net, meta, tmp_path / "G.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["G.onnx", "G.tiles.onnx"]
-    layers = 2 * 2 + 3 + 2 if kind == "resnet" else 1  # 2 blocks of 2, stem + 2 down, 2 up
-    assert f"{layers} norm layers" in lines[1]
+    assert layers > 0 and f"{layers} norm layers" in lines[1]
     gen = translate.load_generator(tmp_path / "G.onnx")
     x = _tensor(_smooth(300, 260, seed=99))
     with torch.inference_mode():
-        want = translate_tensor(net, RESNET, x, tile=128, overlap=32, batch_size=4)
+        want = translate_tensor(net, gen.info, x, tile=128, overlap=32, batch_size=4)
         got = translate_tensor(gen.forward, gen.info, x, tile=128, overlap=32, batch_size=4)
-        opaque = translate_tensor(lambda t: net(t), RESNET, x, tile=128, overlap=32,
+        opaque = translate_tensor(lambda t: net(t), gen.info, x, tile=128, overlap=32,
                                   batch_size=4)
     print(f"\n{kind}: onnx vs torch tiled, max {(got - want).abs().max():.1e}; per-tile "
           f"statistics vs frozen, max {(opaque - want).abs().max():.3f}")

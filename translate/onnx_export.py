@@ -129,10 +129,13 @@ class _GivenStatsNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, g = x.shape[0], self.channels, self.groups
-        flat = x.reshape(n, g, -1)
-        mean = flat.mean(2)
-        var = (flat - mean[:, :, None]).pow(2).mean(2)
-        if g != c:
+        if g == c:  # no reshape: its -1 would make torch.export guard the smallest sizes
+            mean = x.mean((2, 3))
+            var = (x - mean[:, :, None, None]).pow(2).mean((2, 3))
+        else:
+            flat = x.reshape(n, g, -1)
+            mean = flat.mean(2)
+            var = (flat - mean[:, :, None]).pow(2).mean(2)
             mean = mean[:, :, None].expand(n, g, c // g).reshape(n, c)
             var = var[:, :, None].expand(n, g, c // g).reshape(n, c)
         self.io["seen"][self.index] = torch.cat([mean, var], 1)
@@ -184,11 +187,11 @@ def _export_tiles(net: nn.Module, meta: dict[str, str], path: Path, opset: int) 
     m, c = int(meta["size_multiple"]), int(meta["in_channels"])
     side = 2 * m if m >= 32 else 64
     example = (torch.zeros(1, c, side, side), torch.zeros(graph.size), torch.zeros(1))
-    # Tiles and padded images are multiples of the size and at least its minimum; the norm
-    # arithmetic below makes torch.export prove more about small sizes than the plain net.
-    least = max(m, int(meta.get("min_size", "1")))
-    dims = {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", min=least),
-            3: torch.export.Dim("width", min=least)}
+    # Tiles and padded images are multiples of the size and at least its minimum: said so,
+    # torch.export need not prove the norm arithmetic for sizes that never come.
+    least = max(1, -(-int(meta.get("min_size", "1")) // m))
+    dims = {0: torch.export.Dim("batch", min=1), 2: m * torch.export.Dim("rows", min=least),
+            3: m * torch.export.Dim("columns", min=least)}
     with _quiet():
         program = torch.onnx.export(
             graph, example, dynamo=True, opset_version=opset, external_data=False,
