@@ -342,6 +342,26 @@ def test_the_onnx_backend_tiles_with_whole_image_statistics(tmp_path, kind):
         translate.load_generator(companion)
 
 
+def test_an_onnx_tiling_companion_of_another_export_is_not_used(tmp_path):
+    """G.onnx of step 2 beside the companion of step 1's export (say its own failed to be
+    written): a warning, and tiles with their own statistics."""
+    pytest.importorskip("onnxruntime")
+    from translate.infer.onnx import ModelWarning
+    from translate.onnx_export import export_onnx
+
+    net = _group_norm_net()
+    for step in (1, 2):
+        meta = metadata(_resnet(4, 2), SimpleNamespace(method="cyclegan", name="test"), "G_ab",
+                        {"from": "A", "to": "B"}, step, False)
+        (tmp_path / str(step)).mkdir()
+        export_onnx(net, meta, tmp_path / str(step) / "G.onnx")
+    assert translate.load_generator(tmp_path / "2" / "G.onnx").norm_stats is not None
+    (tmp_path / "1" / "G.tiles.onnx").replace(tmp_path / "2" / "G.tiles.onnx")
+    with pytest.warns(ModelWarning, match="G.tiles.onnx comes from another export"):
+        gen = translate.load_generator(tmp_path / "2" / "G.onnx")
+    assert gen.norm_stats is None
+
+
 @pytest.mark.slow
 def test_translate_apply_tiles_onnx_like_torch(tmp_path):
     """Through the CLI: a trained ResNet's export, one 300x260 PNG in tiles of 128 px, on

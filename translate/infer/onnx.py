@@ -87,6 +87,24 @@ def load_onnx(path: Path) -> tuple[ModelInfo, dict[str, str], Callable, str, str
     return model_info(meta), meta, OnnxForward(path, meta), "onnx", "fp32"
 
 
+def _companion(path: Path, meta: dict[str, str]):
+    """The onnxruntime session of the tiling companion that `meta` names beside `path`, or
+    None (with a warning) when it is missing or was written by another export."""
+    companion = path.with_name(meta["tiles"])
+    why = "is missing"
+    if companion.is_file():
+        sess = session(companion)
+        theirs = dict(sess.get_modelmeta().custom_metadata_map)
+        ours = {k: v for k, v in meta.items() if k != "tiles"} | {"tiles_of": path.name}
+        if theirs == ours:
+            return sess
+        why = "comes from another export"
+    warnings.warn(f"{path}: its tiling companion {companion.name} {why}, so large images are "
+                  "tiled with each tile's own statistics (seams are possible); re-export with "
+                  "`translate export RUN --onnx`", ModelWarning, stacklevel=4)
+    return None
+
+
 class OnnxForward:
     """The batch function of an ONNX generator (float NCHW in [-1, 1] -> float NCHW). With a
     tiling companion it also has `norm_stats` (translate/infer/tiling.py's NormStats)."""
@@ -98,15 +116,8 @@ class OnnxForward:
         self._given: np.ndarray | None = None  # statistics to normalise with (frozen)
         self._seen: list[np.ndarray] | None = None  # statistics met (measuring)
         if "tiles" in meta:
-            companion = path.with_name(meta["tiles"])
-            if companion.is_file():
-                self.tiles = session(companion)
-                self.norm_stats = self
-            else:
-                warnings.warn(f"{path}: its tiling companion {companion.name} is missing, so "
-                              "large images are tiled with each tile's own statistics (seams "
-                              "are possible); re-export with `translate export RUN --onnx`",
-                              ModelWarning, stacklevel=3)
+            self.tiles = _companion(path, meta)
+            self.norm_stats = self if self.tiles else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().cpu().numpy()
