@@ -387,6 +387,11 @@ def test_export_check_line_and_rejection(exported, tmp_path, monkeypatch):
         onnx_export.export_onnx(net, meta, tmp_path / "bad.onnx")
     assert "\n" not in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["G.onnx", "G.tiles.onnx"]
+    monkeypatch.setattr(onnx_export, "_session", real)
+    monkeypatch.setattr(onnx_export, "_tiles_gap", lambda *args: 2e-3)  # the companion only
+    with pytest.raises(ModelError, match="tiling companion differs from PyTorch by 2.00e-03"):
+        onnx_export.export_onnx(net, meta, tmp_path / "bad.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["G.onnx", "G.tiles.onnx"]
 
 
 @pytest.mark.slow

@@ -56,7 +56,11 @@ def export_onnx(net: nn.Module, meta: dict[str, str], path: Path, opset: int = 1
     lines = [_export_main(net, meta, path, opset)]
     if tiled:
         companion = {k: v for k, v in meta.items() if k != "tiles"} | {"tiles_of": path.name}
-        lines.append(_export_tiles(net, companion, tiles_path(path), opset))
+        try:
+            lines.append(_export_tiles(net, companion, tiles_path(path), opset))
+        except ModelError:
+            path.unlink()  # no export without its companion
+            raise
     return lines
 
 
@@ -112,6 +116,13 @@ def _save(model, meta: dict[str, str], path: Path) -> None:
         entry.key, entry.value = key, value
     with atomic_path(path) as tmp:
         onnx.save_model(model, str(tmp), save_as_external_data=False)
+
+
+# The companion computes each norm layer's mean, variance and scaling op by op where the plain
+# export has one InstanceNormalization, so it rounds differently: a random-init paper ResNet-9
+# (23 norm layers, activations of tiny variance) came out 6.1e-5 from PyTorch, the plain file
+# 1.0e-5. 1e-3 on [-1, 1] is 0.13 of a grey level.
+TILES_TOLERANCE = 1e-3
 
 
 class _GivenStatsNorm(nn.Module):
@@ -199,11 +210,11 @@ def _export_tiles(net: nn.Module, meta: dict[str, str], path: Path, opset: int) 
             dynamic_shapes=(dims, None, None), verbose=False)
     _save(program.model_proto, meta, path)
     worst = _tiles_gap(net, path, m, c)
-    if worst > 1e-4:
+    if worst > TILES_TOLERANCE:
         path.unlink()
         raise ModelError(f"{path}: the tiling companion differs from PyTorch by {worst:.2e} "
-                         "(> 1e-4); not written — please report this with your torch/onnx "
-                         "versions")
+                         f"(> {TILES_TOLERANCE:g}); not written — please report this with your "
+                         "torch/onnx versions")
     return (f"wrote {path} (for tiling large images with whole-image statistics, "
             f"{graph.layers} norm layers; max |onnx - torch| = {worst:.1e})")
 
