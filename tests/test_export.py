@@ -393,6 +393,13 @@ def test_export_check_line_and_rejection(exported, tmp_path, monkeypatch):
         onnx_export.export_onnx(net, meta, tmp_path / "bad.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["G.onnx", "G.tiles.onnx"]
 
+    def unexportable(*args):
+        raise RuntimeError("torch.export:\n  cannot trace this")
+    monkeypatch.setattr(onnx_export, "_TilesGraph", unexportable)
+    with pytest.raises(ModelError, match="could not be exported .torch.export: cannot trace"):
+        onnx_export.export_onnx(net, meta, tmp_path / "bad.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["G.onnx", "G.tiles.onnx"]
+
 
 @pytest.mark.slow
 def test_export_and_apply_flags_through_the_cli(trained_run, tmp_path):

@@ -58,9 +58,13 @@ def export_onnx(net: nn.Module, meta: dict[str, str], path: Path, opset: int = 1
         companion = {k: v for k, v in meta.items() if k != "tiles"} | {"tiles_of": path.name}
         try:
             lines.append(_export_tiles(net, companion, tiles_path(path), opset))
-        except ModelError:
+        except Exception as e:  # torch.export raises many kinds
             path.unlink()  # no export without its companion
-            raise
+            if isinstance(e, ModelError):
+                raise
+            raise ModelError(f"{tiles_path(path)}: the tiling companion could not be exported "
+                             f"({' '.join(str(e).split())[:200]}); export without --onnx, and "
+                             "please report this with your torch/onnx versions") from None
     return lines
 
 
