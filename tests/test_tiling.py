@@ -296,7 +296,7 @@ def _norm_net(kind: str) -> tuple[nn.Module, nn.Module, int]:
     """(net, the net whose metadata describes it, its per-image norm layers)."""
     if kind == "resnet":  # stem, 2 down, 2 blocks of 2, 2 up
         return _trained(_resnet(4, 2), steps=40), _resnet(4, 2), 3 + 2 * 2 + 2
-    if kind == "unet":  # every level but the outermost and innermost: 4 - 2, x2 for the way up
+    if kind == "unet":  # 4 levels; its norm layers counted from the module itself
         torch.manual_seed(0)
         unet = build_net("unet", num_downs=4, ngf=8, norm="instance")
         init_weights(unet, 0.02)
