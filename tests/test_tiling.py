@@ -283,7 +283,14 @@ def test_group_norm_and_the_torch_backend_are_tiled_with_frozen_statistics(tmp_p
         tiled = translate_tensor(gen, gen.info, y, tile=64, overlap=32, batch_size=1)
         opaque = translate_tensor(lambda t: gen.forward(t), gen.info, y, tile=64, overlap=32,
                                   batch_size=1)
+        # load_generator's callable tiles when asked (4 tiles a batch, as apply's default)
+        by_call = gen(y, tile=64, overlap=32) - translate_tensor(gen.net, gen.info, y, tile=64,
+                                                                 overlap=32, batch_size=4)
     assert (tiled - module).abs().max() < 1e-5 < (opaque - module).abs().max()
+    assert by_call.abs().max() < 1e-5
+    img = _smooth(200, 120)
+    assert gen(img, tile=64, overlap=32).shape == img.shape
+    assert not np.array_equal(gen(img, tile=64, overlap=32), gen(img))  # whole by default
 
 
 def _group_norm_net() -> nn.Module:

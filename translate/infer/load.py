@@ -26,7 +26,7 @@ from translate.infer.nnpack import eligible as nnpack_eligible
 from translate.infer.nnpack import pays as nnpack_pays
 from translate.infer.nnpack import use_nnpack
 from translate.infer.onnx import load_onnx, model_info
-from translate.infer.tiling import ModelInfo, translate_tensor
+from translate.infer.tiling import DEFAULT_OVERLAP, ModelInfo, Tile, translate_tensor
 from translate.nets import NETS, build_net
 from translate.precision import cpu_has_amx, inference_precision
 
@@ -107,9 +107,13 @@ class Generator:
                                        precision="fp32")
         return self.forward
 
-    def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    def __call__(self, images: np.ndarray | torch.Tensor, *, tile: Tile = None,
+                 overlap: int = DEFAULT_OVERLAP) -> np.ndarray | torch.Tensor:
+        """`tile`: as `translate apply --tile` (None or 0: whole images, the default here;
+        "auto": tiles of 512 px above 1024x1024; N: tiles of at most N px), `overlap` too."""
+        run = functools.partial(translate_tensor, tile=tile, overlap=overlap)
         if isinstance(images, torch.Tensor):
-            return translate_tensor(self.float_forward(), self.info, images.float())
+            return run(self.float_forward(), self.info, images.float())
         arr = np.asarray(images)
         floats = np.issubdtype(arr.dtype, np.floating)
         if not (arr.dtype == np.uint8 or floats) or arr.ndim not in (3, 4):
@@ -122,7 +126,7 @@ class Generator:
         x = torch.from_numpy(np.array(colour)).permute(0, 3, 1, 2).float()
         x = x / (0.5 if floats else 127.5) - 1.0
         fn = self.float_forward() if floats else self.forward
-        y = translate_tensor(fn, self.info, x).clamp(-1, 1).add(1).permute(0, 2, 3, 1)
+        y = run(fn, self.info, x).clamp(-1, 1).add(1).permute(0, 2, 3, 1)
         out = y.mul(0.5).numpy() if floats else y.mul(127.5).round().to(torch.uint8).numpy()
         if alpha is not None:
             out = np.concatenate([out, alpha.astype(out.dtype)], axis=-1)
