@@ -46,10 +46,14 @@ def _resnet(ngf: int = 8, n_blocks: int = 9) -> nn.Module:
     return net.eval()
 
 
-def _export(net: nn.Module, path: Path) -> Path:
+def _meta(net: nn.Module, step: int = 0) -> dict[str, str]:
+    """The export metadata of `net` as G_ab of a CycleGAN run at `step`."""
     cfg = SimpleNamespace(method="cyclegan", name="test")
-    meta = metadata(net, cfg, "G_ab", {"from": "A", "to": "B"}, 0, False)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), meta)
+    return metadata(net, cfg, "G_ab", {"from": "A", "to": "B"}, step, False)
+
+
+def _export(net: nn.Module, path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), _meta(net))
     return path
 
 
@@ -322,9 +326,7 @@ def test_the_onnx_backend_tiles_with_whole_image_statistics(tmp_path, kind):
     from translate.onnx_export import export_onnx
 
     net, described, layers = _norm_net(kind)
-    meta = metadata(described, SimpleNamespace(method="cyclegan", name="test"), "G_ab",
-                    {"from": "A", "to": "B"}, 0, False)
-    lines = export_onnx(net, meta, tmp_path / "G.onnx")
+    lines = export_onnx(net, _meta(described), tmp_path / "G.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["G.onnx", "G.tiles.onnx"]
     assert layers > 0 and f"{layers} norm layers" in lines[1]
     gen = translate.load_generator(tmp_path / "G.onnx")
@@ -358,10 +360,8 @@ def test_an_onnx_tiling_companion_of_another_export_is_not_used(tmp_path):
 
     net = _group_norm_net()
     for step in (1, 2):
-        meta = metadata(_resnet(4, 2), SimpleNamespace(method="cyclegan", name="test"), "G_ab",
-                        {"from": "A", "to": "B"}, step, False)
         (tmp_path / str(step)).mkdir()
-        export_onnx(net, meta, tmp_path / str(step) / "G.onnx")
+        export_onnx(net, _meta(_resnet(4, 2), step), tmp_path / str(step) / "G.onnx")
     assert translate.load_generator(tmp_path / "2" / "G.onnx").norm_stats is not None
     (tmp_path / "1" / "G.tiles.onnx").replace(tmp_path / "2" / "G.tiles.onnx")
     with pytest.warns(ModelWarning, match="G.tiles.onnx comes from another export"):

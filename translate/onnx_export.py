@@ -18,7 +18,7 @@ from torch import nn
 
 from translate.errors import ModelError
 from translate.files import atomic_path
-from translate.infer.onnx import TILES_INPUTS, TILES_OUTPUTS, tiles_path
+from translate.infer.onnx import TILES_INPUTS, TILES_OUTPUTS, companion_metadata, tiles_path
 from translate.infer.onnx import need as _need
 from translate.infer.onnx import session as _session
 from translate.infer.tiling import ModuleNormStats, norm_layers, per_image_norm
@@ -55,9 +55,9 @@ def export_onnx(net: nn.Module, meta: dict[str, str], path: Path, opset: int = 1
         meta = {**meta, "tiles": tiles_path(path).name}
     lines = [_export_main(net, meta, path, opset)]
     if tiled:
-        companion = {k: v for k, v in meta.items() if k != "tiles"} | {"tiles_of": path.name}
         try:
-            lines.append(_export_tiles(net, companion, tiles_path(path), opset))
+            lines.append(_export_tiles(net, companion_metadata(meta, path.name),
+                                       tiles_path(path), opset))
         except Exception as e:  # torch.export raises many kinds
             path.unlink()  # no export without its companion
             if isinstance(e, ModelError):
@@ -200,8 +200,8 @@ def _export_tiles(net: nn.Module, meta: dict[str, str], path: Path, opset: int) 
     """Write the tiling companion and check it (_tiles_gap); returns a report line."""
     graph = _TilesGraph(net).eval()
     m, c = int(meta["size_multiple"]), int(meta["in_channels"])
-    side = 2 * m if m >= 32 else 64
-    example = (torch.zeros(1, c, side, side), torch.zeros(graph.size), torch.zeros(1))
+    image, _, checks = _image_io(m, c)
+    example = (image, torch.zeros(graph.size), torch.zeros(1))
     # Tiles and padded images are multiples of the size and at least its minimum: said so,
     # torch.export need not prove the norm arithmetic for sizes that never come.
     least = max(1, -(-int(meta.get("min_size", "1")) // m))
@@ -213,7 +213,7 @@ def _export_tiles(net: nn.Module, meta: dict[str, str], path: Path, opset: int) 
             input_names=list(TILES_INPUTS), output_names=list(TILES_OUTPUTS),
             dynamic_shapes=(dims, None, None), verbose=False)
     _save(program.model_proto, meta, path)
-    worst = _tiles_gap(net, path, m, c)
+    worst = _tiles_gap(net, path, checks[0], checks[1][:1])
     if worst > TILES_TOLERANCE:
         path.unlink()
         raise ModelError(f"{path}: the tiling companion differs from PyTorch by {worst:.2e} "
@@ -223,14 +223,11 @@ def _export_tiles(net: nn.Module, meta: dict[str, str], path: Path, opset: int) 
             f"{graph.layers} norm layers; max |onnx - torch| = {worst:.1e})")
 
 
-def _tiles_gap(net: nn.Module, path: Path, m: int, c: int) -> float:
+def _tiles_gap(net: nn.Module, path: Path, x: torch.Tensor, other: torch.Tensor) -> float:
     """The largest difference between the companion at `path` and the torch backend's tiling
-    arithmetic, in both modes: own statistics (the output must equal net(x), the statistics
-    out what tiling records) and another image's statistics frozen."""
+    arithmetic on the image `x`, in both modes: own statistics (the output must equal net(x),
+    the statistics out what tiling records) and the image `other`'s statistics frozen."""
     source = ModuleNormStats(norm_layers(net))
-    g = torch.Generator().manual_seed(0)
-    x, other = (torch.rand(1, c, h, w, generator=g) * 2 - 1 for h, w in ((3 * m, 5 * m),
-                                                                         (7 * m, 2 * m)))
     with torch.no_grad():
         own, want = source.measure(lambda: net(x))
         theirs, _ = source.measure(lambda: net(other))

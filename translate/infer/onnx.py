@@ -35,6 +35,11 @@ def tiles_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.tiles.onnx")
 
 
+def companion_metadata(meta: dict[str, str], name: str) -> dict[str, str]:
+    """The metadata of the tiling companion of `name`, an export whose metadata is `meta`."""
+    return {k: v for k, v in meta.items() if k != "tiles"} | {"tiles_of": name}
+
+
 def need(module: str):
     try:
         return __import__(module)
@@ -100,8 +105,7 @@ def _companion(path: Path, meta: dict[str, str]):
     if companion.is_file():
         sess = session(companion, arena=False)  # it runs large images' overviews and tiles
         theirs = dict(sess.get_modelmeta().custom_metadata_map)
-        ours = {k: v for k, v in meta.items() if k != "tiles"} | {"tiles_of": path.name}
-        if theirs == ours:
+        if theirs == companion_metadata(meta, path.name):
             return sess
         why = "comes from another export"
     warnings.warn(f"{path}: its tiling companion {companion.name} {why}, so large images are "
