@@ -1,18 +1,21 @@
 """NNPACK convolutions for fp32 inference (translate/infer/nnpack.py, `translate apply --nnpack`):
 which layers move to it, when a call runs on it, results within a grey level of oneDNN's,
-compiled graphs that hold it, the default rule, and the one-line refusals."""
+compiled graphs that hold it, the default rule, and the one-line refusals. Then in training
+(translate/nets/nnpack.py, train.nnpack): forward and gradients against oneDNN's, the rule,
+and a real run."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import threading
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cli_error, random_image_folder, run_cli
+from conftest import ROOT, cli_error, random_image_folder, run_cli, tiny_config
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import translate
@@ -230,3 +233,120 @@ def test_compile_auto_asks_more_pixels_of_nnpack(resnet, generator, photos, tmp_
     bf16.precision = "bf16"
     with pytest.raises(UserError, match="--nnpack on: it runs fp32 on a CPU"):
         _compile_choice(bf16)
+
+
+# ------------------------------------------------------------------ training (train.nnpack)
+
+
+def _counting(monkeypatch) -> list[tuple[int, ...]]:
+    """The input shapes of every NNPACK convolution from now on."""
+    calls: list[tuple[int, ...]] = []
+    real = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution",
+                        lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
+    return calls
+
+
+@pytest.mark.parametrize("cin, cout, k, pad, size, batch, bias, on_nnpack", [
+    (64, 64, 3, 1, 48, 2, True, (2, 2)),   # forward and input gradient, one image per call
+    (64, 3, 7, 3, 48, 1, False, (1, 1)),   # FFT: the input gradient (3 -> 64) too
+    (128, 64, 3, 0, 52, 3, True, (3, 3)),  # no padding: the gradient pads by kernel - 1
+    (64, 64, 3, 1, 40, 2, True, (0, 0)),   # under TRAIN_MIN_PIXELS: oneDNN
+])
+def test_a_training_convolution_on_nnpack_computes_what_onednn_does(
+        cin, cout, k, pad, size, batch, bias, on_nnpack, monkeypatch):
+    # fp32 (NNPACK takes nothing else). Forward and input gradient within 1e-4 of oneDNN's
+    # (relative to the largest value), weight and bias gradients the same (oneDNN's own).
+    from translate.nets import nnpack as nets_nnpack
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(cin, cout, k, padding=pad, bias=bias))
+    ref = nn.Sequential(nn.Conv2d(cin, cout, k, padding=pad, bias=bias))
+    ref.load_state_dict(net.state_dict())
+    assert nets_nnpack.use_in_training(net) == 1 and isinstance(net[0], nets_nnpack.TrainConv2d)
+    x = torch.randn(batch, cin, size, size, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    calls = _counting(monkeypatch)
+    y = net(x)
+    forward_calls = len(calls)
+    y_ref = ref(x_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert (forward_calls, len(calls) - forward_calls) == on_nnpack
+    for got, want in ((y, y_ref), (x.grad, x_ref.grad)):
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    if on_nnpack[0]:
+        assert not torch.equal(y, y_ref)  # another algorithm ran
+    assert torch.equal(net[0].weight.grad, ref[0].weight.grad)
+    assert not bias or torch.equal(net[0].bias.grad, ref[0].bias.grad)
+
+
+def test_training_takes_nnpack_where_inference_does(monkeypatch):
+    from translate.nets import nnpack as nets_nnpack
+
+    cpu = torch.device("cpu")
+    for capability, has_amx in (("AVX2", False), ("AVX512", False), ("AVX512", True)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        monkeypatch.setattr(precision, "cpu_has_amx", lambda a=has_amx: a)
+        assert nets_nnpack.for_training("auto", cpu, "no") is nnpack.pays(cpu, "fp32")
+        assert nets_nnpack.for_training("on", cpu, "no")  # asked for: also with AMX
+        assert not nets_nnpack.for_training("off", cpu, "no")
+        for choice in nets_nnpack.TRAINING:
+            assert not nets_nnpack.for_training(choice, cpu, "bf16")
+            assert not nets_nnpack.for_training(choice, torch.device("cuda"), "no")
+    assert not nets_nnpack.use_in_training(nn.Sequential(
+        nn.Conv2d(256, 512, 4, padding=1),  # the PatchGAN's 4x4 (FFT): slower on NNPACK
+        nn.Conv2d(64, 64, 3, stride=2), nn.Conv2d(32, 32, 3)))
+
+
+@pytest.mark.slow
+def test_a_run_trains_on_nnpack_repeatably_and_close_to_onednn(tiny_unpaired, tmp_path,
+                                                               monkeypatch, capsys):
+    """A real training run (3 CycleGAN steps, ResNet generators of width 64 at 48 px, fp32):
+    train.nnpack="on" puts the generators' large convolutions on NNPACK, gives the same
+    weights twice (as a resume needs) and losses within 1e-3 of "off"'s (oneDNN's)."""
+    from translate.nets import nnpack as nets_nnpack
+    from translate.runner import setup, train
+
+    wide = ("model.ngf=64", "train.channels_last=false")  # NNPACK takes NCHW only
+
+    def weights(choice: str, name: str) -> dict[str, torch.Tensor]:
+        cfg = tiny_config("cyclegan", *wide, 'data.preprocess="resize"',
+                          "data.load_size=48", "data.crop_size=48",
+                          'train.mixed_precision="no"', f'train.nnpack="{choice}"',
+                          data__root=tiny_unpaired, run_dir=tmp_path / name, train__steps=3,
+                          train__log_every=1)
+        train(cfg, progress=False)
+        ckpt = tmp_path / name / "checkpoints" / "step_0000003"
+        return {f"{f.name}/{k}": v for f in sorted(ckpt.glob("model*.safetensors"))
+                for k, v in load_file(f).items()}
+
+    s = setup(tiny_config("cyclegan", *wide, 'train.mixed_precision="no"',
+                          'train.nnpack="on"', data__root=tiny_unpaired,
+                          run_dir=tmp_path / "probe"))
+    swapped = [type(m) for m in s.method.nets["G_ab"].modules()]
+    assert swapped.count(nets_nnpack.TrainConv2d) == 5  # 1 block x 2, 2 upsampling, the last
+    assert nets_nnpack.TrainConv2d not in [type(m) for m in s.method.nets["D_a"].modules()]
+    capsys.readouterr()
+    calls = _counting(monkeypatch)
+    on = weights("on", "on")
+    assert calls  # the run did use NNPACK (the 48x48 convolutions)
+    # the start line says so: 5 in each generator
+    assert "(set by the recipe or --mixed-precision; train.nnpack on: 10 convolutions on " \
+        "NNPACK at 48x48 px and more)" in capsys.readouterr().err
+    assert all(torch.equal(v, w) for v, w in zip(on.values(), weights("on", "again").values()))
+    capsys.readouterr()
+    off = weights("off", "off")
+    assert "NNPACK" not in capsys.readouterr().err
+    assert on.keys() == off.keys() and any(not torch.equal(on[k], off[k]) for k in on)
+    # The first step's losses (before any update), not weights: Adam's first steps are about
+    # the sign of each gradient, so rounding noise in the gradients that are near zero (e.g.
+    # of the biases before instance norms, which cancel them) becomes steps of the learning
+    # rate's size, and two runs part by ~1e-3 within 3 steps.
+    first = {name: json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0])
+             for name in ("on", "off")}
+    losses = [k for k in first["off"] if k.split("/")[0] in ("G", "D") and first["off"][k]]
+    assert first["on"]["step"] == 1 and len(losses) >= 6
+    for k in losses:
+        assert abs(first["on"][k] - first["off"][k]) <= 1e-4 * abs(first["off"][k]), k

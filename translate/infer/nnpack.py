@@ -1,5 +1,6 @@
 """NNPACK's convolutions (Winograd for 3x3 kernels, FFT for larger ones) for fp32 inference on
-a CPU, where they beat oneDNN's direct convolutions.
+a CPU, where they beat oneDNN's direct convolutions. The rule of which convolutions it takes
+(`available`, `pays`, `eligible`) is translate/nets/nnpack.py's, shared with training.
 
 torch ships NNPACK but routes a convolution to it only for batches of 16 or more, and only
 after oneDNN has declined it: at batch 1 it is never used. Measured on a 2-core AMD EPYC with
@@ -67,11 +68,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from translate import precision as cpu_precision
+from translate.nets.nnpack import (
+    BIG_KERNEL,
+    MIN_CHANNELS,
+    available,
+    eligible,
+    output_size,
+    pays,
+    takes,
+)
 
-MIN_CHANNELS = 64  # input channels (and output channels, for kernels under 7x7)
+__all__ = ["MIN_CHANNELS", "NnpackConv2d", "available", "eligible", "pays", "set_in_graphs",
+           "use_nnpack"]  # the rule (translate/nets/nnpack.py) with what inference adds
+
 MIN_PIXELS = 32 * 32  # output pixels of one image
-BIG_KERNEL = 7  # kernels this wide run on NNPACK (FFT) whatever their output channels
 STRIP_ROWS = 32  # output rows of a strip, at least (a caller with several threads)
 STRIP_WORK = 1 << 28  # output pixels x in x out channels: a 3x3 convolution worth cutting
 
@@ -79,20 +89,6 @@ _pool_lock = threading.Lock()
 # threads that take strips beside the caller's own (made as needed, up to the caller's count)
 _strip_threads = ThreadPoolExecutor(max_workers=256, thread_name_prefix="translate-strips",
                                     initializer=torch.set_num_threads, initargs=(1,))
-
-
-@functools.cache
-def available() -> bool:
-    """Whether this torch has NNPACK and it runs on this CPU (the first call initialises it)."""
-    return bool(torch._nnpack_available())
-
-
-def pays(device: torch.device, precision: str) -> bool:
-    """The default: NNPACK for fp32 on a CPU, except where oneDNN runs AVX-512 kernels on a
-    CPU with AMX (see above). With torch limited to AVX2 (ATEN_CPU_CAPABILITY=avx2), on any."""
-    wide = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    return (device.type == "cpu" and precision == "fp32" and available()
-            and not (wide and cpu_precision.cpu_has_amx()))
 
 
 @functools.cache
@@ -137,10 +133,9 @@ class NnpackConv2d(nn.Conv2d):
     in_graphs: bool = False  # compiled graphs use NNPACK (they run in one-thread lanes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[-2] + 2 * self.padding[0] - self.kernel_size[0] + 1
-        pixels = rows * (x.shape[-1] + 2 * self.padding[1] - self.kernel_size[1] + 1)
-        plain = (pixels < MIN_PIXELS or x.dtype != torch.float32 or x.device.type != "cpu"
-                 or torch.is_autocast_enabled("cpu")
+        rows, cols = output_size(self, x)
+        pixels = rows * cols
+        plain = (pixels < MIN_PIXELS or not takes(x)
                  or torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         threads = 0 if plain else self._threads(rows, pixels)
         if threads == 0:
@@ -186,15 +181,6 @@ def _strips(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.translate.nnpack_conv2d(x, weight, bias, [0, 0])
-
-
-def eligible(m: nn.Module) -> bool:
-    """A plain convolution NNPACK runs and that it speeds up (see the module's table)."""
-    return (type(m) is nn.Conv2d and m.stride == (1, 1) and m.dilation == (1, 1)
-            and m.groups == 1 and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
-            and 3 <= min(m.kernel_size) and max(m.kernel_size) <= 16
-            and m.in_channels >= MIN_CHANNELS
-            and (m.out_channels >= MIN_CHANNELS or min(m.kernel_size) >= BIG_KERNEL))
 
 
 def use_nnpack(net: nn.Module) -> int:
