@@ -10,7 +10,9 @@ row of its own, shown with what it resolved to on this machine. Measured:
 - the ceiling: fp32 and bf16 n x n x n matmul rates (n = 4096 unless that would take minutes);
 - a full CycleGAN iteration with the paper's nets (ResNet-9 ngf 64, 70x70 PatchGAN) through the
   real loop (translate.core.loop.setup + train_step) at 128 and 256 px, batch 1 and 4, eager
-  and torch.compile, per precision; the demo recipe the same way;
+  and torch.compile, per precision, and fp32 with oneDNN's convolutions only where `fp32`
+  (train.nnpack "auto") runs some on NNPACK (translate/nets/nnpack.py); the demo recipe the
+  same way;
 - a CUT and a FastCUT iteration with the paper's nets at 128 px batch 1 (fp32), each stepped in
   alternation with the CycleGAN fp32 step of that size;
 - a DCGAN and a WGAN-GP iteration (5 critic steps) at 64 px, batch 64;
@@ -35,8 +37,6 @@ import json
 import os
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,8 @@ from _speed_report import (
 THREADS = 2  # torch threads per child unless --threads says otherwise
 EAGER = ["train.compile=false", "train.channels_last=false"]
 VARIANTS: dict[str, list[str]] = {  # training variants: config overrides, precision named
-    "fp32": ['train.mixed_precision="no"', *EAGER],
+    "fp32": ['train.mixed_precision="no"', *EAGER],  # NNPACK as train.nnpack "auto" says
+    "fp32 oneDNN": ['train.mixed_precision="no"', 'train.nnpack="off"', *EAGER],
     "auto": ['train.mixed_precision="auto"', *EAGER],  # the row shows what it resolved to
     "bf16": ['train.mixed_precision="bf16"', *EAGER],
     "bf16+channels_last": ['train.mixed_precision="bf16"', "train.compile=false",
@@ -78,94 +79,6 @@ BACKENDS: dict[str, dict[str, Any]] = {  # apply variants: load_generator argume
     "torch bf16 compiled": {"precision": "bf16", "compile": True},
     "onnx": {"backend": "onnx"},
 }
-Unit = tuple[Callable[[], int], Callable[[], dict]]  # (one timed unit -> items, final report)
-
-
-# ------------------------------------------------------------------------------- children
-
-
-def child_gemm(spec: dict[str, Any]) -> Unit:
-    import torch
-    from _common import gemm_gflops, peak_rss_mb
-
-    rate, n = gemm_gflops(getattr(torch, spec["dtype"]), budget_s=spec["budget"])
-    return lambda: 1, lambda: {"gflops": rate, "n": n, "rss_mb": peak_rss_mb()}
-
-
-def child_train(spec: dict[str, Any]) -> Unit:
-    from _common import peak_rss_mb, train_steps
-    from torch.utils.flop_counter import FlopCounterMode
-
-    s, batches, train_step = train_steps(spec["recipe"], spec["overrides"])
-    draw, waited = batches.next, [0.0, 0]
-
-    def timed_next():  # data loading in-process: its whole cost, nothing hidden by workers
-        t = time.perf_counter()
-        out = draw()
-        waited[0] += time.perf_counter() - t
-        return out
-
-    batches.next = timed_next
-
-    def step() -> int:
-        train_step()
-        waited[1] += 1
-        return 1
-
-    def finish() -> dict[str, Any]:
-        flops = None
-        if spec["count_flops"]:
-            try:
-                with FlopCounterMode(display=False) as counter:
-                    step()
-                flops = counter.get_total_flops()
-            except RuntimeError:  # the counter cannot follow a penalty's double backward
-                flops = None
-        return {"flops": flops, "rss_mb": peak_rss_mb(), "data_s": waited[0] / max(waited[1], 1),
-                "resolved": {"no": "fp32"}.get(s.accelerator.mixed_precision,
-                                               s.accelerator.mixed_precision),
-                "warmup_s": warm}
-
-    began = time.perf_counter()
-    for _ in range(spec["warmup"]):
-        step()
-    warm = time.perf_counter() - began  # with torch.compile: the compile
-    return step, finish
-
-
-def child_apply(spec: dict[str, Any]) -> Unit:
-    from _common import apply_folder, peak_rss_mb
-
-    from translate.export import load_generator
-    from translate.infer.nnpack import NnpackConv2d
-
-    args = BACKENDS[spec["backend"]]
-    onnx = args.get("backend") == "onnx"
-    gen = load_generator(spec["onnx"] if onnx else spec["model"], **args)
-
-    def run() -> int:
-        return apply_folder(gen, spec["input"], spec["output"])
-
-    began = time.perf_counter()
-    for _ in range(spec["warmup"]):
-        run()
-    warm = time.perf_counter() - began  # compiled: the compile, once per size
-    on_nnpack = any(isinstance(m, NnpackConv2d) for m in (gen.net.modules() if gen.net else ()))
-    resolved = f"{gen.precision}{' nnpack' if on_nnpack else ''}"
-    return run, lambda: {"rss_mb": peak_rss_mb(), "resolved": resolved, "warmup_s": warm}
-
-
-CHILDREN: dict[str, Callable[[dict[str, Any]], Unit]] = {
-    "gemm": child_gemm, "train": child_train, "apply": child_apply}
-
-
-def child_main(kind: str, spec_json: str) -> None:
-    import torch
-    from _paired import serve
-
-    spec = json.loads(spec_json)
-    torch.set_num_threads(spec.get("threads", THREADS))
-    serve(*CHILDREN[kind](spec))
 
 
 # -------------------------------------------------------------------------------- planning
@@ -207,7 +120,7 @@ def train_variants(p: Plan, main: bool) -> list[str]:
     if p.quick:
         return ["fp32", "auto", p.compiled()]
     if main:
-        every = list(VARIANTS)
+        every = [v for v in VARIANTS if v != "fp32 oneDNN"]
         return every if p.native else [v for v in every if "bf16" not in v]
     return ["fp32", "auto", p.compiled()] if p.native else ["fp32", p.compiled()]
 
@@ -225,6 +138,8 @@ def train_cases(p: Plan) -> list[Case]:
                 "train.epochs=0", "train.epochs_decay=0"]
         # 64 px: only there to stand beside the reference's 64 px number.
         variants = ["fp32"] if size == 64 else train_variants(p, (size, batch) == (128, 1))
+        if p.nnpack and size > 64:  # the paper's nets: fp32 takes NNPACK where auto says
+            variants.append("fp32 oneDNN")
         add(f"train{size}b{batch}", f"cyclegan {size}px b{batch}", "cyclegan_horse2zebra.toml",
             data, variants)
         if (size, batch) == (128, 1):
@@ -268,14 +183,15 @@ def cut_cases(p: Plan, data: list[str]) -> list[Case]:
 def apply_cases(p: Plan) -> list[Case]:
     cases = []
     for size in (256,) if p.quick else (256, 1024):
-        for backend in BACKENDS:
+        for backend, args in BACKENDS.items():
             if "bf16" in backend and not p.native or p.quick and backend == "torch bf16":
                 continue  # quick: `torch auto` is the bf16 eager row where bf16 is native
             if "nnpack" in backend and (not p.nnpack or size > 256):
                 continue  # at 1024 px `torch auto` is the NNPACK row where NNPACK is the default
             if size > 256 and backend in ("torch bf16", "torch fp32 compiled") and p.native:
                 continue  # the rows that matter at 1024 px: fp32, auto, compiled in auto's, onnx
-            spec = {"backend": backend, "model": str(p.work / "G.safetensors"),
+            spec = {"backend": backend, "args": args,
+                    "model": str(p.work / "G.safetensors"),
                     "onnx": str(p.work / "G.onnx"), "input": str(p.work / f"photos{size}"),
                     "output": str(p.work / "out" / f"{size}_{backend.replace(' ', '_')}"),
                     "warmup": 1, "repeats": p.repeats, "budget": p.budget(),
@@ -353,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
+        from _speed_children import child_main
+
         child_main(*args.child)
         return 0
     repeats = max(args.repeats or (5 if args.quick else 7), MIN_STEPS)

@@ -46,6 +46,9 @@ def test_plans_time_enough_steps_and_keep_auto_rows(quick, native, nnpack):
     assert ("apply256/torch fp32 nnpack" in keys) == ("apply256/torch fp32 nnpack compiled"
                                                         in keys) == nnpack
     assert not any("nnpack" in k for k in keys if k.startswith("apply1024"))
+    # training on oneDNN beside the fp32 row, which takes NNPACK where train.nnpack's auto does
+    assert ("train128b1/fp32 oneDNN" in keys) == nnpack
+    assert 'train.nnpack="off"' in speed.VARIANTS["fp32 oneDNN"]
     assert all(c.spec["repeats"] >= _paired.MIN_STEPS for c in cases if c.kind != "gemm")
     if not native:  # emulated bf16 is not measured
         assert not any("bf16" in c.variant for c in cases if c.kind != "gemm")
