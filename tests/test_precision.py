@@ -20,7 +20,8 @@ SAPPHIRE = "flags\t\t: fpu sse sse2 avx avx2 fma avx512f avx512_bf16 amx_bf16 am
 
 
 def _cpuinfo(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "cpuinfo"
+    """A new cpuinfo file (the machine's is read once a process, so each stand-in is new)."""
+    path = tmp_path / f"cpuinfo-{len(list(tmp_path.glob('cpuinfo-*')))}"
     path.write_text(text * 2)  # one block per core
     return path
 
@@ -30,6 +31,16 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
     assert precision.cpu_has_bf16(_cpuinfo(tmp_path, SAPPHIRE))
     assert precision.cpu_has_bf16(_cpuinfo(tmp_path, "flags : avx512_bf16\n"))  # Zen 4
     assert not precision.cpu_has_bf16(tmp_path / "missing")  # not Linux: assume none
+
+
+def test_the_machines_cpuinfo_is_read_once(tmp_path, monkeypatch):
+    machine = _cpuinfo(tmp_path, AVX2_ONLY)
+    monkeypatch.setattr(precision, "CPUINFO", machine)
+    monkeypatch.delenv(precision.SWITCH, raising=False)
+    assert not precision.cpu_has_bf16()
+    machine.write_text(SAPPHIRE)
+    assert not precision.cpu_has_bf16() and not precision.cpu_has_amx()  # not read again
+    assert precision.cpu_has_bf16(machine)  # an explicit file is read each call
 
 
 def test_amx_is_read_from_the_cpu_flags(tmp_path):
