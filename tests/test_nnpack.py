@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import translate
-from translate import precision
+from translate import config, precision
 from translate.errors import UserError
 from translate.infer import compiled, nnpack, translate_folder
 
@@ -292,7 +292,7 @@ def test_training_takes_nnpack_where_inference_does(monkeypatch):
         assert nets_nnpack.for_training("auto", cpu, "no") is nnpack.pays(cpu, "fp32")
         assert nets_nnpack.for_training("on", cpu, "no")  # asked for: also with AMX
         assert not nets_nnpack.for_training("off", cpu, "no")
-        for choice in nets_nnpack.TRAINING:
+        for choice in config.NNPACK_CHOICES:
             assert not nets_nnpack.for_training(choice, cpu, "bf16")
             assert not nets_nnpack.for_training(choice, torch.device("cuda"), "no")
     assert not nets_nnpack.use_in_training(nn.Sequential(
@@ -305,7 +305,8 @@ def test_a_run_trains_on_nnpack_repeatably_and_close_to_onednn(tiny_unpaired, tm
                                                                monkeypatch, capsys):
     """A real training run (3 CycleGAN steps, ResNet generators of width 64 at 48 px, fp32):
     train.nnpack="on" puts the generators' large convolutions on NNPACK, gives the same
-    weights twice (as a resume needs) and losses within 1e-3 of "off"'s (oneDNN's)."""
+    weights twice (as a resume needs) and first-step losses within 1e-4 (relative) of "off"'s
+    (oneDNN's)."""
     from translate.nets import nnpack as nets_nnpack
     from translate.runner import setup, train
 

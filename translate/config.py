@@ -23,6 +23,7 @@ from translate import files
 from translate.errors import ConfigError
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")  # train.mixed_precision's values (and the flags')
+NNPACK_CHOICES = ("auto", "on", "off")  # train.nnpack's values
 DEMO_RECIPES = {  # `translate demo --method NAME`: the recipe it trains (translate/demo.py)
     "cyclegan": "cyclegan_demo.toml",
     "cut": "cut_demo.toml",
@@ -97,7 +98,7 @@ class TrainConfig:
     grad_clip: float = non_negative(0.0)  # max gradient norm per phase (0 = off)
     mixed_precision: str = choice("auto", *PRECISIONS)  # autocast dtype; auto: bf16 where the hardware has it natively, else fp32
     channels_last: bool = False           # NHWC memory format for conv nets
-    nnpack: str = choice("auto", "auto", "on", "off")  # fp32 on a CPU: large convolutions on NNPACK (translate/nets/nnpack.py); auto: on CPUs without AMX
+    nnpack: str = choice("auto", *NNPACK_CHOICES)  # fp32 on a CPU: large convolutions on NNPACK (translate/nets/nnpack.py); auto: on CPUs without AMX
     sync_batchnorm: bool = False          # BatchNorm statistics over all processes (GPU only; DCGAN's BatchNorm nets)
     compile: bool | str = choice("auto", True, False, "auto")  # torch.compile the nets (a warm-up of minutes); auto: on where measured to pay (CycleGAN, bf16 on a CPU, >= 5,000 steps: translate.core.machine.compile_choice)
     log_every: int = positive(50)         # steps between log lines (loss values fetched only then)

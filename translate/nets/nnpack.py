@@ -38,7 +38,6 @@ MIN_CHANNELS = 64  # input channels (and output channels, for kernels under 7x7)
 BIG_KERNEL = 7  # kernels this wide run on NNPACK (FFT) whatever their output channels
 TRAIN_MIN_SIDE = 48
 TRAIN_MIN_PIXELS = TRAIN_MIN_SIDE**2  # output pixels of one image, for a training convolution
-TRAINING = ("auto", "on", "off")  # train.nnpack
 
 
 @functools.cache
