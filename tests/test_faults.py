@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from translate import cli, config
 from translate import recipe as recipe_mod
-from translate.core import checkpoint, loop
+from translate.core import checkpoint, loop, machine
 from translate.core.faults import MAX_ROLLBACKS
 from translate.errors import UserError
 from translate.runner import train
@@ -464,6 +464,62 @@ def test_nan_rollback_recovers_at_half_the_learning_rate(tmp_path, monkeypatch, 
     _poison_once(monkeypatch, at_step=5)
     with pytest.raises(UserError, match="step 6, phase D"):
         train(_cfg(tmp_path / "stop", 8, 2), progress=False)
+
+
+def _fp16_as_on_a_gpu(monkeypatch, init_scale: float) -> None:
+    """fp16 as accelerate runs it on a GPU, here on the CPU: the run's Accelerator gets a real
+    GradScaler (accelerate makes one on CUDA only) and fp16 autocast."""
+    real = machine.make_accelerator
+
+    def make(cfg):
+        acc, _ = real(cfg)
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        acc.autocast = lambda *args, **kwargs: torch.autocast("cpu", dtype=torch.float16)
+        return acc, "fp16 with a GradScaler (test)"
+    monkeypatch.setattr(machine, "make_accelerator", make)
+
+
+def _gp_cfg(run: Path, steps: int, *sets: str) -> config.RunConfig:
+    """A tiny WGAN-GP: its penalty is an input gradient, what fp16 overflows first."""
+    return recipe_mod.load(ROOT / "recipes/toy_wgan_gp_ring.toml", TOY + [
+        f"train.steps={steps}", f'run_dir="{run}"', "train.log_every=1",
+        f"train.sample_every={NO_SAMPLES}", "train.save_every=4", *sets])
+
+
+def test_fp16_steps_the_grad_scaler_skips_do_not_stop_the_run(tmp_path, monkeypatch):
+    # A scale of 2^24 overflows D's fp16 input gradient: the first steps' penalty is NaN/Inf
+    # and the GradScaler skips them, halving its scale, as a GPU run does at its start and
+    # whenever its scale probes higher. That is not divergence (it stopped the run before).
+    _fp16_as_on_a_gpu(monkeypatch, init_scale=2.0**24)
+    run = tmp_path / "run"
+    assert train(_gp_cfg(run, 8), progress=False).step == 8
+    logged = _logged(run)
+    assert [r["step"] for r in logged] == list(range(1, 9))
+    first, last = logged[0], logged[-1]
+    assert first["D/skipped"] == 1.0 and first["D/gp"] in ("nan", "inf")
+    assert last["D/skipped"] == 0.0 and last["G/skipped"] == 0.0
+    assert isinstance(last["D/gp"], float) and last["loss_scale"] < first["loss_scale"] < 2**24
+    for ckpt in checkpoint.list_checkpoints(run):
+        assert (ckpt / "scaler.pt").is_file()
+        assert all(torch.isfinite(v).all() for v in _tensors(ckpt).values()), ckpt
+
+
+def test_fp16_gradients_overflowing_step_after_step_stop_the_run(tmp_path, monkeypatch):
+    # A penalty weight of 1e30 overflows D's fp16 gradients at any scale: the scaler skips
+    # every D step and its scale falls under faults.MIN_LOSS_SCALE within a few steps.
+    _fp16_as_on_a_gpu(monkeypatch, init_scale=2.0**16)
+    with pytest.raises(UserError) as err:
+        train(_gp_cfg(tmp_path / "stop", 20, "model.gp_weight=1e30"), progress=False)
+    assert re.match(r"step \d, phase D: fp16's loss scale fell to \d\.\de-0[5-9] \(the "
+                    r"gradients overflowed step after step\); lower the learning rates",
+                    str(err.value)), err.value
+    # A rollback restores step 4's scale (scaler.pt) and diverges at step 6 again: its step 5
+    # logs the scale the first attempt's did (5 critic steps skipped a step, each halving it).
+    run = tmp_path / "rollback"
+    with pytest.raises(UserError, match=f"step 6.*still diverging after {MAX_ROLLBACKS} "):
+        train(_gp_cfg(run, 20, "model.gp_weight=1e30", 'train.on_nan="rollback"'),
+              progress=False)
+    assert [r["loss_scale"] for r in _logged(run)] == [2.0**16 / 32**k for k in range(1, 6)]
 
 
 # ---------------------------------------------------------------------------- disk full

@@ -10,6 +10,7 @@ trained one that costs no training, and is better trained than any we could affo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,25 @@ def test_a_resume_reads_the_log_once(demo, tmp_path, monkeypatch):
     straight.observe(13, {"step": 13, "G/loss": 13.0, "D/loss": 1 / 13})
     assert len(reads) == 1
     assert list(resumed.records) == list(straight.records) and resumed.last_step == 13
+
+
+def test_an_inf_loss_of_a_step_fp16_skipped_is_kept_neither_live_nor_on_a_resume(demo, tmp_path):
+    """A step fp16's GradScaler skipped can log an inf loss (the string "inf" in log.jsonl, which
+    a resume's rebuild passes over): the live monitor leaves it out too, so its windows match a
+    resumed one's and one skipped step does not poison them."""
+    log = tmp_path / "log.jsonl"
+    live = _monitor(demo, tmp_path / "unused.jsonl")
+    with open(log, "w") as f:
+        for step in range(1, 5):
+            values = {"G/loss": 1.0, "D/loss": float("inf") if step == 2 else 0.5}
+            live.observe(step, values)
+            f.write(json.dumps({"step": step, **{k: v if math.isfinite(v) else str(v)
+                                                 for k, v in values.items()}}) + "\n")
+    resumed = _monitor(demo, log)
+    for m in (live, resumed):
+        m.observe(5, {"G/loss": 1.0, "D/loss": 0.5})
+    assert list(resumed.records) == list(live.records)
+    assert [kept.get("D/loss") for _, kept in live.records] == [0.5, None, 0.5, 0.5, 0.5]
 
 
 def test_monitor_reads_d_and_losses_from_the_log_records(demo, tmp_path):

@@ -282,7 +282,8 @@ def _check_pickles(path: Path, rank: int) -> None:
     if not rng.is_file():
         raise UserError(f"{rng}: missing, so the resume would not repeat the run's random "
                         "numbers; resume from another checkpoint")
-    for f in sorted(path.glob("*.bin")) + [rng]:
+    scaler = [path / "scaler.pt"] if (path / "scaler.pt").is_file() else []  # fp16's GradScaler
+    for f in sorted(path.glob("*.bin")) + [rng] + scaler:
         try:
             with warnings.catch_warnings():  # torch's notes about pickle protocols of bad files
                 warnings.simplefilter("ignore")

@@ -18,6 +18,11 @@ from translate.core.runlog import RunLog
 from translate.errors import UserError
 
 MAX_ROLLBACKS = 3  # per run; each one halves the learning rates, so 1/8 of the recipe's at most
+# fp16's GradScaler skips an optimizer step whose gradients overflowed and halves its scale: the
+# loop logs "<phase>/skipped" (1.0 for that step) and the scale itself.
+SKIPPED = "skipped"
+LOSS_SCALE = "loss_scale"
+MIN_LOSS_SCALE = 1e-4  # fairseq's --min-loss-scale: under it, step after step has overflowed
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -38,14 +43,26 @@ class Interrupted(UserError):
 
 
 def check_finite(logs: dict[str, Tensor], step: int) -> None:
+    """Stop on a NaN/Inf logged value. Under fp16, a phase whose step the GradScaler skipped
+    is not checked: its gradient-derived values (a penalty's input gradient, grad_norm)
+    overflowed, and the scaler threw the step away and lowered its scale. The scale tells
+    divergence apart: once it falls under MIN_LOSS_SCALE, every step has been overflowing."""
+    skipped = {k.split("/")[0] for k, v in logs.items()
+               if k.endswith("/" + SKIPPED) and float(v) > 0}
     for key, v in logs.items():
-        if not torch.isfinite(v):
-            phase = key.split("/")[0]
+        phase = key.split("/")[0]
+        if phase not in skipped and not torch.isfinite(v):
             # No hint names one phase's rate: D's step is what usually blows up G's loss.
-            raise Diverged(f"step {step}, phase {phase}: {key} is {float(v)}",
-                           "lower the learning rates (train.lr_d, train.lr_g) or set "
-                           "train.grad_clip, then --resume auto (or set train.on_nan = "
-                           "\"rollback\")")
+            raise Diverged(f"step {step}, phase {phase}: {key} is {float(v)}", _lower_rates())
+    if LOSS_SCALE in logs and float(logs[LOSS_SCALE]) < MIN_LOSS_SCALE:
+        raise Diverged(f"step {step}, phase {', '.join(sorted(skipped)) or '?'}: fp16's loss "
+                       f"scale fell to {float(logs[LOSS_SCALE]):.1e} (the gradients overflowed "
+                       "step after step)", _lower_rates(", or train in bf16 where the GPU has it"))
+
+
+def _lower_rates(also: str = "") -> str:
+    return (f"lower the learning rates (train.lr_d, train.lr_g) or set train.grad_clip{also}, "
+            "then --resume auto (or set train.on_nan = \"rollback\")")
 
 
 def check_weights(nets: dict[str, torch.nn.Module], ema: dict[str, torch.nn.Module],

@@ -24,6 +24,7 @@ from translate.core.machine import (
     compile_nets,
     make_accelerator,
     make_optimizer,
+    scaler_scale,
     sync_batchnorm,
     total_steps,
 )
@@ -87,11 +88,10 @@ def run_phase(accelerator, cfg, phase, opt, nets, batch, prev) -> tuple[dict, li
     logs: dict[str, Tensor] = {}
     handed: list[dict[str, Tensor]] = []
     frozen = [n for n in nets if n not in phase.nets]
-    # fp16's GradScaler (GPU only): penalties scale their own input gradient by it too. Its
-    # scale stays a device tensor: get_scale() would sync the GPU every step.
+    # fp16's GradScaler (GPU only): penalties scale their own input gradient by it too.
     scaler = accelerator.scaler
-    scale = 1.0 if scaler is None else \
-        scaler._scale if scaler._scale is not None else scaler.get_scale()
+    scale = scaler_scale(accelerator)
+    before = scale.clone() if isinstance(scale, Tensor) else scale  # the step updates it in place
     losses = (*phase.parts, phase.loss)  # each backpropagated before the next is built
     for i, (chunk, p) in enumerate(zip(split(batch, accum), prev)):
         given: dict[str, Tensor] = {}
@@ -117,6 +117,8 @@ def run_phase(accelerator, cfg, phase, opt, nets, batch, prev) -> tuple[dict, li
         params = [q for name in phase.nets for q in nets[name].parameters()]
         logs[f"{phase.name}/grad_norm"] = accelerator.clip_grad_norm_(params, cfg.train.grad_clip)
     opt.step()
+    if scaler is not None:  # it lowers its scale exactly when it skips the step (faults.SKIPPED)
+        logs[f"{phase.name}/{faults.SKIPPED}"] = torch.as_tensor(scaler_scale(accelerator) < before).float()
     opt.zero_grad(set_to_none=True)
     if phase.after_step is not None:
         phase.after_step(nets)
@@ -386,6 +388,8 @@ def train_step(s: Session, state: checkpoint.TrainState, batches: Batches) -> di
                            warmed_decay(t.ema, state.step))
     set_trainable(s.nets, tuple(s.nets))
     logs["lr_scale"] = torch.tensor(scale)
+    if s.accelerator.scaler is not None:
+        logs[faults.LOSS_SCALE] = torch.as_tensor(scaler_scale(s.accelerator)).clone()
     if math.isnan(scale):
         raise Diverged(f"step {state.step}: the learning-rate schedule gave NaN",
                        "check train.lr_schedule and train.decay_start")

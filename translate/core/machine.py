@@ -46,6 +46,15 @@ def make_accelerator(cfg: RunConfig) -> tuple[Accelerator, str]:
     return Accelerator(cpu=on_cpu, mixed_precision=mixed, **trackers), why
 
 
+def scaler_scale(accelerator: Accelerator) -> torch.Tensor | float:
+    """fp16's GradScaler's scale (1.0 without one), left on the device: get_scale() would sync
+    the GPU every step. A float until the scaler's first use."""
+    scaler = accelerator.scaler
+    if scaler is None:
+        return 1.0
+    return scaler._scale if scaler._scale is not None else scaler.get_scale()
+
+
 def total_steps(cfg: RunConfig, dataset, world: int) -> tuple[int, int]:
     """(total generator steps, step where linear LR decay starts)."""
     t = cfg.train

@@ -156,7 +156,9 @@ class Monitor:
 
     def _keep(self, step: int, values: dict[str, Any]) -> None:
         self.last_step = step
-        kept = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))
+        # A step fp16's GradScaler skipped may log inf (as the string "inf" once in the log).
+        kept = {k: float(v) for k, v in values.items()
+                if isinstance(v, (int, float)) and math.isfinite(v)
                 and (k.endswith("/loss") or k.startswith(("D/real", "D/fake")))}
         if kept:
             self.records.append((step, kept))
