@@ -1,8 +1,9 @@
 """Experiment trackers through Accelerate's own tracking (train.log_with): TensorBoard, Weights &
 Biases, MLflow. They get the scalars of log.jsonl at the same steps and the sample grids, from the
 main process only, and keep their files under RUN/tracking. Nothing leaves the machine unless the
-user asks: wandb runs offline unless WANDB_MODE says otherwise, and MLflow writes a local file
-store unless MLFLOW_TRACKING_URI points elsewhere. A resumed run logs into the same tracker run.
+user asks: wandb runs offline unless WANDB_MODE says otherwise, and MLflow writes a store of the
+run's own (see _mlflow_store) unless MLFLOW_TRACKING_URI points elsewhere. A resumed run logs
+into the same tracker run.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 
 PROJECT = "translate"  # TensorBoard's subfolder, the wandb project, the MLflow experiment
 FOLDER = "tracking"  # under the run folder
+MLFLOW_DB, MLFLOW_FILES = "mlflow.db", "mlruns"  # MLflow's stores in FOLDER (see _mlflow_store)
+MLFLOW_ARTIFACTS = "mlartifacts"  # in FOLDER
+SQLITE_NEEDS = ("sqlalchemy", "alembic")  # what MLflow's SQLite store imports (mlflow has them)
 
 
 def parse(spec: str) -> list[str]:
@@ -47,11 +51,9 @@ def accelerator_kwargs(cfg: RunConfig) -> dict[str, Any]:
     if not names:
         return {}
     for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError:
+        if not _imports(name):
             raise UserError(f"train.log_with: {name} is not installed; pip install "
-                            f"'translate[{name}]' (or drop it from --log-with)") from None
+                            f"'translate[{name}]' (or drop it from --log-with)")
     return {"log_with": names, "project_dir": str(cfg.out_dir / FOLDER)}
 
 
@@ -59,6 +61,14 @@ def flat_config(cfg: RunConfig) -> dict[str, bool | int | float | str]:
     """{"train.lr_g": 0.0002, ...}: the hyperparameter types every tracker accepts."""
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v)
             for k, v in flat(cfg).items()}
+
+
+def _imports(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def _saved_id(path: Path, make: Callable[[], str]) -> str:
@@ -90,11 +100,25 @@ def _wandb_kwargs(folder: Path, cfg: RunConfig, step: int) -> dict[str, Any]:
 def _mlflow_kwargs(folder: Path, cfg: RunConfig, step: int) -> dict[str, Any]:
     import mlflow
 
-    if "MLFLOW_TRACKING_URI" not in os.environ:  # else mlflow writes ./mlruns in the cwd
-        mlflow.set_tracking_uri((folder / "mlruns").resolve().as_uri())
     id_file = folder / "mlflow_run_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() else None
-    return {"run_name": cfg.name, "run_id": run_id}
+    kwargs = {"run_name": cfg.name,
+              "run_id": id_file.read_text().strip() if id_file.is_file() else None}
+    if "MLFLOW_TRACKING_URI" not in os.environ:  # the user's server, or the run's own store
+        mlflow.set_tracking_uri(_mlflow_store(folder))
+        # The experiment's artifacts (sample grids); by default MLflow puts them in ./mlruns.
+        kwargs["logging_dir"] = (folder / MLFLOW_ARTIFACTS).resolve().as_uri()
+    return kwargs
+
+
+def _mlflow_store(folder: Path) -> str:
+    """The run's own MLflow store: an SQLite file (MLFLOW_DB), what MLflow 3 asks for; with
+    mlflow-skinny, which lacks SQLAlchemy, or for a run that began in one, a file store
+    (MLFLOW_FILES), which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE opts in."""
+    files_store = folder / MLFLOW_FILES
+    if not files_store.exists() and all(_imports(m) for m in SQLITE_NEEDS):
+        return f"sqlite:///{(folder / MLFLOW_DB).resolve()}"
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return files_store.resolve().as_uri()
 
 
 def _after_mlflow_start(folder: Path, tracker: Any) -> None:
