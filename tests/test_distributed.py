@@ -233,6 +233,19 @@ def test_a_resume_in_one_process_keeps_the_global_batch_of_two(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_diverged_run_is_said_once_under_the_launcher(tmp_path):
+    """Every rank finds the NaN at the same step (global means): the main rank says it, once,
+    as it says a settings error (each rank used to print the same line)."""
+    run = tmp_path / "run"
+    proc = launch(["cli.py", "train", "recipes/toy_gan_ring.toml", *set_args(TOY_WGAN + COMMON),
+                   "--set", "train.lr_d=1e30", "--steps", "20", "--run-dir", run,
+                   "--no-progress"], check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert re.match(r"error: step \d+, phase [DG]: [DG]/\w+ is (nan|inf|-inf); lower", errors[0])
+
+
+@pytest.mark.slow
 def test_wgan_gp_toy_2_processes_with_accumulation_under_both_launchers(tmp_path):
     """2 processes x batch 4 x accumulation 2 == 1 process x batch 16; the first half runs
     under `accelerate launch`, the resumed half under `torchrun`."""

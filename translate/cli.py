@@ -26,7 +26,7 @@ from typing import NoReturn
 
 from translate import cli_args
 from translate.cli_args import TRAIN_FLAGS
-from translate.errors import ConfigError, UserError
+from translate.errors import UserError
 
 
 def _quote(value: object) -> str:
@@ -256,9 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         code = getattr(e, "exit_code", 2)  # a requested stop: 128 + signal, as shells report it
-        if isinstance(e, ConfigError) and os.environ.get("RANK", "0") != "0":
-            # Under a launcher every rank reads the same settings: the main one says it once.
-            _await_the_main_rank()
+        if e.same_on_every_rank and os.environ.get("RANK", "0") != "0":
+            _await_the_main_rank()  # the main rank says it once
         else:
             print(f"error: {e}" if code == 2 else str(e), file=sys.stderr)
         return code
@@ -285,7 +284,8 @@ SILENT_RANK_WAIT_S = 30.0
 
 
 def _await_the_main_rank() -> None:
-    """A rank that leaves a settings error for the main rank to say waits to be ended: torchrun
+    """A rank that leaves an error every rank raised alike (settings, divergence) for the main
+    rank to say waits to be ended: torchrun
     stops every rank once one has failed, and a silent rank that failed first could have the
     main rank stopped before its line was printed (seen: no line at all, under load). Once the
     main rank has failed the launcher ends this one; the wait is capped for launchers that do

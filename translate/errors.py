@@ -4,9 +4,15 @@
 class UserError(Exception):
     """Bad input or settings. The message names the file or key and says how to fix it."""
 
+    # Under a launcher every rank raises it alike (the same settings; the same global values):
+    # the main rank says it once and the others wait to be ended (translate/cli.py).
+    same_on_every_rank = False
+
 
 class ConfigError(UserError):
     """A recipe or flag is wrong: unknown key, wrong type, impossible value."""
+
+    same_on_every_rank = True
 
 
 class ImageError(UserError):

@@ -27,7 +27,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Diverged(UserError):
-    """A loss or a weight became NaN/Inf. `what` names the step, phase and value."""
+    """A loss or a weight became NaN/Inf. `what` names the step, phase and value. Every rank
+    decides alike: it checks global means, and DDP keeps the weights equal."""
+
+    same_on_every_rank = True
 
     def __init__(self, what: str, hint: str) -> None:
         super().__init__(f"{what}; {hint}")
