@@ -47,10 +47,11 @@ NO_SAMPLES = 1_000_000  # sample_every: sampling only at the last step
 # ---------------------------------------------------------------------------- helpers
 
 
-def _cfg(run: Path, steps: int, save_every: int, *sets: str) -> config.RunConfig:
+def _cfg(run: Path, steps: int, save_every: int, *sets: str,
+         recipe: str = TOY_RECIPE) -> config.RunConfig:
     """The config `translate train` builds from _train_args (log/save cadence aside, which
     do not change the weights)."""
-    return recipe_mod.load(ROOT / TOY_RECIPE, TOY + [
+    return recipe_mod.load(ROOT / recipe, TOY + [
         f"train.steps={steps}", "train.epochs=0", "train.epochs_decay=0", f'run_dir="{run}"',
         "train.log_every=1", f"train.sample_every={NO_SAMPLES}", f"train.save_every={save_every}",
         *sets])
@@ -480,10 +481,11 @@ def _fp16_as_on_a_gpu(monkeypatch, init_scale: float) -> None:
 
 
 def _gp_cfg(run: Path, steps: int, *sets: str) -> config.RunConfig:
-    """A tiny WGAN-GP: its penalty is an input gradient, what fp16 overflows first."""
-    return recipe_mod.load(ROOT / "recipes/toy_wgan_gp_ring.toml", TOY + [
-        f"train.steps={steps}", f'run_dir="{run}"', "train.log_every=1",
-        f"train.sample_every={NO_SAMPLES}", "train.save_every=4", *sets])
+    """A tiny WGAN-GP (its penalty is an input gradient, what fp16 overflows first), saved
+    every 4 steps. Its precision is named "no": fp16 comes from _fp16_as_on_a_gpu alone, on
+    either kind of CPU (`auto` would ask Accelerate for bf16 where it is native)."""
+    return _cfg(run, steps, 4, 'train.mixed_precision="no"', *sets,
+                recipe="recipes/toy_wgan_gp_ring.toml")
 
 
 def test_fp16_steps_the_grad_scaler_skips_do_not_stop_the_run(tmp_path, monkeypatch):

@@ -285,11 +285,11 @@ SILENT_RANK_WAIT_S = 30.0
 
 def _await_the_main_rank() -> None:
     """A rank that leaves an error every rank raised alike (settings, divergence) for the main
-    rank to say waits to be ended: torchrun
-    stops every rank once one has failed, and a silent rank that failed first could have the
-    main rank stopped before its line was printed (seen: no line at all, under load). Once the
-    main rank has failed the launcher ends this one; the wait is capped for launchers that do
-    not. A rank that is alone (no WORLD_SIZE above 1) has nobody to wait for."""
+    rank to say waits to be ended: torchrun stops every rank once one has failed, and a silent
+    rank that failed first could have the main rank stopped before its line was printed (seen:
+    no line at all, under load). Once the main rank has failed the launcher ends this one; the
+    wait is capped for launchers that do not. A rank that is alone (no WORLD_SIZE above 1) has
+    nobody to wait for."""
     if _world_size() > 1:
         time.sleep(SILENT_RANK_WAIT_S)
 
