@@ -8,8 +8,8 @@ PacGAN protocol (translate.eval.evaluate.eval_toy_run): modes captured, fraction
 samples, reverse KL. It prints mean ± standard error over seeds beside Table 1 of Lin et al.,
 "PacGAN" (NeurIPS 2018) and our targets; `--json` adds one JSON line per method at the end.
 Methods (METHODS below): wgan_gp, gan (plain, drops modes), and the GAN's mode-collapse remedies,
-each the plain GAN recipe plus one key (gan_pack, gan_mbstd, gan_unrolled) so they compare as an
-ablation, and pacgan, the tuned packed GAN of recipes/toy_pacgan_<toy>.toml. `both` = wgan_gp and
+each the plain GAN recipe plus one key (gan_pack, gan_mbstd, gan_unrolled; gan_unrolled_full adds
+the full method's backprop to gan_unrolled) so they compare as an ablation, and pacgan, the tuned packed GAN of recipes/toy_pacgan_<toy>.toml. `both` = wgan_gp and
 gan; `all` = every method. Each run reports its wall-clock and CPU seconds (one thread with
 OMP_NUM_THREADS=1; the CPU time is what a shared machine does not inflate).
 
@@ -48,6 +48,9 @@ METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gan_pack": ("toy_gan_{toy}.toml", ("model.pack=2",)),            # PacGAN2 (Lin et al.)
     "gan_mbstd": ("toy_gan_{toy}.toml", ("model.minibatch_std=4",)),  # Karras et al. 2018
     "gan_unrolled": ("toy_gan_{toy}.toml", ("model.unrolled_steps=5",)),  # Metz et al. 2017
+    # ... the paper's full method: G's gradient through the 5 steps, from D's optimizer state
+    "gan_unrolled_full": ("toy_gan_{toy}.toml", ("model.unrolled_steps=5",
+                                                 "model.unrolled_backprop=true")),
     "pacgan": ("toy_pacgan_{toy}.toml", ()),
 }
 # Lin et al. 2018, Table 1: (modes, high-quality fraction, reverse KL), means over trials.

@@ -47,6 +47,14 @@ def test_remedies_are_the_plain_gan_plus_one_key(method, key, value):
         assert remedy.train == plain.train and remedy.data == plain.data
 
 
+def test_the_full_unrolled_gan_is_the_cheap_one_plus_its_backprop():
+    for toy in Q.TOYS:
+        cheap, full = _load("gan_unrolled", toy), _load("gan_unrolled_full", toy)
+        assert full.model.unrolled_backprop and not cheap.model.unrolled_backprop
+        assert dataclasses.replace(full.model, unrolled_backprop=False) == cheap.model
+        assert full.train == cheap.train and full.data == cheap.data
+
+
 def test_cpu_and_wall_time_are_reported(capsys, tmp_path):
     argv = ["--toy", "--seeds", "1", "--steps", "2", "--method", "pacgan", "--set",
             "model.hidden=8", "--set", "train.batch_size=8", "--runs", str(tmp_path), "--json"]

@@ -571,6 +571,18 @@ def test_toy_gan_r1_2_processes_one_writer_per_run_and_a_barrier_before_end_trai
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_full_unrolled_gan_2_processes_keep_identical_ranks(tmp_path):
+    """The full unrolled GAN under DDP: each rank differentiates through 2 D steps taken from
+    D's (replicated) optimizer state on its own batch; G's gradient is all-reduced, D's weights
+    and optimizer are not written to by the G phase, and no gradient is left behind."""
+    sets = [*TOY_GAN, "model.unrolled_steps=2", "model.unrolled_backprop=true", *COMMON]
+    out = worker(tmp_path / "dump", "toy_gan_ring.toml", sets, "--steps", "3",
+                 "--run-dir", tmp_path / "run")
+    assert "global batch 8 x 2 processes x 1 accumulation = 16" in out
+    assert_ranks_identical(tmp_path / "dump")
+
+
 def test_cgan_r1_2_processes_keep_identical_ranks(tmp_path):
     """The conv cgan (projection D, BatchNorm) with R1 under DDP. Each rank keeps its own
     BatchNorm running statistics on CPU (no SyncBatchNorm), so only those may differ."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -15,8 +16,10 @@ from torch import nn
 from translate import recipe as recipe_mod
 from translate import runner
 from translate.core import loop
+from translate.core.penalties import clip_weights
 from translate.errors import ConfigError
 from translate.methods import METHODS
+from translate.methods.unrolled import copy_net, unroll_through
 from translate.nets import build_net
 from translate.nets.attention import SelfAttention
 from translate.nets.minibatch_std import MinibatchStd
@@ -213,8 +216,10 @@ def test_unrolled_g_gradient_differs_from_plain(tmp_path):
     assert diff > 1e-3 * sum(a.norm() for a in g0)
 
 
-def test_unrolled_g_phase_leaves_d_and_its_optimizer_untouched(tmp_path):
-    s = _toy_session(tmp_path, 2, ["model.spectral_norm=true"])
+@pytest.mark.parametrize("backprop", [False, True])
+def test_unrolled_g_phase_leaves_d_and_its_optimizer_untouched(tmp_path, backprop):
+    s = _toy_session(tmp_path, 2, ["model.spectral_norm=true",
+                                   f"model.unrolled_backprop={str(backprop).lower()}"])
     batches = loop.Batches(s.cfg, s.dataset, s.accelerator, 0)
     d_phase, g_phase = s.method.phases
     d_opt, g_opt = s.opts
@@ -236,7 +241,88 @@ def test_unrolled_g_phase_leaves_d_and_its_optimizer_untouched(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(g_before, s.nets["G"].parameters()))
 
 
-@pytest.mark.parametrize("extra", [[], ["train.grad_accum=2", 'model.penalty="gp"']])
+@pytest.mark.parametrize("extra", [
+    [], ["train.grad_accum=2", 'model.penalty="gp"'], ["model.unrolled_backprop=true"],
+    ["model.unrolled_backprop=true", 'model.penalty="gp"', "model.spectral_norm=true"],
+    ["model.unrolled_backprop=true", 'train.optimizer="rmsprop"', 'model.penalty="clip"']])
 def test_unrolled_toy_run_trains(tmp_path, extra):
     _train("toy_gan_ring.toml", [*TOY, "model.unrolled_steps=2", *extra], tmp_path / "run",
            steps=3)
+
+
+def test_unrolled_backprop_needs_unrolled_steps(tmp_path):
+    with pytest.raises(ConfigError, match="model.unrolled_steps"):
+        _toy_session(tmp_path, 0, ["model.unrolled_backprop=true"])
+
+
+def _d_and_optimizer(kind: str, dtype=torch.float32) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A small toy D and its optimizer after two real steps (moments and step count set)."""
+    torch.manual_seed(0)
+    D = build_net("mlp_d", in_dim=2, hidden=16, depth=2, pack=1, spectral_norm=False,
+                  minibatch_std=0).to(dtype)
+    opt = (torch.optim.Adam(D.parameters(), lr=1e-2, betas=(0.5, 0.999), fused=True)
+           if kind == "adam" else torch.optim.RMSprop(D.parameters(), lr=1e-2))
+    for _ in range(2):
+        opt.zero_grad()
+        D(torch.randn(8, 2, dtype=dtype)).square().mean().backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return D, opt
+
+
+@pytest.mark.parametrize("kind,clip", [("adam", None), ("rmsprop", 0.05)])
+def test_unroll_through_takes_the_optimizers_own_steps(kind, clip):
+    """The written-out update equals torch's own (fused Adam; RMSprop with WGAN clipping) over
+    3 steps from the optimizer's state, and leaves D and the optimizer as they were."""
+    D, opt = _d_and_optimizer(kind)
+    x = [torch.randn(8, 2, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    twin = copy_net(D)
+    twin_opt = type(opt)(twin.parameters(), **opt.defaults)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (else they share moments)
+    before = ({k: v.clone() for k, v in D.state_dict().items()},
+              {i: {k: v.clone() for k, v in st.items()} for i, st in opt.state_dict()["state"].items()})
+    for i in range(3):
+        twin_opt.zero_grad()
+        torch.tanh(twin(x[i])).mean().backward()
+        twin_opt.step()
+        if clip:
+            clip_weights([twin], clip)
+    judge = unroll_through(D, lambda D_i, i: torch.tanh(D_i(x[i])).mean(), 3, opt, clip)
+    probe = torch.randn(64, 2)
+    torch.testing.assert_close(judge(probe), twin(probe), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(D(probe), twin(probe), atol=1e-4)  # the steps did move D
+    assert all(torch.equal(D.state_dict()[k], v) for k, v in before[0].items())
+    assert all(torch.equal(opt.state_dict()["state"][i][k], v)
+               for i, st in before[1].items() for k, v in st.items())
+    assert all(p.grad is None for p in D.parameters())
+
+
+def test_unroll_through_gives_g_the_second_order_gradient():
+    """G's gradient through 3 unrolled Adam steps (float64) matches central finite
+    differences of the whole unrolled objective; without the term through D's updates (the
+    cheap variant) it does not."""
+    D, opt = _d_and_optimizer("adam", torch.float64)
+    G = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    z = torch.randn(3, 16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    real = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def objective(through: bool = True) -> torch.Tensor:
+        def d_loss(D_i, i):
+            fake = G(z[i]) if through else G(z[i]).detach()
+            return (nn.functional.softplus(-D_i(real)) + nn.functional.softplus(D_i(fake))).mean()
+        judge = unroll_through(D, d_loss, 3, opt, None)
+        return nn.functional.softplus(-judge(G(z[0]))).mean()
+
+    direction = [torch.randn_like(p) for p in G.parameters()]
+    full = torch.autograd.grad(objective(), list(G.parameters()))
+    cheap = torch.autograd.grad(objective(through=False), list(G.parameters()))
+    h, values = 1e-6, []
+    for step in (h, -2 * h, h):  # to +h, to -h, back
+        with torch.no_grad():
+            for p, d in zip(G.parameters(), direction):
+                p.add_(step * d)
+        values.append(objective().item())
+    numeric = (values[0] - values[1]) / (2 * h)
+    along = [sum((g * d).sum() for g, d in zip(grads, direction)).item() for grads in (full, cheap)]
+    assert along[0] == pytest.approx(numeric, rel=1e-6, abs=1e-10)
+    assert abs(along[1] - numeric) > 1e-3 * abs(numeric)

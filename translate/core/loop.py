@@ -177,13 +177,16 @@ def setup(method, dataset, cfg: RunConfig, scorer=None, monitor=None,
     opts = [make_optimizer(cfg, ph, method.nets) for ph in method.phases]
     prepared = accelerator.prepare(*raw, *opts)
     nets = dict(zip(names, prepared[: len(names)]))
+    opts = list(prepared[len(names):])
+    if hasattr(method, "bind_optimizers"):
+        method.bind_optimizers({ph.name: opt for ph, opt in zip(method.phases, opts)})
     total, decay = total_steps(cfg, dataset, accelerator.num_processes)
     compiled, compile_why = compile_choice(cfg, method, total, accelerator.mixed_precision,
                                            accelerator.device.type)
     if compiled:
         nets = compile_nets(nets)
     ema = {g: make_ema(method.nets[g]) for g in method.generators} if cfg.train.ema > 0 else {}
-    return Session(cfg, accelerator, method, nets, list(prepared[len(names):]), ema, dataset,
+    return Session(cfg, accelerator, method, nets, opts, ema, dataset,
                    total, decay, cfg.out_dir, scorer, precision_why, monitor,
                    compiled=compiled, compile_why=compile_why)
 

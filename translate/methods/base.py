@@ -42,6 +42,8 @@ class Method(Protocol):
     generators: dict[str, dict[str, Any]]  # exported nets -> metadata (domains, kind, ...)
     # Optional `compile_pays: bool`: torch.compile was measured (bench/speed.py) to make this
     # method's steps faster; only then does train.compile "auto" turn it on.
+    # Optional `bind_optimizers(optimizers: {phase name: optimizer})`: called by the loop once
+    # the optimizers are prepared (the full unrolled GAN starts from D's optimizer state).
 
     def sample(self, nets: Nets, fixed: Batch) -> Tensor:
         """A grid of images (N, C, H, W) in [-1, 1] for the sample PNG (or a 2-D plot)."""

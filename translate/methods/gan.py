@@ -7,9 +7,11 @@ in their defaults (see translate/methods/__init__.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -21,7 +23,7 @@ from translate.core.penalties import clip_weights, gradient_penalty, r1_penalty
 from translate.data import toy_modes
 from translate.errors import ConfigError
 from translate.methods.base import Batch, Nets, Phase
-from translate.methods.unrolled import OptimizerFactory, unroll
+from translate.methods.unrolled import OptimizerFactory, unroll, unroll_through
 from translate.nets import build_net, init_weights
 
 OBJECTIVE_NAMES = tuple(objectives.OBJECTIVES)
@@ -45,6 +47,9 @@ class GANConfig:
                                           # batch / pack), e.g. 4; 0 = off
     unrolled_steps: int = non_negative(0)  # Unrolled GAN: G is judged by a copy of D after this
                                           # many extra D steps (see methods/unrolled.py); 0 = off
+    unrolled_backprop: bool = False       # G's gradient flows through the unrolled D steps,
+                                          # which start from D's optimizer state (Metz et al.'s
+                                          # full method); false: the cheap copy without it
     objective: str = choice("nonsaturating", *OBJECTIVE_NAMES)
     real_target: float = probability_target(1.0)    # one-sided label smoothing, e.g. 0.9 (D only)
     penalty: str = choice("none", "none", "gp", "r1", "clip")
@@ -52,6 +57,10 @@ class GANConfig:
     r1_gamma: float = non_negative(10.0)  # R1 gamma
     clip_value: float = positive(0.01)    # WGAN weight clipping c
     n_critic: int = positive(1)           # D steps per G step
+
+    # Keys added since checkpoints began to carry a fingerprint, with the value that means "as
+    # before the key existed" (translate.core.checkpoint.fingerprint). A new key goes here.
+    NEW_KEYS: ClassVar[dict[str, Any]] = {"unrolled_backprop": False}
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,9 @@ def check(cfg: RunConfig) -> None:
 
 def _check_options(cfg: RunConfig) -> None:
     m, rows = cfg.model, cfg.train.batch_size // cfg.model.pack  # rows: samples D sees at once
+    if m.unrolled_backprop and not m.unrolled_steps:
+        raise ConfigError("model.unrolled_backprop: there are no unrolled D steps to "
+                          "differentiate through; set model.unrolled_steps, e.g. 5")
     if m.minibatch_std and rows % m.minibatch_std:
         raise ConfigError(f"model.minibatch_std: group size {m.minibatch_std} must divide the "
                           f"{rows} samples D judges at once (train.batch_size / model.pack)")
@@ -144,10 +156,12 @@ class GAN:
     def z(self, batch: Batch, stream: int) -> Tensor:
         return noise.normal(batch["k"], (self.cfg.z_dim,), self.seed, stream)
 
-    def d_loss(self, nets: Nets, batch: Batch, prev: dict) -> dict[str, Tensor]:
+    def d_loss(self, nets: Nets, batch: Batch, prev: dict, through_g: bool = False
+               ) -> dict[str, Tensor]:
+        """D's loss; `through_g`: keep G's graph in the fakes (the full unrolled GAN)."""
         m, D = self.cfg, nets["D"]
         real = batch["x"]
-        with torch.no_grad():
+        with nullcontext() if through_g else torch.no_grad():
             fake = nets["G"](self.z(batch, 0))
         if m.penalty == "r1":
             real = real.detach().requires_grad_(True)
@@ -178,13 +192,24 @@ class GAN:
         fake = nets["G"](self.z(batch, 1))
         return {"loss": self.g_obj(D(self._pack(fake)))}
 
-    def unrolled_d(self, nets: Nets, batch: Batch) -> torch.nn.Module:
-        """A frozen copy of D after `unrolled_steps` D steps on this batch's real images, each
-        step with fresh latent codes (sample numbers shifted far from any other stream's)."""
-        def loss(D_k: torch.nn.Module, i: int) -> Tensor:
-            shifted = {**batch, "k": batch["k"] + (i + 1) * 2**48}
-            return self.d_loss({"G": nets["G"], "D": D_k}, shifted, {})["loss"]
+    def bind_optimizers(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        """The loop hands over each phase's optimizer: the full unroll starts from D's state."""
+        self.d_optimizer = optimizers["D"]
 
+    def unrolled_d(self, nets: Nets, batch: Batch) -> Callable[[Tensor], Tensor]:
+        """D after `unrolled_steps` D steps on this batch's real images, each step with fresh
+        latent codes (sample numbers shifted far from any other stream's): a frozen copy, or
+        with `unrolled_backprop` a function of the graph of those steps."""
+        through = self.cfg.unrolled_backprop
+
+        def loss(D_k: Callable[[Tensor], Tensor], i: int) -> Tensor:
+            shifted = {**batch, "k": batch["k"] + (i + 1) * 2**48}
+            return self.d_loss({"G": nets["G"], "D": D_k}, shifted, {}, through)["loss"]
+
+        if through:
+            clip = self.cfg.clip_value if self.cfg.penalty == "clip" else None
+            return unroll_through(nets["D"], loss, self.cfg.unrolled_steps, self.d_optimizer,
+                                  clip)
         make_optimizer, after = self.unroll_settings
         clip = (lambda D_k: after({"D": D_k})) if after is not None else None
         return unroll(nets["D"], loss, self.cfg.unrolled_steps, make_optimizer, clip)
