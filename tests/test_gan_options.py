@@ -216,10 +216,15 @@ def test_unrolled_g_gradient_differs_from_plain(tmp_path):
     assert diff > 1e-3 * sum(a.norm() for a in g0)
 
 
-@pytest.mark.parametrize("backprop", [False, True])
-def test_unrolled_g_phase_leaves_d_and_its_optimizer_untouched(tmp_path, backprop):
-    s = _toy_session(tmp_path, 2, ["model.spectral_norm=true",
-                                   f"model.unrolled_backprop={str(backprop).lower()}"])
+@pytest.mark.parametrize("net,backprop", [("toy", False), ("toy", True), ("dcgan", True)])
+def test_unrolled_g_phase_leaves_d_and_its_optimizer_untouched(tmp_path, net, backprop):
+    """Spectral norm's vectors (toy D) and BatchNorm's statistics (DCGAN's D) included."""
+    unroll = ["model.unrolled_steps=2", f"model.unrolled_backprop={str(backprop).lower()}"]
+    if net == "toy":
+        s = _toy_session(tmp_path, 2, ["model.spectral_norm=true", *unroll])
+    else:
+        s = runner.setup(recipe_mod.load(ROOT / "recipes" / "dcgan.toml", [
+            *_image_sets(_folder(tmp_path / "images")), *unroll, f'run_dir="{tmp_path}/run"']))
     batches = loop.Batches(s.cfg, s.dataset, s.accelerator, 0)
     d_phase, g_phase = s.method.phases
     d_opt, g_opt = s.opts
