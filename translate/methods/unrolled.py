@@ -98,9 +98,9 @@ _RULES = {torch.optim.Adam: _adam_rule, torch.optim.RMSprop: _rmsprop_rule}
 
 
 def _start(net: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Callable, dict, dict]:
-    """(update rule, {name: (param group, state)}, {name: state}) of D's parameters in its
-    optimizer: its live learning rate and betas, and its moments and step count (copied as
-    plain values, so the real state is never part of the graph or written to)."""
+    """(update rule, {name: param group}, {name: state}) of D's parameters in its optimizer:
+    the groups hold the live learning rate and betas; the states, the moments and step count
+    (detached, so the real state is never part of the graph or written to)."""
     opt = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
     rule = next((r for kind, r in _RULES.items() if isinstance(opt, kind)), None)
     if rule is None:
