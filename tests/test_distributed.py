@@ -571,7 +571,6 @@ def test_toy_gan_r1_2_processes_one_writer_per_run_and_a_barrier_before_end_trai
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_full_unrolled_gan_2_processes_keep_identical_ranks(tmp_path):
     """The full unrolled GAN under DDP: each rank differentiates through 2 D steps taken from
     D's (replicated) optimizer state on its own batch; G's gradient is all-reduced, D's weights
@@ -583,6 +582,7 @@ def test_full_unrolled_gan_2_processes_keep_identical_ranks(tmp_path):
     assert_ranks_identical(tmp_path / "dump")
 
 
+@pytest.mark.slow
 def test_cgan_r1_2_processes_keep_identical_ranks(tmp_path):
     """The conv cgan (projection D, BatchNorm) with R1 under DDP. Each rank keeps its own
     BatchNorm running statistics on CPU (no SyncBatchNorm), so only those may differ."""
