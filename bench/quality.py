@@ -9,8 +9,9 @@ samples, reverse KL. It prints mean ± standard error over seeds beside Table 1 
 "PacGAN" (NeurIPS 2018) and our targets; `--json` adds one JSON line per method at the end.
 Methods (METHODS below): wgan_gp, gan (plain, drops modes), and the GAN's mode-collapse remedies,
 each the plain GAN recipe plus one key (gan_pack, gan_mbstd, gan_unrolled; gan_unrolled_full adds
-the full method's backprop to gan_unrolled) so they compare as an ablation, and pacgan, the tuned packed GAN of recipes/toy_pacgan_<toy>.toml. `both` = wgan_gp and
-gan; `all` = every method. Each run reports its wall-clock and CPU seconds (one thread with
+the full method's backprop to gan_unrolled) so they compare as an ablation, and pacgan, the
+tuned packed GAN of recipes/toy_pacgan_<toy>.toml. `both` = wgan_gp and gan; `all` = every
+method. Each run reports its wall-clock and CPU seconds (one thread with
 OMP_NUM_THREADS=1; the CPU time is what a shared machine does not inflate).
 
 Runs go to a temporary folder (deleted) unless `--runs DIR` keeps them; kept runs resume, so an

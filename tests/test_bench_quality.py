@@ -37,22 +37,18 @@ def test_every_method_loads_on_both_mixtures(method, toy):
     assert cfg.data.kind == "toy" and cfg.data.toy == toy and cfg.model.net == "mlp"
 
 
-@pytest.mark.parametrize("method,key,value", [
-    ("gan_pack", "pack", 2), ("gan_mbstd", "minibatch_std", 4), ("gan_unrolled", "unrolled_steps", 5)])
-def test_remedies_are_the_plain_gan_plus_one_key(method, key, value):
+@pytest.mark.parametrize("method,base,key,value", [
+    ("gan_pack", "gan", "pack", 2), ("gan_mbstd", "gan", "minibatch_std", 4),
+    ("gan_unrolled", "gan", "unrolled_steps", 5),
+    ("gan_unrolled_full", "gan_unrolled", "unrolled_backprop", True)])
+def test_remedies_are_their_base_plus_one_key(method, base, key, value):
+    """Each remedy is the plain GAN plus one key; the full unrolled GAN is the cheap one plus
+    its backprop."""
     for toy in Q.TOYS:
-        plain, remedy = _load("gan", toy), _load(method, toy)
+        plain, remedy = _load(base, toy), _load(method, toy)
         assert getattr(remedy.model, key) == value != getattr(plain.model, key)
         assert dataclasses.replace(remedy.model, **{key: getattr(plain.model, key)}) == plain.model
         assert remedy.train == plain.train and remedy.data == plain.data
-
-
-def test_the_full_unrolled_gan_is_the_cheap_one_plus_its_backprop():
-    for toy in Q.TOYS:
-        cheap, full = _load("gan_unrolled", toy), _load("gan_unrolled_full", toy)
-        assert full.model.unrolled_backprop and not cheap.model.unrolled_backprop
-        assert dataclasses.replace(full.model, unrolled_backprop=False) == cheap.model
-        assert full.train == cheap.train and full.data == cheap.data
 
 
 def test_cpu_and_wall_time_are_reported(capsys, tmp_path):

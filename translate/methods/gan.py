@@ -117,7 +117,8 @@ class GAN:
         self.nets: Nets = self.build_nets(cfg)  # built once, by the subclass if it has its own
         self.d_obj, self.g_obj = objectives.get(m.objective)
         t = cfg.train
-        after = partial(_clip, c=m.clip_value) if m.penalty == "clip" else None
+        self.clip = m.clip_value if m.penalty == "clip" else None  # WGAN's c, else None
+        after = partial(_clip, c=self.clip) if self.clip is not None else None
         self.unroll_settings = (_optimizer_factory(cfg), after)
         # Unrolling gives G its own fresh batch: the copy of D should not train on the very
         # images the real D has just stepped on.
@@ -207,9 +208,8 @@ class GAN:
             return self.d_loss({"G": nets["G"], "D": D_k}, shifted, {}, through)["loss"]
 
         if through:
-            clip = self.cfg.clip_value if self.cfg.penalty == "clip" else None
             return unroll_through(nets["D"], loss, self.cfg.unrolled_steps, self.d_optimizer,
-                                  clip)
+                                  self.clip)
         make_optimizer, after = self.unroll_settings
         clip = (lambda D_k: after({"D": D_k})) if after is not None else None
         return unroll(nets["D"], loss, self.cfg.unrolled_steps, make_optimizer, clip)
