@@ -25,8 +25,8 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("methods", ("translate.methods",)),
     ("recipe", ("translate.recipe",)),
     ("infer", ("translate.infer",)),
-    ("stages", ("translate.export", "translate.onnx_export", "translate.eval",
-                "translate.explore", "translate.runner")),
+    ("stages", ("translate.export", "translate.onnx_export", "translate.reference",
+                "translate.eval", "translate.explore", "translate.runner")),
     ("programs", ("translate.demo",)),
     ("face", ("translate.cli", "translate.__main__", "translate")),
 ]

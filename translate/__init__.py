@@ -8,7 +8,8 @@ os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 
 from translate.version import __version__  # noqa: F401 (after the switch above)
 
-__all__ = ["export_run", "load_config", "load_generator", "train", "translate_folder"]
+__all__ = ["export_run", "import_reference", "load_config", "load_generator", "train",
+           "translate_folder"]
 
 
 def __getattr__(name: str):
@@ -21,6 +22,10 @@ def __getattr__(name: str):
         from translate.export import export_run
 
         return export_run
+    if name == "import_reference":
+        from translate.reference import import_reference
+
+        return import_reference
     if name == "translate_folder":
         from translate.infer import translate_folder
 

@@ -112,6 +112,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from translate.reference import import_reference
+
+    for line in import_reference(args.model, args.out, onnx=args.onnx):
+        print(line)
+    return 0
+
+
 _NNPACK = {"auto": None, "on": True, "off": False}  # apply --nnpack -> load_generator(nnpack=)
 
 
@@ -206,9 +214,9 @@ def cmd_invert(args: argparse.Namespace) -> int:
 # Each command's function. They import what they run when called: `translate apply` loads
 # inference only, never the training stack.
 COMMANDS: cli_args.Commands = {
-    "train": cmd_train, "export": cmd_export, "apply": cmd_apply, "sample": cmd_sample,
-    "demo": cmd_demo, "eval": cmd_eval, "plot": cmd_plot, "doctor": cmd_doctor,
-    "invert": cmd_invert}
+    "train": cmd_train, "export": cmd_export, "import": cmd_import, "apply": cmd_apply,
+    "sample": cmd_sample, "demo": cmd_demo, "eval": cmd_eval, "plot": cmd_plot,
+    "doctor": cmd_doctor, "invert": cmd_invert}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -75,6 +75,14 @@ def _add_inference(sub, commands: Commands) -> None:
     p.add_argument("--onnx", action="store_true", help="also write <name>.onnx, checked vs torch")
     p.set_defaults(func=commands["export"])
 
+    p = sub.add_parser("import", help="a generator trained by the reference CycleGAN/pix2pix "
+                       "code (latest_net_G_A.pth) as an exported generator")
+    p.add_argument("model", help="the reference's generator state dict (.pth): ResnetGenerator "
+                   "or UnetGenerator; G_B files translate B to A")
+    p.add_argument("out", help="the .safetensors file to write (translate apply reads it)")
+    p.add_argument("--onnx", action="store_true", help="also write OUT's .onnx, checked vs torch")
+    p.set_defaults(func=commands["import"])
+
     p = sub.add_parser("apply", help="translate a file, folder or glob of images")
     p.add_argument("model", help="exported generator (.safetensors or .onnx)")
     p.add_argument("input", help="image file, folder (recursive) or glob")

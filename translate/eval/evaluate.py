@@ -181,7 +181,9 @@ def load_translators(path: Path, data: str | None = None, step: int | None = Non
         fns[direction] = fn
         channels[direction[0]] = int(meta["in_channels"])
         channels[direction[1]] = int(meta["out_channels"])
-        which.append(f"{f.name}: exported from step {meta.get('step', '?')}"
+        origin = (f"imported from {meta['source'].split(' (')[0]}" if "source" in meta
+                  else f"exported from step {meta.get('step', '?')}")
+        which.append(f"{f.name}: {origin}"
                      + (f", {meta['checkpoint']}" if "checkpoint" in meta else ""))
     if root is None and need_root:
         raise UserError(f"{path}: an exported generator does not record its dataset; pass "
