@@ -146,6 +146,27 @@ def test_compile_auto_is_on_for_long_cyclegan_runs_in_bf16_only(tiny_unpaired, t
     assert not off.compiled and not any(isinstance(n, OptimizedModule) for n in off.nets.values())
 
 
+def test_samples_scores_and_health_checks_of_a_compiled_run_run_eager(tiny_unpaired, tmp_path):
+    """Through the compiled nets each of them (no grad, eval mode, other batch sizes and
+    layouts) was one more graph to compile: a compiled 200-step demo run took 237 s, 74 s
+    without them, with the same losses and scores (AVX2 EPYC, fp32)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from translate import runner
+    from translate.core.loop import _shown_nets
+
+    s = runner.setup(recipe_mod.load(ROOT / "recipes" / "cyclegan_demo.toml", [
+        *TINY_CYCLEGAN, f'data.root="{tiny_unpaired}"', "train.compile=true",
+        'train.mixed_precision="no"', f'run_dir="{tmp_path / "run"}"', "train.steps=2"]))
+    assert s.compiled and all(isinstance(n, OptimizedModule) for n in s.nets.values())
+    shown = _shown_nets(s)
+    assert shown.keys() == s.nets.keys()
+    for name, net in shown.items():
+        assert not isinstance(net, OptimizedModule), name
+        assert [p.data_ptr() for p in net.parameters()] == [
+            p.data_ptr() for p in s.nets[name].parameters()]  # the trained weights themselves
+
+
 def test_resume_changes_nothing_when_weights_differ_detects_real_training(tmp_path):
     """Guard for the test above: two different seeds do give different weights."""
     sets = ["model.hidden=16", "train.batch_size=8"]

@@ -200,7 +200,10 @@ def _save(s: Session, state: checkpoint.TrainState) -> Path:
 
 
 def _shown_nets(s: Session) -> dict[str, nn.Module]:
-    nets = {n: s.accelerator.unwrap_model(m) for n, m in s.nets.items()}
+    """The nets that samples, scores and health checks run: eager even in a compiled run. Through
+    torch.compile each of their calls (no grad, eval mode, other batch sizes and layouts) was
+    one more graph to compile (9 for CycleGAN's first evaluation), past the recompile limit."""
+    nets = {n: s.accelerator.unwrap_model(m, keep_torch_compile=False) for n, m in s.nets.items()}
     nets.update(s.ema)  # the EMA generators when there are some, as in the sample grids
     return nets
 
