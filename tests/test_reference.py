@@ -216,6 +216,12 @@ def _save(path: Path, obj) -> Path:
     return path
 
 
+def _truncated(path: Path) -> Path:
+    data = _save(path, RefResnet(3, 3, 4, "instance", False, 1).state_dict()).read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
 class NotWeights:  # pickled as a class instance: weights_only refuses to build it
     pass
 
@@ -225,6 +231,7 @@ class NotWeights:  # pickled as a class instance: weights_only refuses to build 
     (lambda d: _save(d / "code.pth", {"model.1.weight": NotWeights()}),
      "not a state dict that torch.load(weights_only=True) can read"),
     (lambda d: _save(d / "list.pth", [torch.zeros(1)]), "holds a list, not a state dict"),
+    (lambda d: _truncated(d / "half.pth"), "not a state dict that torch.load(weights_only=True)"),
     (lambda d: _save(d / "D.pth", {"model.0.weight": torch.zeros(8, 3, 4, 4)}),
      "not a generator of junyanz/pytorch-CycleGAN-and-pix2pix"),
     (lambda d: _save(d / "cut.pth", {**RefResnet(3, 3, 4, "instance", False, 1).state_dict(),

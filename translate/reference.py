@@ -87,10 +87,12 @@ def _resnet(sd: StateDict) -> tuple[dict, dict[str, str]]:
 def _unet(sd: StateDict) -> tuple[dict, dict[str, str]]:
     """(our unet's config, {reference layer: our layer}) of a UnetGenerator: level 0 is the
     outermost skip block (`model.model.`), each next one its submodule."""
+    def inner(prefix: str, level: int) -> str:  # the submodule sits at 1 outermost, else at 3
+        return f"{prefix}{1 if level == 0 else 3}.model."
+
     prefixes = ["model.model."]
-    while any(k.startswith(prefixes[-1] + ("1" if len(prefixes) == 1 else "3") + ".model.")
-              for k in sd):
-        prefixes.append(prefixes[-1] + ("1" if len(prefixes) == 1 else "3") + ".model.")
+    while any(k.startswith(inner(prefixes[-1], len(prefixes) - 1)) for k in sd):
+        prefixes.append(inner(prefixes[-1], len(prefixes) - 1))
     n = len(prefixes)
     names = {prefixes[0] + "0": "down.0", prefixes[0] + "3": "up.0.1"}
     for i, p in enumerate(prefixes[1:], start=1):
@@ -113,8 +115,9 @@ def _identify(path: Path, sd: StateDict) -> tuple[str, dict, dict[str, str]]:
     if any(k.endswith(".filt") for k in sd):
         raise ModelError(f"{path}: a generator with anti-aliased sampling (CUT's reference: "
                          "`filt` buffers), which translate does not rebuild; train it with "
-                         "`translate train recipes/cut.toml` instead")
-    if "model.model.0.weight" in sd and "model.model.3.weight" in sd:
+                         "`translate train recipes/cut_horse2zebra.toml` instead")
+    if {"model.model.0.weight", "model.model.3.weight"} <= sd.keys() and any(
+            k.startswith("model.model.1.model.") for k in sd):
         return "unet", *_unet(sd)
     first = sd.get("model.1.weight")
     if first is not None and first.dim() == 4 and first.shape[-1] == 7:
