@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli_error, random_image_folder, run_cli
+from conftest import cli_error, cli_main, random_image_folder, run_cli
 from PIL import Image
 from safetensors import safe_open
 from torch import nn
@@ -154,11 +154,61 @@ def test_metadata_names_the_source_and_the_direction_of_g_b(tmp_path):
     src.parent.mkdir(parents=True)
     torch.save(ref.state_dict(), src)
     translate.import_reference(src, tmp_path / "out" / "G_ba.safetensors")  # the public API
-    with safe_open(str(tmp_path / "out" / "G_ba.safetensors"), framework="pt") as f:
-        meta = f.metadata()
+    meta = _metadata(tmp_path / "out" / "G_ba.safetensors")
     assert (meta["from_domain"], meta["to_domain"], meta["name"]) == ("b", "a", "G_ba")
     assert json.loads(meta["config"])["n_blocks"] == 2 and meta["kind"] == "resnet"
     assert "pytorch-CycleGAN-and-pix2pix: latest_net_G_B.pth (sha256 " in meta["source"]
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def test_a_checkpoint_folder_imports_both_generators_of_its_epoch(tmp_path, capsys):
+    """The reference's checkpoints/NAME folder holds <epoch>_net_G_A/G_B/D_A/D_B.pth: the
+    generators of the epoch asked for become G_ab and G_ba; a pretrained model's folder holds
+    latest_net_G.pth alone."""
+    run = tmp_path / "checkpoints" / "horse2zebra"
+    run.mkdir(parents=True)
+    nets = {}
+    for seed, (epoch, g) in enumerate([(e, g) for e in ("latest", "5") for g in ("G_A", "G_B")]):
+        nets[epoch, g] = _randomised(RefResnet(3, 3, 4, "instance", False, 1), seed)
+        torch.save(nets[epoch, g].state_dict(), run / f"{epoch}_net_{g}.pth")
+    torch.save({"model.0.weight": torch.zeros(8, 3, 4, 4)}, run / "latest_net_D_A.pth")
+    assert cli_main(["import", str(run), str(tmp_path / "export"), "--epoch", "5"]) == 0
+    assert capsys.readouterr().out.count("wrote") == 2
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    for epoch, out in (("5", tmp_path / "export"), ("latest", tmp_path / "latest")):
+        if epoch == "latest":
+            import_reference(run, out)  # the default epoch
+        for g, ours in (("G_A", "G_ab"), ("G_B", "G_ba")):
+            gen = load_generator(out / f"{ours}.safetensors", precision="fp32", nnpack=False)
+            with torch.no_grad():
+                torch.testing.assert_close(gen(x), nets[epoch, g](x), rtol=0, atol=2e-5)
+            assert f": {epoch}_net_{g}.pth (sha256" in _metadata(out / f"{ours}.safetensors")[
+                "source"]
+    pretrained = tmp_path / "horse2zebra_pretrained"
+    pretrained.mkdir()
+    (run / "latest_net_G_A.pth").rename(pretrained / "latest_net_G.pth")
+    assert import_reference(pretrained, tmp_path / "p")[0].startswith(
+        f"wrote {tmp_path / 'p' / 'G_ab.safetensors'}")
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["G_ab.safetensors"]
+
+
+def test_a_folder_with_one_bad_generator_writes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(RefResnet(3, 3, 4, "instance", False, 1).state_dict(), run / "latest_net_G_A.pth")
+    (run / "latest_net_G_B.pth").write_bytes(b"not a pickle")
+    err = cli_error(capsys, ["import", str(run), str(tmp_path / "export")])
+    assert "latest_net_G_B.pth: not a state dict" in err
+    assert not (tmp_path / "export").exists()
+    err = cli_error(capsys, ["import", str(run), str(tmp_path / "export"), "--epoch", "7"])
+    assert ("no 7_net_G_A.pth, 7_net_G_B.pth or 7_net_G.pth in it (generators found: "
+            "latest_net_G_A.pth, latest_net_G_B.pth)") in err
+    err = cli_error(capsys, ["import", str(run), str(tmp_path / "G.safetensors")])
+    assert "a checkpoint folder imports into a folder" in err
 
 
 def test_old_files_with_instance_norm_statistics_import_without_them(tmp_path):

@@ -115,7 +115,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from translate.reference import import_reference
 
-    for line in import_reference(args.model, args.out, onnx=args.onnx):
+    for line in import_reference(args.model, args.out, onnx=args.onnx, epoch=args.epoch):
         print(line)
     return 0
 

@@ -77,10 +77,14 @@ def _add_inference(sub, commands: Commands) -> None:
 
     p = sub.add_parser("import", help="a generator trained by the reference CycleGAN/pix2pix "
                        "code (latest_net_G_A.pth) as an exported generator")
-    p.add_argument("model", help="the reference's generator state dict (.pth): ResnetGenerator "
-                   "or UnetGenerator; G_B files translate B to A")
-    p.add_argument("out", help="the .safetensors file to write (translate apply reads it)")
-    p.add_argument("--onnx", action="store_true", help="also write OUT's .onnx, checked vs torch")
+    p.add_argument("model", help="the reference's generator state dict (.pth: ResnetGenerator "
+                   "or UnetGenerator; G_B files translate B to A), or its checkpoints/NAME "
+                   "folder (both generators)")
+    p.add_argument("out", help="the .safetensors file to write (translate apply reads it); for "
+                   "a folder MODEL, the folder to write G_ab / G_ba.safetensors into")
+    p.add_argument("--epoch", default="latest", help="with a folder MODEL: whose files "
+                   "(<epoch>_net_G_A.pth ...), e.g. 200")
+    p.add_argument("--onnx", action="store_true", help="also write each .onnx, checked vs torch")
     p.set_defaults(func=commands["import"])
 
     p = sub.add_parser("apply", help="translate a file, folder or glob of images")

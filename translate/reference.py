@@ -2,7 +2,8 @@
 turned into translate's export format (`translate import`).
 
 The reference saves a generator as a pickled state dict (`latest_net_G_A.pth`: A -> B,
-`latest_net_G_B.pth`: B -> A; its published pretrained models: `latest_net_G.pth`). Its two
+`latest_net_G_B.pth`: B -> A, in a checkpoint folder with the discriminators and other
+epochs' `<epoch>_net_*.pth`; its published pretrained models: `latest_net_G.pth`). Its two
 image generators are the ones translate's `resnet` and `unet` build with their default options
 (transposed convs, zero-padded strided convs), layer for layer:
 - ResnetGenerator (`resnet_9blocks`, `resnet_6blocks`; CycleGAN's): `model.<i>` are the same
@@ -158,13 +159,8 @@ def _domains(path: Path) -> tuple[str, str]:
     return ("b", "a") if re.search(r"(^|_)G_B$", path.stem) else ("a", "b")
 
 
-def import_reference(path: str | Path, out: str | Path, onnx: bool = False) -> list[str]:
-    """Write `out` (.safetensors, as `translate export` writes; with `onnx` also its .onnx) from
-    the reference implementation's generator file `path`; returns printable lines."""
-    path, out = Path(path), Path(out)
-    if out.suffix != ".safetensors":
-        raise UserError(f"{out}: the output is a .safetensors file; name it e.g. "
-                        f"{out.with_suffix('.safetensors').name}")
+def _convert(path: Path) -> tuple[nn.Module, dict[str, str], str]:
+    """(the generator with the file's weights, its export metadata, a line describing it)."""
     sd = read_state_dict(path)
     kind, config, names = _identify(path, sd)
     net = build_net(kind, **config)
@@ -179,15 +175,52 @@ def import_reference(path: str | Path, out: str | Path, onnx: bool = False) -> l
             "translate_version": __version__, "in_channels": str(net.in_channels),
             "out_channels": str(net.out_channels), "size_multiple": str(net.size_multiple),
             "min_size": str(net.min_size), "from_domain": src, "to_domain": dst}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), meta)
-        apply_umask([tmp])  # safetensors creates 0600 files
     n = sum(p.numel() for p in net.parameters())
     shape = ", ".join(f"{k} {v}" for k, v in config.items())
-    line = (f"wrote {out} ({n / 1e6:.3f} M parameters; {kind}: {shape}; {src.upper()} -> "
-            f"{dst.upper()})")
-    lines = [line]
-    if onnx:
-        lines.extend(export_onnx(net, meta, out.with_suffix(".onnx")))
+    return net, meta, (f"{n / 1e6:.3f} M parameters; {kind}: {shape}; {src.upper()} -> "
+                       f"{dst.upper()}")
+
+
+def run_files(folder: Path, epoch: str) -> list[Path]:
+    """The generators of a reference checkpoint folder at `epoch` ("latest" or a number): its
+    two CycleGAN generators, or the one of a pretrained model (`latest_net_G.pth`)."""
+    found = [folder / f"{epoch}_net_{g}.pth" for g in ("G_A", "G_B")]
+    found = [p for p in found if p.is_file()] or [
+        p for p in [folder / f"{epoch}_net_G.pth"] if p.is_file()]
+    if not found:
+        have = sorted(p.name for p in folder.glob("*_net_G*.pth"))[:6]
+        raise UserError(f"{folder}: no {epoch}_net_G_A.pth, {epoch}_net_G_B.pth or "
+                        f"{epoch}_net_G.pth in it (generators found: {', '.join(have) or 'none'})"
+                        "; pass the reference's checkpoints/NAME folder or one .pth file, and "
+                        "--epoch N for another epoch's files")
+    return found
+
+
+def import_reference(path: str | Path, out: str | Path, onnx: bool = False,
+                     epoch: str = "latest") -> list[str]:
+    """Write exported generators (as `translate export` writes; with `onnx` also .onnx) from the
+    reference implementation's generator file `path` into `out` (.safetensors), or from its
+    checkpoint folder (`epoch`'s generators) into the folder `out` (G_ab.safetensors,
+    G_ba.safetensors); returns printable lines. Every file is read before any is written."""
+    path, out = Path(path), Path(out)
+    if path.is_dir():
+        if out.suffix == ".safetensors":
+            raise UserError(f"{out}: a checkpoint folder imports into a folder (G_ab.safetensors, "
+                            "G_ba.safetensors there); pass a folder, e.g. export/")
+        converted = [_convert(p) for p in run_files(path, str(epoch))]
+        targets = [out / f"{meta['name']}.safetensors" for _, meta, _ in converted]
+    else:
+        if out.suffix != ".safetensors":
+            raise UserError(f"{out}: the output is a .safetensors file; name it e.g. "
+                            f"{out.with_suffix('.safetensors').name}")
+        converted, targets = [_convert(path)], [out]
+    lines = []
+    for (net, meta, what), target in zip(converted, targets):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), meta)
+            apply_umask([tmp])  # safetensors creates 0600 files
+        lines.append(f"wrote {target} ({what})")
+        if onnx:
+            lines.extend(export_onnx(net, meta, target.with_suffix(".onnx")))
     return lines
