@@ -448,7 +448,7 @@ def test_sync_batchnorm_converts_every_batchnorm_and_keeps_the_parameters():
 
     D = build_net("dcgan_d", in_channels=3, ndf=4, image_size=32, norm="batch")
     before = {id(p) for p in D.parameters()}
-    (converted,) = loop.sync_batchnorm([D])
+    (converted,) = machine.sync_batchnorm([D])
     kinds = [type(m) for m in converted.modules()]
     assert nn.SyncBatchNorm in kinds and nn.BatchNorm2d not in kinds
     assert {id(p) for p in converted.parameters()} == before  # the optimizer's tensors

@@ -153,13 +153,13 @@ def test_samples_scores_and_health_checks_of_a_compiled_run_run_eager(tiny_unpai
     from torch._dynamo.eval_frame import OptimizedModule
 
     from translate import runner
-    from translate.core.loop import _shown_nets
+    from translate.core.session import shown_nets
 
     s = runner.setup(recipe_mod.load(ROOT / "recipes" / "cyclegan_demo.toml", [
         *TINY_CYCLEGAN, f'data.root="{tiny_unpaired}"', "train.compile=true",
         'train.mixed_precision="no"', f'run_dir="{tmp_path / "run"}"', "train.steps=2"]))
     assert s.compiled and all(isinstance(n, OptimizedModule) for n in s.nets.values())
-    shown = _shown_nets(s)
+    shown = shown_nets(s)
     assert shown.keys() == s.nets.keys()
     for name, net in shown.items():
         assert not isinstance(net, OptimizedModule), name
