@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import cli_error, cli_main, random_image_folder, run_cli
 from PIL import Image
-from safetensors import safe_open
 from torch import nn
 
 import translate
 from translate.infer import load_generator
+from translate.infer.load import read_metadata
 from translate.reference import import_reference
 
 
@@ -154,15 +154,10 @@ def test_metadata_names_the_source_and_the_direction_of_g_b(tmp_path):
     src.parent.mkdir(parents=True)
     torch.save(ref.state_dict(), src)
     translate.import_reference(src, tmp_path / "out" / "G_ba.safetensors")  # the public API
-    meta = _metadata(tmp_path / "out" / "G_ba.safetensors")
+    meta = read_metadata(tmp_path / "out" / "G_ba.safetensors")
     assert (meta["from_domain"], meta["to_domain"], meta["name"]) == ("b", "a", "G_ba")
     assert json.loads(meta["config"])["n_blocks"] == 2 and meta["kind"] == "resnet"
     assert "pytorch-CycleGAN-and-pix2pix: latest_net_G_B.pth (sha256 " in meta["source"]
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata()
 
 
 def test_a_checkpoint_folder_imports_both_generators_of_its_epoch(tmp_path, capsys):
@@ -186,7 +181,7 @@ def test_a_checkpoint_folder_imports_both_generators_of_its_epoch(tmp_path, caps
             gen = load_generator(out / f"{ours}.safetensors", precision="fp32", nnpack=False)
             with torch.no_grad():
                 torch.testing.assert_close(gen(x), nets[epoch, g](x), rtol=0, atol=2e-5)
-            assert f": {epoch}_net_{g}.pth (sha256" in _metadata(out / f"{ours}.safetensors")[
+            assert f": {epoch}_net_{g}.pth (sha256" in read_metadata(out / f"{ours}.safetensors")[
                 "source"]
     pretrained = tmp_path / "horse2zebra_pretrained"
     pretrained.mkdir()

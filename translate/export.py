@@ -85,29 +85,38 @@ def run_generators(run_dir: Path, step: int | None = None, ema: bool = False,
     return cfg, nets, ckpt
 
 
-def metadata(net: nn.Module, cfg: Any, name: str, info: dict[str, Any], step: int, ema: bool
-             ) -> dict[str, str]:
-    meta = {
-        "format": FORMAT,
-        "name": name,
-        "kind": net.kind,
-        "config": json.dumps(net.config, sort_keys=True),
-        "value_range": "[-1, 1]",
-        "layout": "NCHW RGB (or 1 channel)",
-        "method": cfg.method,
-        "recipe": cfg.name,
-        "step": str(step),
-        "ema": str(ema).lower(),
-        "translate_version": __version__,
-    }
+def net_metadata(net: nn.Module, name: str) -> dict[str, str]:
+    """What every exported generator's metadata says of its net (translate/infer/load.py
+    rebuilds it from this): the format, the architecture, the value convention and, for an
+    image-to-image net, its channels and size multiple."""
+    meta = {"format": FORMAT, "name": name, "kind": net.kind,
+            "config": json.dumps(net.config, sort_keys=True), "value_range": "[-1, 1]",
+            "layout": "NCHW RGB (or 1 channel)", "translate_version": __version__}
     if hasattr(net, "size_multiple"):
         meta.update(in_channels=str(net.in_channels), out_channels=str(net.out_channels),
-                    size_multiple=str(net.size_multiple), min_size=str(net.min_size),
-                    from_domain=info.get("from", ""), to_domain=info.get("to", ""))
+                    size_multiple=str(net.size_multiple), min_size=str(net.min_size))
+    return meta
+
+
+def metadata(net: nn.Module, cfg: Any, name: str, info: dict[str, Any], step: int, ema: bool
+             ) -> dict[str, str]:
+    meta = {**net_metadata(net, name), "method": cfg.method, "recipe": cfg.name,
+            "step": str(step), "ema": str(ema).lower()}
+    if hasattr(net, "size_multiple"):
+        meta.update(from_domain=info.get("from", ""), to_domain=info.get("to", ""))
     else:
         meta.update(latent="true", z_dim=str(getattr(net, "z_dim", "")))
         meta.update(info.get("metadata", {}))  # e.g. cgan's class names, infogan's codes
     return meta
+
+
+def write_generator(net: nn.Module, meta: dict[str, str], path: Path) -> str:
+    """Write `net`'s weights and `meta` to `path` atomically; returns its size for the report
+    line ("0.302 M parameters")."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), meta)
+        checkpoint.apply_umask([tmp])  # safetensors creates 0600 files
+    return f"{sum(p.numel() for p in net.parameters()) / 1e6:.3f} M parameters"
 
 
 def export_run(run: str | Path, step: int | None = None, ema: bool = False,
@@ -129,11 +138,7 @@ def export_run(run: str | Path, step: int | None = None, ema: bool = False,
         if record:
             meta["checkpoint"] = f"best by {record['metric']} ({record['value']:.6g})"
         path = out_dir / f"{name}.safetensors"
-        with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), meta)
-            checkpoint.apply_umask([tmp])  # safetensors creates 0600 files
-        n = sum(p.numel() for p in net.parameters())
-        lines.append(f"wrote {path} ({n / 1e6:.3f} M parameters, {which})")
+        lines.append(f"wrote {path} ({write_generator(net, meta, path)}, {which})")
         if onnx:
             lines.extend(export_onnx(net, meta, out_dir / f"{name}.onnx"))
     return lines

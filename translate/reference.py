@@ -21,22 +21,18 @@ statistics (without `--eval` the reference tests in training mode).
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import pickle
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from translate.core.checkpoint import apply_umask
 from translate.errors import ModelError, UserError
-from translate.files import atomic_path
-from translate.infer.load import FORMAT
+from translate.export import net_metadata, write_generator
 from translate.nets import build_net
 from translate.onnx_export import export_onnx
-from translate.version import __version__
 
 SOURCE = "junyanz/pytorch-CycleGAN-and-pix2pix"
 StateDict = dict[str, Tensor]
@@ -45,13 +41,15 @@ StateDict = dict[str, Tensor]
 _NORM_STATE = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def read_state_dict(path: Path) -> StateDict:
-    """The tensors of a state dict saved by torch.save, read without running pickled code."""
+def read_state_dict(path: Path) -> tuple[StateDict, str]:
+    """(the tensors of a state dict saved by torch.save, the file's sha256), from one read of
+    the file and without running pickled code."""
     if not path.is_file():
         raise UserError(f"{path}: no such file; pass a generator saved by the reference "
                         "implementation, e.g. checkpoints/NAME/latest_net_G_A.pth")
+    data = path.read_bytes()
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
         why = " ".join(str(e).split())[:160]
         raise ModelError(f"{path}: not a state dict that torch.load(weights_only=True) can read "
@@ -61,7 +59,7 @@ def read_state_dict(path: Path) -> StateDict:
             isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()):
         raise ModelError(f"{path}: holds a {type(sd).__name__}, not a state dict of tensors; "
                          "pass the .pth file of a generator's state dict")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    return {k.removeprefix("module."): v for k, v in sd.items()}, hashlib.sha256(data).hexdigest()
 
 
 def _norm(sd: StateDict, conv: str, norm: str) -> str:
@@ -161,24 +159,17 @@ def _domains(path: Path) -> tuple[str, str]:
 
 def _convert(path: Path) -> tuple[nn.Module, dict[str, str], str]:
     """(the generator with the file's weights, its export metadata, a line describing it)."""
-    sd = read_state_dict(path)
+    sd, sha256 = read_state_dict(path)
     kind, config, names = _identify(path, sd)
     net = build_net(kind, **config)
     net.load_state_dict(_rename(path, sd, names, net))
     net.eval()
     src, dst = _domains(path)
-    meta = {"format": FORMAT, "name": f"G_{src}{dst}", "kind": kind,
-            "config": json.dumps(net.config, sort_keys=True), "value_range": "[-1, 1]",
-            "layout": "NCHW RGB (or 1 channel)", "method": "reference",
-            "source": f"{SOURCE}: {path.name} (sha256 "
-                      f"{hashlib.sha256(path.read_bytes()).hexdigest()})",
-            "translate_version": __version__, "in_channels": str(net.in_channels),
-            "out_channels": str(net.out_channels), "size_multiple": str(net.size_multiple),
-            "min_size": str(net.min_size), "from_domain": src, "to_domain": dst}
-    n = sum(p.numel() for p in net.parameters())
+    meta = {**net_metadata(net, f"G_{src}{dst}"), "method": "reference",
+            "source": f"{SOURCE}: {path.name} (sha256 {sha256})", "from_domain": src,
+            "to_domain": dst}
     shape = ", ".join(f"{k} {v}" for k, v in config.items())
-    return net, meta, (f"{n / 1e6:.3f} M parameters; {kind}: {shape}; {src.upper()} -> "
-                       f"{dst.upper()}")
+    return net, meta, f"{kind}: {shape}; {src.upper()} -> {dst.upper()}"
 
 
 def run_files(folder: Path, epoch: str) -> list[Path]:
@@ -217,10 +208,7 @@ def import_reference(path: str | Path, out: str | Path, onnx: bool = False,
     lines = []
     for (net, meta, what), target in zip(converted, targets):
         target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(target) as tmp:
-            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), meta)
-            apply_umask([tmp])  # safetensors creates 0600 files
-        lines.append(f"wrote {target} ({what})")
+        lines.append(f"wrote {target} ({write_generator(net, meta, target)}; {what})")
         if onnx:
             lines.extend(export_onnx(net, meta, target.with_suffix(".onnx")))
     return lines
